@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the dev dependencies, then runs lint, the test suite and the benchmark smoke presets.
+#
+#   scripts/test.sh [PYTEST ARGS...]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup.sh dev
+VENV="${VOLUNTEER_VENV:-$ROOT/.venv}"
+export PATH="$VENV/bin:$PATH"
+echo "== ruff"
+ruff check volunteer tests scripts configs
+echo "== pytest"
+python -m pytest -q -ra "$@" tests
+echo "== benchmark smoke presets"
+for bench in scripts/bench_*.py; do
+  [ -e "$bench" ] || continue
+  echo "-- $bench --preset smoke"
+  python "$bench" --preset smoke
+done

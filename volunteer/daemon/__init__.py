@@ -1,0 +1,3 @@
+"""The volunteer daemon: supervisor lifecycle, settings, hardware detection, control API,
+health snapshot, drain and leave.
+"""

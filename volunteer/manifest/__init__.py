@@ -1,0 +1,1 @@
+"""Experiment manifest: YAML schema, strict loading, errors naming file and key path."""
