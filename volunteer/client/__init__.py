@@ -1,3 +1,50 @@
 """Trainer-side client library: RemoteExpert, RemoteMixtureOfExperts and beam search over
 the expert grid. Needs only ``volunteer.net`` and ``volunteer.wire``; never imports server code.
+
+Files:
+
+- ``remote_expert.py``: ``RemoteExpert``, one remote expert as a torch module (autograd).
+- ``zmq_transport.py``: ``ZmqTransport``, the direct TCP ``Transport``.
+- ``directory.py``: the ``ExpertDirectory`` protocol (children/resolve) and
+  ``StaticDirectory`` (fixed mapping, or built from endpoints with the ``info`` op).
+- ``beam_search.py``: ``beam_search``, the best alive experts per sample over the grid.
+- ``gating.py``: ``GridGate`` (per-dimension scores), ``expert_logits``, ``masked_softmax``.
+- ``dispatch.py``: the parallel forward/backward of all expert calls as one autograd node,
+  with deadlines, ``k_min`` and ``timeout_after_k_min``.
+- ``moe.py``: ``RemoteMixtureOfExperts``, the layer; ``NotEnoughExpertsError``.
+
+The main names are importable from here; submodules load on first access (no import-time work).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from volunteer.client.directory import ExpertDirectory, StaticDirectory
+    from volunteer.client.moe import NotEnoughExpertsError, RemoteMixtureOfExperts
+    from volunteer.client.remote_expert import RemoteExpert
+
+__all__ = [
+    "ExpertDirectory",
+    "NotEnoughExpertsError",
+    "RemoteExpert",
+    "RemoteMixtureOfExperts",
+    "StaticDirectory",
+]
+
+_LAZY = {
+    "ExpertDirectory": "volunteer.client.directory",
+    "StaticDirectory": "volunteer.client.directory",
+    "NotEnoughExpertsError": "volunteer.client.moe",
+    "RemoteMixtureOfExperts": "volunteer.client.moe",
+    "RemoteExpert": "volunteer.client.remote_expert",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'volunteer.client' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""The bundled example trainer: a small DMoE classifier on scikit-learn's digits.
+
+    python scripts/demo_trainer.py --endpoint tcp://127.0.0.1:PORT [--endpoint ...] \\
+        [--manifest demo] [--steps 200] [--batch-size 64] [--k-best 2] [--seed 0]
+
+Model: Linear(64 -> h) -> ReLU -> RemoteMixtureOfExperts(h) -> Linear(h -> 10), where the
+experts are hosted by volunteer daemons (``volunteer join demo``). The expert grid
+(prefix, dims) and width h come from the experiment manifest. Each endpoint is asked which
+experts it hosts (the wire ``info`` op). Prints one line per ``--log-every`` steps:
+step, training loss, accuracy on a held-out split, and how many experts answered; then a
+``final:`` summary line. Exit status: 0 on success, 1 with a one-line error when no expert
+is reachable or too many steps in a row fail (all experts gone).
+The digits data ships inside scikit-learn: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--endpoint", action="append", default=[], metavar="tcp://HOST:PORT",
+                        help="a volunteer's expert endpoint (repeatable)")
+    parser.add_argument("--manifest", default="demo",
+                        help="experiment manifest (name or path) giving grid and hidden_dim")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--k-best", type=int, default=2)
+    parser.add_argument("--k-min", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of local layers")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="forward/backward timeout per expert call, seconds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--max-failed-steps", type=int, default=5,
+                        help="give up after this many consecutive steps without experts")
+    args = parser.parse_args(argv)
+    if not args.endpoint:
+        parser.error("give at least one --endpoint tcp://HOST:PORT (see `volunteer status`)")
+    for name in ("steps", "batch_size", "k_best", "log_every", "max_failed_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+class DemoError(Exception):
+    """A problem reported as one line with exit status 1."""
+
+
+def _load_data(seed: int):
+    import torch
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    test, train = order[:300], order[300:]
+    return x[train], y[train], x[test], y[test]
+
+
+def _build(args: argparse.Namespace):
+    import torch
+    from torch import nn
+
+    from volunteer.client.directory import StaticDirectory
+    from volunteer.client.moe import RemoteMixtureOfExperts
+    from volunteer.manifest import ManifestError, load_manifest
+
+    try:
+        manifest = load_manifest(args.manifest)
+    except ManifestError as exc:
+        raise DemoError(str(exc)) from exc
+    hidden, prefix, dims = manifest.expert.hidden_dim, manifest.grid.prefix, manifest.grid.dims
+    directory = StaticDirectory.from_endpoints(args.endpoint, timeout=args.timeout)
+    ours = [u for u in directory.uids if u.startswith(prefix + ".")]
+    if not ours:
+        reasons = "; ".join(f"{e}: {r}" for e, r in directory.failed_endpoints.items())
+        directory.close()
+        raise DemoError(
+            f"no expert of grid {prefix!r} reachable at {', '.join(args.endpoint)}"
+            + (f" ({reasons})" if reasons else "")
+            + "; is `volunteer join demo` running? `volunteer status` shows its endpoint"
+        )
+    for uid in ours:
+        shapes = directory.expert_info[uid].get("input_shapes")
+        if shapes != [[hidden]]:
+            directory.close()
+            raise DemoError(
+                f"expert {uid} takes inputs {shapes}, the manifest says [[{hidden}]]: "
+                "the daemon serves a different experiment version"
+            )
+    torch.manual_seed(args.seed)
+    moe = RemoteMixtureOfExperts(
+        hidden, dims, prefix, directory, k_best=args.k_best, k_min=min(args.k_min, args.k_best),
+        forward_timeout=args.timeout, backward_timeout=args.timeout, timeout_after_k_min=1.0,
+    )
+    model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), moe, nn.Linear(hidden, 10))
+    return model, moe, directory, len(ours)
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from volunteer.client.moe import NotEnoughExpertsError
+
+    x_train, y_train, x_test, y_test = _load_data(args.seed)
+    model, moe, directory, n_experts = _build(args)
+    print(f"found {n_experts} experts at {len(args.endpoint)} endpoint(s); training {args.steps} steps",
+          flush=True)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    losses: list[float] = []
+    last_loss = float("nan")
+    accuracy = float("nan")
+    failed_in_row = 0
+    started = time.monotonic()
+    try:
+        for step in range(1, args.steps + 1):
+            idx = torch.randint(0, len(x_train), (args.batch_size,), generator=gen)
+            try:
+                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                opt.zero_grad()
+                loss.backward()
+            except NotEnoughExpertsError as exc:
+                failed_in_row += 1
+                print(f"step {step}: skipped ({exc})", flush=True)
+                if failed_in_row >= args.max_failed_steps:
+                    raise DemoError(f"{failed_in_row} steps in a row without enough experts: {exc}") from exc
+                continue
+            failed_in_row = 0
+            opt.step()
+            last_loss = loss.item()
+            losses.append(last_loss)
+            report = moe.last_report
+            if step % args.log_every == 0 or step == args.steps:
+                answered = sorted(set(report.answered)) if report else []
+                with torch.no_grad():
+                    try:
+                        accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
+                    except NotEnoughExpertsError:
+                        accuracy = float("nan")
+                dropped = f" dropped={','.join(sorted(report.failed))}" if report and report.failed else ""
+                print(f"step {step} loss {last_loss:.4f} test_acc {accuracy:.3f} "
+                      f"experts_answered {len(answered)}/{n_experts}{dropped}", flush=True)
+    finally:
+        moe.close()
+        directory.close()
+    if not losses:
+        raise DemoError("no training step succeeded")
+    window = max(1, min(10, len(losses) // 2))
+    first_loss = sum(losses[:window]) / window
+    last_loss = sum(losses[-window:]) / window
+    print(f"final: steps={len(losses)} first_loss={first_loss:.4f} last_loss={last_loss:.4f} "
+          f"test_acc={accuracy:.3f} seconds={time.monotonic() - started:.1f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        run(args)
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
