@@ -1,8 +1,33 @@
-"""The typer application object and the ``main`` entry point."""
+"""The typer application object and the ``main`` entry point.
+
+Commands live one per module (join, status, leave, info, settings); this file only
+registers them. Exit codes are listed in ``volunteer.cli.console``.
+"""
+
+from __future__ import annotations
 
 import typer
 
-app = typer.Typer(help="volunteer: lend your GPU or CPU to train one large neural network.")
+from volunteer.cli.info import info
+from volunteer.cli.join import join
+from volunteer.cli.leave import leave
+from volunteer.cli.settings_cmd import settings
+from volunteer.cli.status import status
+
+HELP = """volunteer: lend your GPU or CPU to train one large neural network with strangers.
+
+Start with `volunteer join demo` (a bundled experiment that needs no outside peer), watch it with `volunteer status`, stop it with `volunteer leave`. Each node keeps its identity, settings, checkpoints, logs and control socket in its home (--home or VOLUNTEER_HOME).
+
+Exit codes: 0 ok, 1 failed or cut short, 2 bad manifest/settings/flags, 3 no daemon running, 4 a daemon already runs on that home, 130 forced exit.
+"""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+app.command()(join)
+app.command()(status)
+app.command()(leave)
+app.command()(info)
+app.command()(settings)
 
 
 @app.command()

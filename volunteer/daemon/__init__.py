@@ -1,3 +1,20 @@
 """The volunteer daemon: supervisor lifecycle, settings, hardware detection, control API,
 health snapshot, drain and leave.
+
+Files:
+
+- ``supervisor.py``: ``Supervisor``, one node's lifecycle (start, ready, serve, leave);
+  the single marked place where the peer network service plugs in.
+- ``settings.py``: the one table of local settings and their layering
+  (defaults < ``<home>/config.yaml`` < ``VOLUNTEER_*`` env < flags).
+- ``home.py``: ``NodeHome`` (layout, 0700 dirs, flock'ed single-daemon lock, atomic
+  ``control.json``) and ``resolve_home``.
+- ``hardware.py``: GPU/CPU/RAM detection, device choice, live usage figures.
+- ``control_protocol.py`` / ``control_server.py`` / ``control_client.py``: the local control
+  API (length-prefixed JSON over an owner-only Unix socket) used by ``status`` and ``leave``.
+- ``checkpointer.py``: restore hosted experts from checkpoints; consistent periodic/final
+  checkpoint passes under ``Runtime.exclusive()``.
+- ``snapshot.py``: the status snapshot (schema in its docstring); ``health.py``: the
+  level and one-line "why" (pure rules); ``leave_report.py``: what a leave did.
+- ``logs.py``: stderr + rotating file logging and the compact live line on a TTY.
 """

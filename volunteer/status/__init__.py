@@ -1,1 +1,13 @@
-"""``volunteer status`` rendering: a rich dashboard (or plain text / JSON) from a snapshot."""
+"""``volunteer status`` rendering: a rich dashboard (or plain text / JSON) from a snapshot.
+
+Files:
+
+- ``fmt.py``: small formatters (bytes, durations, rates, percentages) shared by both views.
+- ``plain.py``: ``render_plain(snapshot) -> str``, stable line-oriented text for pipes/logs.
+- ``dashboard.py``: ``render_dashboard(snapshot)``, a rich renderable for terminals
+  (``NO_COLOR`` is honoured by rich's console).
+
+Both views read only the snapshot dict returned by the daemon's ``status`` control op (see
+``volunteer.daemon.snapshot``); missing sections render as "n/a" or "not connected", so the
+dashboard works against any daemon version.
+"""

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The quick-start demo: installs volunteer, starts a volunteer node on the bundled `demo`
+# experiment, trains a small DMoE classifier on scikit-learn's digits through it (you see the
+# loss fall and the dashboard move), then leaves gracefully (drain + checkpoint).
+#
+#   scripts/demo.sh [STEPS]
+#
+# Environment: DEMO_STEPS (default 300), DEMO_HOME (node home to use and keep; default: a
+# temporary directory removed at the end), VOLUNTEER_VENV (see scripts/setup.sh).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STEPS="${1:-${DEMO_STEPS:-300}}"
+say() { printf '\n[demo] %s\n' "$*" >&2; }
+
+bash "$ROOT/scripts/setup.sh" demo
+VENV="${VOLUNTEER_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+VOLUNTEER=("$PY" -m volunteer)
+
+if [ -n "${DEMO_HOME:-}" ]; then
+  NODE_HOME="$DEMO_HOME"; KEEP_HOME=1
+else
+  NODE_HOME="$(mktemp -d -t volunteer-demo.XXXXXX)"; KEEP_HOME=0
+fi
+WORK="$(mktemp -d -t volunteer-demo-logs.XXXXXX)"
+DAEMON_PID=""; TRAINER_PID=""; TAIL_PID=""
+
+cleanup() {
+  local rc=$?
+  for pid in "$TRAINER_PID" "$TAIL_PID"; do
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid" 2>/dev/null || true; fi
+  done
+  if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
+    "${VOLUNTEER[@]}" leave --home "$NODE_HOME" --timeout 10 >/dev/null 2>&1 || kill "$DAEMON_PID" 2>/dev/null || true
+    wait "$DAEMON_PID" 2>/dev/null || true
+  fi
+  rm -rf "$WORK"
+  if [ "$KEEP_HOME" = 0 ]; then rm -rf "$NODE_HOME"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+say "starting a volunteer: volunteer join demo --home $NODE_HOME --num-experts 8"
+"${VOLUNTEER[@]}" join demo --home "$NODE_HOME" --num-experts 8 2>"$WORK/join.log" &
+DAEMON_PID=$!
+
+deadline=$((SECONDS + 120))
+until "${VOLUNTEER[@]}" status --json --home "$NODE_HOME" >"$WORK/status.json" 2>/dev/null; do
+  if ! kill -0 "$DAEMON_PID" 2>/dev/null; then
+    cat "$WORK/join.log" >&2; say "the volunteer exited before it was ready"; exit 1
+  fi
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    cat "$WORK/join.log" >&2; say "the volunteer was not ready within 120 s"; exit 1
+  fi
+  sleep 0.2
+done
+cat "$WORK/join.log" >&2
+ENDPOINT="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["endpoint"])' "$WORK/status.json")"
+
+say "training a DMoE classifier on scikit-learn digits through $ENDPOINT ($STEPS steps)"
+"$PY" -u "$ROOT/scripts/demo_trainer.py" --endpoint "$ENDPOINT" --steps "$STEPS" --manifest demo \
+  >"$WORK/trainer.log" 2>&1 &
+TRAINER_PID=$!
+tail -n +1 -f --pid="$TRAINER_PID" "$WORK/trainer.log" &
+TAIL_PID=$!
+
+half=$((STEPS / 2))
+reached_half() { awk -v h="$half" '/^step [0-9]+ loss/ { if ($2 + 0 >= h) found = 1 } END { exit !found }' "$WORK/trainer.log"; }
+until reached_half; do
+  kill -0 "$TRAINER_PID" 2>/dev/null || break
+  sleep 0.2
+done
+say "midway: volunteer status --once"
+"${VOLUNTEER[@]}" status --once --home "$NODE_HOME"
+
+trainer_rc=0
+wait "$TRAINER_PID" || trainer_rc=$?
+TRAINER_PID=""
+wait "$TAIL_PID" 2>/dev/null || true
+TAIL_PID=""
+say "after training: volunteer status --once"
+"${VOLUNTEER[@]}" status --once --home "$NODE_HOME"
+
+say "leaving gracefully: volunteer leave"
+leave_rc=0
+"${VOLUNTEER[@]}" leave --home "$NODE_HOME" || leave_rc=$?
+wait "$DAEMON_PID" 2>/dev/null || true
+DAEMON_PID=""
+if [ "$trainer_rc" -ne 0 ]; then say "the trainer failed (exit $trainer_rc)"; exit "$trainer_rc"; fi
+if [ "$leave_rc" -ne 0 ]; then say "the leave was not clean (exit $leave_rc)"; exit "$leave_rc"; fi
+if [ "$KEEP_HOME" = 1 ]; then
+  say "done: checkpoints kept in $NODE_HOME; run it again with DEMO_HOME=$NODE_HOME to resume them"
+else
+  say "done"
+fi

@@ -1,0 +1,123 @@
+"""``volunteer join EXPERIMENT``: run a volunteer node in the foreground until it leaves."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any, Optional
+
+import typer
+
+from volunteer.cli.console import EXIT_FAILED, EXIT_FORCED, EXIT_OK, domain_errors
+
+log = logging.getLogger("volunteer.cli.join")
+
+
+def join(
+    experiment: str = typer.Argument(..., help="Manifest path, or the name of a shipped manifest (e.g. demo)."),
+    home: Optional[Path] = typer.Option(None, "--home", envvar="VOLUNTEER_HOME", show_envvar=True,
+                                        help="Node home (identity, config, checkpoints, logs, control socket)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (setting: device)."),
+    num_experts: Optional[int] = typer.Option(None, "--num-experts", help="How many experts of the grid to host."),
+    host: Optional[str] = typer.Option(None, "--host", help="ZeroMQ bind address (setting: zmq_host)."),
+    port: Optional[int] = typer.Option(None, "--port", help="ZeroMQ port, 0 = any (setting: zmq_port)."),
+    set_: list[str] = typer.Option([], "--set", metavar="NAME=VALUE",
+                                   help="Any setting (see `volunteer settings`); repeatable."),
+) -> None:
+    """Join an experiment: host experts on this machine until `volunteer leave` or Ctrl-C.
+
+    Detects the hardware, validates the manifest, resumes any checkpoints in the home, serves trainers, and prints where they reach this node. Logs go to stderr and to <home>/logs/volunteer.log. SIGTERM/SIGINT leave gracefully; a second one forces.
+    """
+    with domain_errors():
+        code = _join(experiment, home, set_, device=device, num_experts=num_experts, zmq_host=host, zmq_port=port)
+    raise typer.Exit(code)
+
+
+class _Signals:
+    """First SIGINT/SIGTERM: graceful leave. Second: exit at once (code 130)."""
+
+    def __init__(self) -> None:
+        self.received: list[str] = []
+        self.supervisor: Any = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def attach(self, supervisor: Any) -> None:
+        self.supervisor = supervisor
+        if self.received:
+            supervisor.request_leave(None, self.received[0])
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.received:
+            log.error("second %s: forcing exit now; in-flight work and unsaved updates are lost", name)
+            logging.shutdown()
+            os._exit(EXIT_FORCED)
+        self.received.append(name)
+        log.warning("%s received: leaving gracefully (send it again to force)", name)
+        if self.supervisor is not None:
+            self.supervisor.request_leave(None, name)
+
+
+def _join(experiment: str, home: Optional[Path], set_: list[str], **flags: Any) -> int:
+    from volunteer.daemon.home import NodeHome, resolve_home
+    from volunteer.daemon.logs import close_logging, setup_logging
+    from volunteer.daemon.settings import parse_assignments, resolve_settings
+    from volunteer.manifest import load_manifest
+
+    node = NodeHome(resolve_home(home))
+    given = {name: value for name, value in flags.items() if value is not None}
+    settings = resolve_settings(node.config_file, os.environ, {**parse_assignments(set_), **given})
+    manifest = load_manifest(experiment)  # the cheap checks first: torch is not imported yet
+    node.create()
+    node.acquire_lock()
+    node.remove_control_file()  # a killed daemon's stale address: not ready until we publish ours
+    signals = _Signals()
+    signals.install()
+    sup = None
+    try:
+        live = setup_logging(settings.log_level, node.log_file, live=sys.stderr.isatty())
+        sup = _build_supervisor(node, manifest, settings, live)
+        signals.attach(sup)
+        try:
+            sup.start()
+            report = sup.run()
+        except OSError as exc:  # e.g. the ZeroMQ port is taken: the message says what to change
+            log.error("cannot start: %s", exc)
+            return EXIT_FAILED
+        except Exception:
+            log.exception("the daemon failed")
+            return EXIT_FAILED
+        return EXIT_OK if report.clean else EXIT_FAILED
+    finally:
+        if sup is not None:
+            sup.close()
+        node.release_lock()
+        close_logging()
+
+
+def _build_supervisor(node: Any, manifest: Any, settings: Any, live: Any) -> Any:
+    """Check what needs torch (expert kind/options, device), then build the supervisor."""
+    from volunteer.daemon.hardware import choose_device, configure_device, detect_hardware
+    from volunteer.daemon.supervisor import Supervisor
+    from volunteer.experts.registry import available_experts, build_expert
+    from volunteer.manifest import ManifestError
+
+    kinds = available_experts()
+    if manifest.expert.kind not in kinds:
+        raise ManifestError(manifest.source, "expert.kind",
+                            f"expected one of {', '.join(kinds)}, got {manifest.expert.kind!r}")
+    try:
+        build_expert(manifest.expert.kind, manifest.expert.hidden_dim, **manifest.expert.options)
+    except ValueError as exc:
+        raise ManifestError(manifest.source, "expert", str(exc)) from None
+    hardware = detect_hardware()
+    device = choose_device(settings.device, hardware)
+    configure_device(device, settings.max_threads, settings.max_gpu_memory_fraction)
+    return Supervisor(node, manifest, settings, hardware, device, live=live)

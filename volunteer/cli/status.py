@@ -1,0 +1,67 @@
+"""``volunteer status``: the node's health as a live dashboard, one frame, plain text or JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from volunteer.cli.console import EXIT_NOT_RUNNING, domain_errors, fail, stdout_console
+
+
+def status(
+    home: Optional[Path] = typer.Option(None, "--home", envvar="VOLUNTEER_HOME", show_envvar=True,
+                                        help="Node home of the daemon to ask."),
+    once: bool = typer.Option(False, "--once", help="Print one frame and exit (default when not a TTY)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full snapshot as JSON and exit."),
+    interval: float = typer.Option(1.0, "--interval", min=0.2, max=60.0, help="Refresh period of the live view (s)."),
+) -> None:
+    """Show the running node: state, device, each hosted expert's load, network, and why it is idle or degraded.
+
+    On a terminal this is a live dashboard (Ctrl-C to quit); piped, it prints plain text once.
+    """
+    from volunteer.daemon.control_client import call
+    from volunteer.daemon.home import resolve_home
+
+    root = resolve_home(home)
+    with domain_errors():
+        snap = call(root, "status")
+        if as_json:
+            sys.stdout.write(json.dumps(snap, indent=2, sort_keys=True) + "\n")
+            return
+        if not sys.stdout.isatty():
+            from volunteer.status.plain import render_plain
+
+            sys.stdout.write(render_plain(snap) + "\n")
+            return
+        from volunteer.status.dashboard import render_dashboard
+
+        console = stdout_console()
+        if once:
+            console.print(render_dashboard(snap))
+            return
+        _live(root, console, snap, interval)
+
+
+def _live(root: Path, console: object, snap: dict, interval: float) -> None:
+    from rich.live import Live
+
+    from volunteer.daemon.control_client import ControlError, DaemonNotRunningError, call
+    from volunteer.status.dashboard import render_dashboard
+
+    try:
+        with Live(render_dashboard(snap), console=console, auto_refresh=False, screen=False) as live:  # type: ignore[arg-type]
+            while True:
+                time.sleep(interval)
+                try:
+                    snap = call(root, "status")
+                except (DaemonNotRunningError, ControlError):
+                    break
+                live.update(render_dashboard(snap), refresh=True)
+    except KeyboardInterrupt:
+        return
+    raise fail("the daemon stopped", EXIT_NOT_RUNNING)

@@ -1,0 +1,52 @@
+"""Control API wire format: one length-prefixed JSON object per message, both directions.
+
+A message is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON (an
+object). Requests are ``{"op": str, ...args}``; replies are ``{"ok": true, "result": ...}``
+or ``{"ok": false, "error": {"code": str, "message": str}}``. Lengths are checked before
+anything is read, so a peer cannot make either side allocate more than the bound.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any
+
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+_HEADER = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """A malformed, oversized or truncated control message."""
+
+
+def send_message(sock: socket.socket, obj: dict[str, Any]) -> None:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def recv_message(sock: socket.socket, max_bytes: int) -> dict[str, Any]:
+    """Read one message; raises ``ProtocolError`` on bad length/JSON, EOF or non-object."""
+    (length,) = _HEADER.unpack(_recv_exactly(sock, _HEADER.size))
+    if length > max_bytes:
+        raise ProtocolError(f"message of {length} bytes exceeds the limit of {max_bytes}")
+    data = _recv_exactly(sock, length)
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"message is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("message is not a JSON object")
+    return obj
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise ProtocolError("connection closed mid-message" if buf or n == 0 else "connection closed")
+        buf += chunk
+    return bytes(buf)

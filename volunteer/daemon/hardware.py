@@ -1,0 +1,169 @@
+"""Hardware detection and device choice.
+
+GPUs (name, memory, compute capability) come from torch, CPU and RAM from psutil.
+``choose_device`` turns the ``device`` setting into a concrete torch device string with a
+one-line error when the requested device does not exist. ``live_usage`` samples the numbers
+the status dashboard shows (CPU/RAM of the machine and this process, GPU memory/utilisation).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+
+
+class DeviceError(Exception):
+    """The requested device is not available; ``str(err)`` says what is."""
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    memory_bytes: int
+    compute_capability: str
+    multiprocessors: int
+
+
+@dataclass(frozen=True)
+class HardwareInfo:
+    cpu_model: str
+    cpu_logical: int
+    cpu_physical: int | None
+    ram_bytes: int
+    platform: str
+    python: str
+    torch: str
+    cuda: str | None
+    gpus: list[GpuInfo] = field(default_factory=list)
+    mps: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def detect_hardware() -> HardwareInfo:
+    """Probe CPUs, RAM and GPUs (imports torch)."""
+    import torch
+
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            gpus.append(GpuInfo(i, p.name, int(p.total_memory), f"{p.major}.{p.minor}", int(p.multi_processor_count)))
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    return HardwareInfo(
+        cpu_model=_cpu_model(),
+        cpu_logical=psutil.cpu_count(logical=True) or os.cpu_count() or 1,
+        cpu_physical=psutil.cpu_count(logical=False),
+        ram_bytes=int(psutil.virtual_memory().total),
+        platform=platform.platform(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        gpus=gpus,
+        mps=mps,
+    )
+
+
+_CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
+
+
+def choose_device(requested: str, hw: HardwareInfo) -> str:
+    """Map the ``device`` setting to a torch device string, or raise ``DeviceError``."""
+    req = requested.strip().lower()
+    if req == "auto":
+        if hw.gpus:
+            return f"cuda:{max(hw.gpus, key=lambda g: g.memory_bytes).index}"
+        return "mps" if hw.mps else "cpu"
+    if req == "cpu":
+        return "cpu"
+    if req == "mps":
+        if not hw.mps:
+            raise DeviceError("device mps requested but Apple MPS is not available; use --device cpu")
+        return "mps"
+    m = _CUDA_RE.match(req)
+    if m:
+        if not hw.gpus:
+            raise DeviceError(
+                f"device {requested} requested but torch sees no CUDA GPU (torch {hw.torch}, "
+                f"cuda {hw.cuda or 'not built in'}); use --device cpu"
+            )
+        index = int(m.group(1) or 0)
+        if index >= len(hw.gpus):
+            raise DeviceError(f"device {requested} requested but only cuda:0..cuda:{len(hw.gpus) - 1} exist")
+        return f"cuda:{index}"
+    raise DeviceError(f"unknown device {requested!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def describe_device(device: str, hw: HardwareInfo) -> str:
+    """Human description such as ``cuda:0 (NVIDIA H100, 80.0 GiB, sm 9.0)``."""
+    if device.startswith("cuda"):
+        g = hw.gpus[int(device.split(":")[1])]
+        return f"{device} ({g.name}, {g.memory_bytes / 2**30:.1f} GiB, compute capability {g.compute_capability})"
+    if device == "mps":
+        return "mps (Apple GPU)"
+    return f"cpu ({hw.cpu_model}, {hw.cpu_logical} threads, {hw.ram_bytes / 2**30:.1f} GiB RAM)"
+
+
+def configure_device(device: str, max_threads: int, max_gpu_memory_fraction: float) -> None:
+    """Apply thread and memory limits from the settings before experts are built."""
+    import torch
+
+    if max_threads > 0:
+        torch.set_num_threads(max_threads)
+    if device.startswith("cuda"):
+        torch.cuda.set_per_process_memory_fraction(max_gpu_memory_fraction, int(device.split(":")[1]))
+
+
+def live_usage(device: str, process: psutil.Process) -> dict[str, Any]:
+    """Current machine and device usage for the status snapshot (cheap, non-blocking)."""
+    vm = psutil.virtual_memory()
+    with process.oneshot():
+        proc = {"cpu_pct": process.cpu_percent(None), "rss_bytes": int(process.memory_info().rss),
+                "threads": process.num_threads()}
+    usage: dict[str, Any] = {
+        "system": {
+            "cpu_pct": psutil.cpu_percent(None),
+            "cpu_count": psutil.cpu_count() or 1,
+            "ram_used_bytes": int(vm.total - vm.available),
+            "ram_total_bytes": int(vm.total),
+        },
+        "process": proc,
+        "device": {"name": device, "utilization_pct": None, "memory_used_bytes": None, "memory_total_bytes": None},
+    }
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.split(":")[1])
+        try:
+            free, total = torch.cuda.mem_get_info(index)
+            usage["device"]["memory_used_bytes"] = int(total - free)
+            usage["device"]["memory_total_bytes"] = int(total)
+        except RuntimeError:
+            pass
+        try:
+            usage["device"]["utilization_pct"] = float(torch.cuda.utilization(index))
+        except Exception:  # needs pynvml; absent on many installs
+            pass
+    elif device == "cpu":
+        usage["device"]["utilization_pct"] = proc["cpu_pct"] / max(1, psutil.cpu_count() or 1)
+        usage["device"]["memory_used_bytes"] = proc["rss_bytes"]
+        usage["device"]["memory_total_bytes"] = int(vm.total)
+    return usage

@@ -1,0 +1,180 @@
+"""The node home: one directory per node holding everything it owns, and its lock.
+
+Layout (created 0700)::
+
+    <home>/config.yaml              local settings (optional, written by the volunteer)
+    <home>/node.lock                flock'ed while a daemon runs; holds its pid
+    <home>/control.json             control API address, written atomically once ready
+    <home>/run/control.sock         the control socket (0600) when its path is short enough
+    <home>/cache/                   self-benchmark results and other caches
+    <home>/checkpoints/<experiment>/  one checkpoint file per hosted expert
+    <home>/logs/volunteer.log       the daemon log
+    <home>/identity/                the network identity (owned by volunteer.net)
+
+Several nodes with different homes run side by side; the flock makes a second daemon on
+the same home fail fast with the pid of the first.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+HOME_ENV = "VOLUNTEER_HOME"
+CONTROL_FILE = "control.json"
+MAX_CONTROL_FILE_BYTES = 4096
+
+
+class HomeLockedError(Exception):
+    """Another daemon holds this home's lock."""
+
+    def __init__(self, home: Path, pid: int | None) -> None:
+        self.home = home
+        self.pid = pid
+        who = f"(pid {pid}) " if pid else ""
+        super().__init__(
+            f"another volunteer daemon {who}is already running with home {home}: "
+            f"stop it with `volunteer leave --home {home}` or pick another --home"
+        )
+
+
+def default_home() -> Path:
+    """The user's data directory for volunteer (platformdirs)."""
+    return Path(platformdirs.user_data_dir("volunteer", appauthor=False))
+
+
+def resolve_home(flag: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> Path:
+    """``--home`` flag > ``VOLUNTEER_HOME`` > the platform default, made absolute."""
+    env = dict(os.environ) if env is None else env
+    raw = flag or env.get(HOME_ENV) or default_home()
+    return Path(raw).expanduser().resolve()
+
+
+class NodeHome:
+    """Paths inside a node home, directory creation and the single-daemon lock."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._lock_fd: int | None = None
+
+    config_file = property(lambda self: self.root / "config.yaml")
+    lock_file = property(lambda self: self.root / "node.lock")
+    control_file = property(lambda self: self.root / CONTROL_FILE)
+    run_dir = property(lambda self: self.root / "run")
+    cache_dir = property(lambda self: self.root / "cache")
+    logs_dir = property(lambda self: self.root / "logs")
+    log_file = property(lambda self: self.root / "logs" / "volunteer.log")
+    identity_dir = property(lambda self: self.root / "identity")
+
+    def checkpoint_dir(self, experiment: str) -> Path:
+        return self.root / "checkpoints" / experiment
+
+    def create(self) -> None:
+        """Create the home and its sub-directories with owner-only permissions."""
+        for path in (self.root, self.run_dir, self.cache_dir, self.logs_dir, self.root / "checkpoints"):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(path, 0o700)
+
+    def acquire_lock(self) -> None:
+        """Take the home's exclusive lock or raise ``HomeLockedError`` (never blocks)."""
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise HomeLockedError(self.root, pid) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
+    def is_locked(self) -> bool:
+        """True when some process holds the lock (a daemon is running on this home)."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def write_control_file(self, info: dict[str, Any]) -> None:
+        """Atomically publish the control API address (temp file + rename)."""
+        write_atomic(self.control_file, json.dumps(info, indent=2).encode() + b"\n")
+
+    def read_control_file(self) -> dict[str, Any] | None:
+        """The published control address, or None when absent/unreadable."""
+        try:
+            with self.control_file.open("rb") as fh:
+                data = fh.read(MAX_CONTROL_FILE_BYTES + 1)
+        except OSError:
+            return None
+        if len(data) > MAX_CONTROL_FILE_BYTES:
+            return None
+        try:
+            info = json.loads(data)
+        except ValueError:
+            return None
+        return info if isinstance(info, dict) and isinstance(info.get("socket"), str) else None
+
+    def remove_control_file(self) -> None:
+        try:
+            self.control_file.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory, fsync and rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a crash (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

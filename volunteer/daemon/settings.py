@@ -1,0 +1,200 @@
+"""Local node settings, layered: defaults < ``<home>/config.yaml`` < ``VOLUNTEER_*`` env < flags.
+
+``SETTINGS`` is the one table of every setting (name, type, default, environment variable,
+help); the config file, the environment, ``--set NAME=VALUE`` and ``volunteer settings`` all
+derive from it. Values are validated with the same rules whatever layer they come from, and
+a bad value is a ``SettingsError`` naming the layer and the setting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MAX_CONFIG_BYTES = 64 * 1024
+ENV_PREFIX = "VOLUNTEER_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class SettingsError(Exception):
+    """A setting with a bad name or value; ``str(err)`` is a one-line message."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Validate ``value`` (a YAML scalar or a string from env/flags) for this setting."""
+        try:
+            out = self._convert(value)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{where}: {self.name}: expected {self._expected()}, got {value!r}") from None
+        if self.choices is not None and out not in self.choices:
+            raise SettingsError(f"{where}: {self.name}: expected {self._expected()}, got {value!r}")
+        numeric = isinstance(out, (int, float)) and not isinstance(out, bool)
+        if numeric and ((self.lo is not None and out < self.lo) or (self.hi is not None and out > self.hi)):
+            raise SettingsError(f"{where}: {self.name}: expected {self._expected()}, got {value!r}")
+        return out
+
+    def _convert(self, value: Any) -> Any:
+        if self.type is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if self.type is int:
+            if isinstance(value, (bool, float)):
+                raise TypeError(value)
+            return int(str(value).strip(), 10)
+        if self.type is float:
+            if isinstance(value, bool):
+                raise TypeError(value)
+            out = float(str(value).strip())
+            if not math.isfinite(out):
+                raise ValueError(value)
+            return out
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise TypeError(value)
+        text = str(value).strip()
+        if len(text) > 256:
+            raise ValueError(value)
+        return text
+
+    def _expected(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices)
+        if self.type is bool:
+            return "true or false"
+        name = {int: "an integer", float: "a number", str: "a string"}[self.type]
+        if self.lo is not None and self.hi is not None:
+            return f"{name} in [{self.lo:g}, {self.hi:g}]"
+        return name
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("device", str, "auto", "compute device: auto (best GPU, else CPU), cpu, cuda, cuda:N or mps"),
+    Setting("num_experts", int, 4, "how many experts of the experiment's grid this node hosts", 1, 4096),
+    Setting("zmq_host", str, "127.0.0.1", "address the ZeroMQ frontend binds (use 0.0.0.0 to serve other machines)"),
+    Setting("zmq_port", int, 0, "ZeroMQ frontend port (0 = any free port)", 0, 65535),
+    Setting("advertise_host", str, "", "host name trainers should dial, when different from zmq_host"),
+    Setting("checkpoint_interval_s", float, 300.0, "seconds between periodic checkpoints (a kill -9 loses at most this much)", 1, 86400),
+    Setting("leave_timeout_s", float, 30.0, "default deadline for a graceful leave (SIGTERM/SIGINT)", 0.1, 3600),
+    Setting("log_level", str, "info", "log level for stderr and the log file", choices=LOG_LEVELS),
+    Setting("max_threads", int, 0, "torch intra-op threads (0 = torch's default)", 0, 1024),
+    Setting("max_gpu_memory_fraction", float, 0.9, "largest share of the GPU's memory this node may use", 0.05, 1.0),
+    Setting("selfbench", bool, True, "measure expert throughput on first join (cached per device and expert)"),
+)
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+class Settings:
+    """Resolved settings: attribute access by name, plus where each value came from."""
+
+    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+        self._values = dict(values)
+        self._sources = dict(sources)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def source(self, name: str) -> str:
+        return self._sources[name]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Rows for ``volunteer settings``: name, value, source, env var, help."""
+        return [
+            {"name": s.name, "value": self._values[s.name], "source": self._sources[s.name],
+             "env": s.env, "default": s.default, "help": s.help}
+            for s in SETTINGS
+        ]
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, str]:
+    """Parse ``--set NAME=VALUE`` flags; unknown names are a ``SettingsError``."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep:
+            raise SettingsError(f"--set {pair!r}: expected NAME=VALUE")
+        if name not in BY_NAME:
+            raise SettingsError(f"--set {pair!r}: unknown setting {name!r} (known: {', '.join(BY_NAME)})")
+        out[name] = value
+    return out
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read ``<home>/config.yaml`` (a flat mapping of setting names); missing file -> {}."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise SettingsError(f"{path}: file larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        doc = yaml.safe_load(data.decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from exc
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise SettingsError(f"{path}: expected a mapping of setting names to values")
+    for key in doc:
+        if key not in BY_NAME:
+            raise SettingsError(f"{path}: {key}: unknown setting (known: {', '.join(BY_NAME)})")
+    return doc
+
+
+def resolve_settings(
+    config_file: Path | None, env: Mapping[str, str], flags: Mapping[str, Any]
+) -> Settings:
+    """Layer defaults < config file < environment < flags, validating every layer."""
+    values = {s.name: s.default for s in SETTINGS}
+    sources = {s.name: "default" for s in SETTINGS}
+    if config_file is not None:
+        for name, value in read_config_file(config_file).items():
+            values[name] = BY_NAME[name].coerce(value, str(config_file))
+            sources[name] = "config"
+    for s in SETTINGS:
+        if s.env in env:
+            values[s.name] = s.coerce(env[s.env], f"environment {s.env}")
+            sources[s.name] = "env"
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name not in BY_NAME:
+            raise SettingsError(f"unknown setting {name!r}")
+        values[name] = BY_NAME[name].coerce(value, "command line")
+        sources[name] = "flag"
+    return Settings(values, sources)

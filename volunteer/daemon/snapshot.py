@@ -1,0 +1,118 @@
+"""The health snapshot served by the control API's ``status`` op (and ``status --json``).
+
+Shape (all JSON; every section present, values may be null)::
+
+    version       snapshot schema version (1)
+    node          pid, home, node_id, version, started_at, uptime_s
+    experiment    name, version, source, fingerprint, expert {kind, hidden_dim, options}, grid
+    state         starting | serving | draining | stopped
+    endpoint      where trainers reach the node (tcp://host:port)
+    device        name, description, utilization_pct, memory_used_bytes, memory_total_bytes
+    system        cpu_pct, cpu_count, ram_used_bytes, ram_total_bytes
+    process       cpu_pct, rss_bytes, threads
+    experts       uid -> runtime stats (requests, samples, requests_per_s, samples_per_s,
+                  mean_batch_size, batch_size_histogram, queue_depth, latency_ms {queue_p50,
+                  queue_p99, compute_p50, compute_p99}, errors {code: n}, updates_applied)
+                  + kind, resumed_from_updates
+    totals        requests, samples, requests_per_s, samples_per_s, errors {code: n}
+    checkpoints   directory, fingerprint, interval_s, last_at, last_age_s, passes, last_error,
+                  last {written, unchanged, failed, ...}, resumed, set_aside
+    selfbench     forward_samples_per_s, train_samples_per_s, batch_size, cached (or null)
+    settings      the resolved local settings
+    network       the network service's snapshot(), or null when not connected
+    health        level (ok|idle|degraded|starting|draining), why (one line or null)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from volunteer import __version__
+from volunteer.daemon.hardware import live_usage
+from volunteer.daemon.health import assess, totals
+
+if TYPE_CHECKING:
+    from volunteer.daemon.supervisor import Supervisor
+
+SNAPSHOT_VERSION = 1
+_process_cache: dict[int, psutil.Process] = {}
+
+
+def _process() -> psutil.Process:
+    pid = os.getpid()
+    if pid not in _process_cache:
+        _process_cache.clear()
+        _process_cache[pid] = psutil.Process(pid)
+    return _process_cache[pid]
+
+
+def build_snapshot(sup: Supervisor, stats: dict[str, dict[str, Any]], include_usage: bool = True) -> dict[str, Any]:
+    m = sup.manifest
+    ck = sup.checkpointer
+    experts: dict[str, dict[str, Any]] = {}
+    for uid in sup.backends:
+        entry = dict(stats.get(uid, {}))
+        entry["kind"] = m.expert.kind
+        entry["resumed_from_updates"] = ck.resumed.get(uid) if ck is not None else None
+        experts[uid] = entry
+    requests, errors = totals(experts)
+    usage = live_usage(sup.device, _process()) if include_usage else {"device": {"name": sup.device}}
+    device = {**usage["device"], "description": sup.device_description}
+    queue_fill = max(
+        (float(e.get("queue_depth", 0) or 0) / max(1, m.serving.max_queue_size) for e in experts.values()),
+        default=0.0,
+    )
+    recent_requests, recent_errors = sup.health.recent()
+    level, why = assess(
+        sup.state, recent_requests, recent_errors, sup.health.idle_for(), queue_fill,
+        ck.last_error if ck is not None else None, sup.endpoint,
+    )
+    network = None
+    if sup.network is not None:
+        try:
+            network = sup.network.snapshot()
+        except Exception as exc:  # the dashboard must render even when the network is unwell
+            network = {"error": f"{type(exc).__name__}: {exc}"}
+    return {
+        "version": SNAPSHOT_VERSION,
+        "node": {
+            "pid": os.getpid(), "home": str(sup.home.root), "node_id": sup.node_id, "version": __version__,
+            "started_at": sup.started_at, "uptime_s": round(time.time() - sup.started_at, 1),
+        },
+        "experiment": m.summary(),
+        "state": sup.state,
+        "endpoint": sup.endpoint,
+        "device": device,
+        "system": usage.get("system"),
+        "process": usage.get("process"),
+        "experts": experts,
+        "totals": {
+            "requests": requests,
+            "samples": sum(int(e.get("samples", 0) or 0) for e in experts.values()),
+            "requests_per_s": round(sum(float(e.get("requests_per_s", 0) or 0) for e in experts.values()), 2),
+            "samples_per_s": round(sum(float(e.get("samples_per_s", 0) or 0) for e in experts.values()), 2),
+            "errors": errors,
+        },
+        "checkpoints": ck.summary(float(sup.settings.checkpoint_interval_s)) if ck is not None else None,
+        "selfbench": sup.selfbench,
+        "settings": sup.settings.as_dict(),
+        "network": network,
+        "health": {"level": level, "why": why},
+    }
+
+
+def live_line_text(snap: dict[str, Any]) -> str:
+    """The compact one-line status shown at the bottom of the ``join`` terminal."""
+    t = snap.get("totals") or {}
+    health = snap.get("health") or {}
+    updates = sum(int(e.get("updates_applied", 0) or 0) for e in (snap.get("experts") or {}).values())
+    line = (f"[{snap.get('state')}] {len(snap.get('experts') or {})} experts | "
+            f"{float(t.get('requests_per_s', 0) or 0):.1f} req/s | {float(t.get('samples_per_s', 0) or 0):.0f} samples/s"
+            f" | {updates} updates | up {int((snap.get('node') or {}).get('uptime_s', 0))}s")
+    if health.get("why"):
+        line += f" | {health['level']}: {health['why']}"
+    return line[:200]

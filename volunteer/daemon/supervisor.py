@@ -1,0 +1,338 @@
+"""The supervisor: one volunteer node's lifecycle (start, ready, serve, drain, stop).
+
+``start()`` builds the hosted experts (assignment, checkpoint restore, self-benchmark),
+starts the runtime and its ZeroMQ frontend, then the control API, and only then publishes
+``control.json`` (readiness). ``run()`` is the main loop of the ``join`` process: it feeds
+the health tracker, writes periodic checkpoints, refreshes the live line, and performs the
+leave once one is requested (control ``leave`` op, SIGTERM/SIGINT):
+
+1. state "draining": the runtime answers new work with the typed "draining" error (the
+   frontend keeps running so trainers get that answer and retry elsewhere);
+2. ``runtime.drain(remaining)`` finishes in-flight requests;
+3. a final checkpoint under ``runtime.exclusive()`` (always taken, even past the deadline:
+   losing trained weights is worse than a late exit);
+4. frontend, runtime and control API stop, ``control.json`` is removed.
+
+NETWORK: the peer network joins in ``_start_network`` / ``_stop_network`` only (marked
+below); the snapshot's ``network`` section is whatever the service's ``snapshot()`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from typing import Any
+
+from volunteer import __version__
+from volunteer.daemon.checkpointer import Checkpointer
+from volunteer.daemon.control_server import ControlRequestError, ControlServer
+from volunteer.daemon.hardware import HardwareInfo, describe_device
+from volunteer.daemon.health import HealthTracker
+from volunteer.daemon.home import NodeHome
+from volunteer.daemon.leave_report import LeaveReport
+from volunteer.daemon.logs import LiveLine
+from volunteer.daemon.settings import Settings
+from volunteer.daemon.snapshot import build_snapshot, live_line_text
+from volunteer.experts.assignment import choose_experts
+from volunteer.experts.checkpoint import CheckpointStore
+from volunteer.manifest import Manifest
+
+log = logging.getLogger(__name__)
+TICK_S = 0.5
+MAX_LEAVE_TIMEOUT_S = 3600.0
+
+
+class Supervisor:
+    """Runs one node. The caller holds the home lock and handles signals."""
+
+    def __init__(
+        self, home: NodeHome, manifest: Manifest, settings: Settings, hardware: HardwareInfo, device: str,
+        live: LiveLine | None = None,
+    ) -> None:
+        self.home = home
+        self.manifest = manifest
+        self.settings = settings
+        self.hardware = hardware
+        self.device = device
+        self.device_description = describe_device(device, hardware)
+        self.live = live
+        self.state = "starting"
+        self.started_at = time.time()
+        self.endpoint: str | None = None
+        self.node_id = ""
+        self.selfbench: dict[str, Any] | None = None
+        self.backends: dict[str, Any] = {}
+        self.runtime: Any = None
+        self.frontend: Any = None
+        self.network: Any = None
+        self.checkpointer: Checkpointer | None = None
+        self.control: ControlServer | None = None
+        self.health = HealthTracker()
+        self._leave_requested = threading.Event()
+        self._leave_timeout = float(settings.leave_timeout_s)
+        self._leave_reason = ""
+        self._leave_done = threading.Event()
+        self.leave_report: LeaveReport | None = None
+        self._next_checkpoint = 0.0
+
+    # ------------------------------------------------------------------ start
+
+    def start(self) -> None:
+        """Bring the node up; returns once trainers can reach it and control.json exists."""
+        from volunteer.experts.backend import ExpertBackend, OptimizerSpec
+        from volunteer.runtime.runtime import Runtime
+        from volunteer.runtime.zmq_frontend import ZmqFrontend
+
+        m, s = self.manifest, self.settings
+        self.node_id = self._node_id()
+        store = CheckpointStore(self.home.checkpoint_dir(m.experiment.name), m.fingerprint())
+        count = min(int(s.num_experts), m.grid.size)
+        if count < s.num_experts:
+            log.warning("num_experts=%d but the grid has only %d experts: hosting all of them", s.num_experts, count)
+        uids = sorted(choose_experts(m.grid.uids(), count, self.node_id, checkpointed=store.saved_uids()))
+        o = m.optimizer
+        spec = OptimizerSpec(name=o.name, lr=o.lr, clip_grad_norm=o.clip_grad_norm, momentum=o.momentum,
+                             weight_decay=o.weight_decay)
+        self.backends = {
+            uid: ExpertBackend(uid, m.expert.kind, m.expert.hidden_dim, spec, device=self.device, **m.expert.options)
+            for uid in uids
+        }
+        self.checkpointer = Checkpointer(store, self.backends)
+        self.checkpointer.restore()
+        if s.selfbench:
+            self.selfbench = self._run_selfbench()
+
+        self.runtime = Runtime(self.backends, _serving_limits(m))
+        self.runtime.start()
+        self.frontend = ZmqFrontend(self.runtime, bind=f"tcp://{s.zmq_host}:{s.zmq_port}")
+        self.frontend.start()
+        self.endpoint = _advertised_endpoint(self.frontend.endpoint, s.advertise_host)
+        self._start_network()
+
+        self.control = ControlServer(self.home.run_dir, {
+            "status": lambda req: self.snapshot(),
+            "ping": lambda req: {"pid": os.getpid(), "state": self.state},
+            "leave": self._control_leave,
+            "checkpoint": self._control_checkpoint,
+        })
+        self.control.start()
+        self.state = "serving"
+        self._next_checkpoint = time.monotonic() + float(s.checkpoint_interval_s)
+        self.home.write_control_file({
+            "socket": self.control.path, "pid": os.getpid(), "version": __version__,
+            "endpoint": self.endpoint, "experiment": m.experiment.name, "started_at": self.started_at,
+        })
+        self._announce_ready()
+
+    # NETWORK: wire the peer network here (the lead): construct
+    # volunteer.net.service.NetworkService(home.root, manifest.experiment.name, manifest.network,
+    # submit=self.runtime.submit, zmq_endpoint=self.endpoint), start() it, store it in
+    # self.network and announce(list(self.backends), "serving", load). snapshot() already shows
+    # self.network.snapshot() and leave() already calls set_draining() / stop().
+    def _start_network(self) -> None:
+        self.network = None
+
+    def _stop_network(self) -> None:
+        if self.network is not None:
+            try:
+                self.network.stop()
+            except Exception:
+                log.exception("stopping the network service failed")
+            self.network = None
+
+    def _node_id(self) -> str:
+        """A random id kept in the home: seeds the expert assignment (stable across restarts)."""
+        path = self.home.root / "node_id"
+        try:
+            with path.open("rb") as fh:
+                text = fh.read(64).decode("ascii", "replace").strip()
+            if text.isalnum():
+                return text
+        except OSError:
+            pass
+        text = secrets.token_hex(8)
+        path.write_text(text + "\n")
+        return text
+
+    def _run_selfbench(self) -> dict[str, Any] | None:
+        from volunteer.experts.selfbench import cached_throughput
+
+        m = self.manifest
+        batch = min(64, m.serving.max_batch_size)
+        try:
+            return cached_throughput(self.home.cache_dir / "selfbench.json", self.device, self.device_description,
+                                     m.expert.kind, m.expert.hidden_dim, m.expert.options, batch)
+        except Exception as exc:  # a benchmark failure must not keep the node from serving
+            log.warning("self-benchmark failed: %s", exc)
+            return None
+
+    def _announce_ready(self) -> None:
+        m, ck = self.manifest, self.checkpointer
+        assert ck is not None
+        log.info("volunteer %s joined experiment %s v%s (%s)", __version__, m.experiment.name,
+                 m.experiment.version, m.source)
+        bench = ""
+        if self.selfbench:
+            bench = (f"; self-benchmark {self.selfbench['train_samples_per_s']:.0f} train samples/s"
+                     f"{' (cached)' if self.selfbench.get('cached') else ''}")
+        log.info("device: %s%s", self.device_description, bench)
+        hosted = [f"{u} (resumed at {ck.resumed[u]} updates)" if u in ck.resumed else u for u in self.backends]
+        log.info("hosting %d %s expert(s): %s", len(hosted), m.expert.kind, ", ".join(hosted))
+        log.info("trainers reach this node at %s", self.endpoint)
+        log.info("status: volunteer status --home %s | leave: volunteer leave --home %s (or Ctrl-C)",
+                 self.home.root, self.home.root)
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> LeaveReport:
+        """Main loop until a leave is requested; then leave and return its report."""
+        while not self._leave_requested.wait(TICK_S):
+            self.tick()
+        return self.leave()
+
+    def tick(self) -> None:
+        """One supervisor step: health sample, periodic checkpoint, live line."""
+        if self.runtime is None:
+            return
+        self.health.observe(self._expert_stats())
+        if time.monotonic() >= self._next_checkpoint and self.checkpointer is not None:
+            self.checkpointer.checkpoint(self.runtime.exclusive)
+            self._next_checkpoint = time.monotonic() + float(self.settings.checkpoint_interval_s)
+        if self.live is not None:
+            self.live.update(live_line_text(self.snapshot(include_usage=False)))
+
+    def request_leave(self, timeout: float | None, reason: str) -> bool:
+        """Ask the main loop to leave; False when a leave is already under way."""
+        if self._leave_requested.is_set():
+            return False
+        self._leave_timeout = float(timeout) if timeout is not None else float(self.settings.leave_timeout_s)
+        self._leave_reason = reason
+        self._leave_requested.set()
+        return True
+
+    @property
+    def leaving(self) -> bool:
+        return self._leave_requested.is_set()
+
+    def leave(self) -> LeaveReport:
+        """Drain, checkpoint and stop (see the module docstring). Idempotent."""
+        if self.leave_report is not None:
+            return self.leave_report
+        timeout = self._leave_timeout
+        report = LeaveReport(reason=self._leave_reason or "leave", timeout_s=timeout)
+        start = time.monotonic()
+        deadline = start + timeout
+        log.info("leaving (%s): refusing new work, finishing in-flight requests (deadline %.1fs)", report.reason,
+                 timeout)
+        self.state = "draining"
+        if self.live is not None:
+            self.live.finish()  # the leave reports through log lines from here on
+            self.live = None
+        if self.network is not None:
+            try:
+                self.network.set_draining()  # peers learn at once that this node is leaving
+            except Exception:
+                log.exception("announcing the drain to the network failed")
+        if self.runtime is not None:
+            drain = self.runtime.drain(max(0.0, deadline - time.monotonic()))
+            report.completed, report.cut_short = int(drain.completed), int(drain.cut_short)
+            if not drain.clean:
+                report.problems.append(f"{drain.cut_short} in-flight request(s) did not finish before the deadline")
+        if self.checkpointer is not None:
+            ck = self.checkpointer.checkpoint(self.runtime.exclusive if self.runtime is not None else None)
+            report.checkpoint = {**ck.as_dict(), "directory": str(self.checkpointer.store.directory)}
+            for uid, err in ck.failed.items():
+                report.problems.append(f"checkpoint of {uid} failed: {err}")
+        late = time.monotonic() - deadline
+        if late > 0 and not report.problems:
+            report.problems.append(f"leave took {late:.1f}s longer than the {timeout:g}s deadline")
+        self._shutdown()
+        report.duration_s = time.monotonic() - start
+        self.leave_report = report
+        self._leave_done.set()
+        for line in report.summary_lines():
+            (log.info if report.clean else log.warning)("%s", line)
+        return report
+
+    def _shutdown(self) -> None:
+        """Stop every component that was started, in reverse order; never raises."""
+        self.state = "stopped"
+        self._stop_network()
+        for name, component in (("frontend", self.frontend), ("runtime", self.runtime)):
+            if component is None:
+                continue
+            try:
+                component.stop()
+            except Exception:
+                log.exception("stopping the %s failed", name)
+
+    def close(self) -> None:
+        """Release what is left after ``leave`` or a failed ``start``: control API, files."""
+        if self.leave_report is None:
+            self._shutdown()
+        self.home.remove_control_file()
+        if self.control is not None:
+            self.control.stop()  # lets a waiting `leave` call receive its reply first
+            self.control = None
+        if self.live is not None:
+            self.live.finish()
+
+    # ------------------------------------------------------------------ control ops
+
+    def _control_leave(self, request: dict[str, Any]) -> dict[str, Any]:
+        timeout = request.get("timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= MAX_LEAVE_TIMEOUT_S
+        ):
+            raise ControlRequestError("bad_request", f"timeout must be a number in [0, {MAX_LEAVE_TIMEOUT_S:g}]")
+        self.request_leave(timeout, "leave command")
+        if not self._leave_done.wait(self._leave_timeout + 120.0):
+            raise ControlRequestError("timeout", "the leave did not finish; see the daemon log")
+        assert self.leave_report is not None
+        return self.leave_report.as_dict()
+
+    def _control_checkpoint(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.state != "serving" or self.checkpointer is None:
+            raise ControlRequestError("not_serving", f"cannot checkpoint while {self.state}")
+        return self.checkpointer.checkpoint(self.runtime.exclusive, force=bool(request.get("force"))).as_dict()
+
+    # ------------------------------------------------------------------ snapshot
+
+    def _expert_stats(self) -> dict[str, dict[str, Any]]:
+        if self.runtime is None:
+            return {}
+        try:
+            stats = self.runtime.stats()
+        except Exception:
+            log.exception("runtime stats failed")
+            return {}
+        return {uid: s for uid, s in stats.items() if isinstance(s, dict)}
+
+    def snapshot(self, include_usage: bool = True) -> dict[str, Any]:
+        """The JSON-serialisable health snapshot served by the ``status`` control op."""
+        return build_snapshot(self, self._expert_stats(), include_usage)
+
+
+def _serving_limits(m: Manifest) -> Any:
+    from volunteer.runtime.limits import ServingLimits
+
+    sv = m.serving
+    extra = {} if sv.activation_cache_size is None else {"activation_cache_size": sv.activation_cache_size}
+    return ServingLimits(max_batch_size=sv.max_batch_size, max_queue_size=sv.max_queue_size,
+                         max_header_bytes=sv.max_header_bytes, max_tensors=sv.max_tensors,
+                         max_elements=sv.max_elements, max_bytes=sv.max_bytes, **extra)
+
+
+def _advertised_endpoint(bound: str, advertise_host: str) -> str:
+    """The endpoint trainers should dial: the bound one, with a reachable host name."""
+    host_port = bound.removeprefix("tcp://")
+    host, _, port = host_port.rpartition(":")
+    if advertise_host:
+        host = advertise_host
+    elif host in ("0.0.0.0", "*", "[::]", "::"):
+        host = socket.gethostname()
+    return f"tcp://{host}:{port}"

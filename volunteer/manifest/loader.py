@@ -1,0 +1,91 @@
+"""Find and read an experiment manifest: a file path or the name of a shipped manifest.
+
+``volunteer join demo`` must work after a plain ``pip install``, so bare names are looked up
+in the ``volunteer.configs`` package with ``importlib.resources``. Files are read with a
+size bound and parsed with ``yaml.safe_load`` only (no arbitrary object construction).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from volunteer.manifest.errors import ManifestError
+from volunteer.manifest.schema import Manifest
+from volunteer.manifest.validate import validate_document
+
+MAX_MANIFEST_BYTES = 256 * 1024
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def shipped_manifests() -> list[str]:
+    """Names of the manifests bundled in ``volunteer.configs`` (without ``.yaml``)."""
+    root = resources.files("volunteer.configs")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_manifest_path(experiment: str) -> tuple[str, bytes]:
+    """Return ``(display name, raw bytes)`` for a manifest path or shipped manifest name.
+
+    A value naming an existing file wins; otherwise a bare name is looked up among the
+    shipped manifests. Raises ``ManifestError`` when neither exists or the file is too big.
+    """
+    path = Path(experiment).expanduser()
+    if path.is_file():
+        return str(path), _read_bounded(path, str(path))
+    if _NAME_RE.match(experiment):
+        ref = resources.files("volunteer.configs").joinpath(experiment + ".yaml")
+        if ref.is_file():
+            display = f"{experiment} (shipped: volunteer/configs/{experiment}.yaml)"
+            with ref.open("rb") as fh:
+                data = fh.read(MAX_MANIFEST_BYTES + 1)
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise ManifestError(display, "", f"file larger than {MAX_MANIFEST_BYTES} bytes")
+            return display, data
+    if path.exists():
+        raise ManifestError(str(path), "", "not a regular file")
+    shipped = ", ".join(shipped_manifests()) or "none"
+    raise ManifestError(
+        experiment, "", f"no such manifest file, and not a shipped manifest name (shipped: {shipped})"
+    )
+
+
+def _read_bounded(path: Path, display: str) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise ManifestError(display, "", f"cannot read: {exc.strerror or exc}") from exc
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(display, "", f"file larger than {MAX_MANIFEST_BYTES} bytes")
+    return data
+
+
+def parse_manifest(data: bytes, display: str, known_kinds: Collection[str] | None = None) -> Manifest:
+    """Parse and validate manifest bytes; ``display`` names the file in errors."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(display, "", f"not UTF-8 text (byte {exc.start})") from exc
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ManifestError(display, "", f"invalid YAML: {where}{problem}") from exc
+    except RecursionError as exc:
+        raise ManifestError(display, "", "invalid YAML: nested too deeply") from exc
+    if doc is None:
+        raise ManifestError(display, "", "empty manifest (expected a mapping with experiment, expert, grid)")
+    return validate_document(doc, display, known_kinds)
+
+
+def load_manifest(experiment: str, known_kinds: Collection[str] | None = None) -> Manifest:
+    """Load a manifest by path or shipped name; raises ``ManifestError`` on any problem."""
+    display, data = resolve_manifest_path(experiment)
+    return parse_manifest(data, display, known_kinds)

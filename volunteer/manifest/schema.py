@@ -1,0 +1,136 @@
+"""The experiment manifest as frozen dataclasses, plus the architecture fingerprint.
+
+A manifest describes one experiment that every volunteer of it must agree on: the expert
+architecture and hyper-parameters, the expert grid, the optimizer, the serving limits and
+how to reach the peer network. Local choices (device, how many experts) are settings, not
+manifest fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PUBLIC_CHOICES = ("auto", "yes", "no")
+
+
+@dataclass(frozen=True)
+class ExperimentInfo:
+    """Experiment identity: a slug name and a version string."""
+
+    name: str
+    version: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """Expert architecture: registry kind, width and extra constructor options."""
+
+    kind: str
+    hidden_dim: int
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The expert grid: uids are ``<prefix>.<i>.<j>...`` with ``0 <= i < dims[0]`` etc."""
+
+    prefix: str
+    dims: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        total = 1
+        for d in self.dims:
+            total *= d
+        return total
+
+    def uids(self) -> Iterator[str]:
+        """All uids of the grid in row-major order."""
+        for coords in itertools.product(*(range(d) for d in self.dims)):
+            yield self.prefix + "." + ".".join(str(c) for c in coords)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer hyper-parameters (mirrors ``volunteer.experts.backend.OptimizerSpec``)."""
+
+    name: str = "adam"
+    lr: float = 1e-3
+    clip_grad_norm: float | None = None
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Serving limits (mirrors ``volunteer.runtime.limits.ServingLimits``)."""
+
+    max_batch_size: int = 256
+    max_queue_size: int = 1024
+    max_header_bytes: int = 65536
+    max_tensors: int = 16
+    max_elements: int = 2**26
+    max_bytes: int = 256 * 2**20
+    activation_cache_size: int | None = None
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """How to join the peer network; validated here, consumed by ``volunteer.net``."""
+
+    bootstrap: tuple[str, ...] = ()
+    relays: tuple[str, ...] = ()
+    listen_port: int = 0
+    announce_addrs: tuple[str, ...] = ()
+    public: str = "auto"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated experiment manifest; ``source`` is where it was read from."""
+
+    experiment: ExperimentInfo
+    expert: ExpertSpec
+    grid: GridSpec
+    optimizer: OptimizerConfig
+    serving: ServingConfig
+    network: NetworkConfig
+    source: str = ""
+
+    def fingerprint(self) -> str:
+        """Hash of everything a checkpoint's tensors depend on.
+
+        Covers the experiment name, the expert architecture and the optimizer *kind* (its
+        state layout), not the learning rate or serving limits, which may change freely
+        between runs without invalidating trained weights.
+        """
+        payload = {
+            "experiment": self.experiment.name,
+            "kind": self.expert.kind,
+            "hidden_dim": self.expert.hidden_dim,
+            "options": dict(sorted(self.expert.options.items())),
+            "optimizer": self.optimizer.name,
+        }
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-serialisable description for the status snapshot and ``--json`` output."""
+        return {
+            "name": self.experiment.name,
+            "version": self.experiment.version,
+            "source": self.source,
+            "fingerprint": self.fingerprint(),
+            "expert": {
+                "kind": self.expert.kind,
+                "hidden_dim": self.expert.hidden_dim,
+                "options": dict(self.expert.options),
+            },
+            "grid": {"prefix": self.grid.prefix, "dims": list(self.grid.dims)},
+        }

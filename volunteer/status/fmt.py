@@ -1,0 +1,73 @@
+"""Formatting helpers shared by the plain and rich status views. Never raise on odd input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def bytes_(value: Any) -> str:
+    v = num(value)
+    if v is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(v) < 1024 or unit == "TiB":
+            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1024
+    return "n/a"
+
+
+def duration(value: Any) -> str:
+    v = num(value)
+    if v is None:
+        return "n/a"
+    s = int(v)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+def rate(value: Any) -> str:
+    v = num(value)
+    if v is None:
+        return "n/a"
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def pct(value: Any) -> str:
+    v = num(value)
+    return "n/a" if v is None else f"{v:.0f}%"
+
+
+def ms(value: Any) -> str:
+    v = num(value)
+    if v is None:
+        return "n/a"
+    return f"{v:.0f}ms" if v >= 10 else f"{v:.1f}ms"
+
+
+def used_of(used: Any, total: Any) -> str:
+    if num(used) is None:
+        return "n/a"
+    if num(total) is None:
+        return bytes_(used)
+    return f"{bytes_(used)} / {bytes_(total)}"
+
+
+def errors_text(errors: Any) -> str:
+    if not isinstance(errors, dict) or not errors:
+        return "0"
+    parts = [f"{code}={count}" for code, count in sorted(errors.items()) if num(count)]
+    return ", ".join(parts) if parts else "0"
+
+
+def section(snapshot: dict[str, Any], name: str) -> dict[str, Any]:
+    value = snapshot.get(name)
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,96 @@
+"""Plain-text status: stable lines for pipes, logs and terminals without colour."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from volunteer.status import fmt
+
+
+def flatten(value: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
+    """Flatten a nested network snapshot into ``(dotted key, text)`` rows (bounded depth)."""
+    if isinstance(value, dict) and depth < 4:
+        rows: list[tuple[str, str]] = []
+        for key in sorted(value, key=str):
+            rows += flatten(value[key], f"{prefix}.{key}" if prefix else str(key), depth + 1)
+        return rows
+    if isinstance(value, list):
+        text = ", ".join(str(v) for v in value[:8]) + (f" (+{len(value) - 8} more)" if len(value) > 8 else "")
+        return [(prefix, text or "none")]
+    return [(prefix, "n/a" if value is None else str(value))]
+
+
+def network_rows(snapshot: dict[str, Any]) -> list[tuple[str, str]]:
+    network = snapshot.get("network")
+    if not network:
+        return []
+    return flatten(network)
+
+
+def expert_rows(snapshot: dict[str, Any]) -> list[dict[str, str]]:
+    """One dict of display strings per hosted expert, sorted by uid."""
+    experts = fmt.section(snapshot, "experts")
+    rows = []
+    for uid in sorted(experts):
+        e = experts[uid] if isinstance(experts[uid], dict) else {}
+        lat = e.get("latency_ms") if isinstance(e.get("latency_ms"), dict) else {}
+        rows.append({
+            "uid": uid,
+            "req/s": fmt.rate(e.get("requests_per_s")),
+            "samples/s": fmt.rate(e.get("samples_per_s")),
+            "batch": fmt.rate(e.get("mean_batch_size")),
+            "queue": str(e.get("queue_depth", "n/a")),
+            "p50": fmt.ms(_total_latency(lat, "p50")),
+            "p99": fmt.ms(_total_latency(lat, "p99")),
+            "updates": str(e.get("updates_applied", "n/a")),
+            "errors": fmt.errors_text(e.get("errors")),
+        })
+    return rows
+
+
+def _total_latency(lat: dict[str, Any], q: str) -> float | None:
+    queue, compute = fmt.num(lat.get(f"queue_{q}")), fmt.num(lat.get(f"compute_{q}"))
+    if queue is None and compute is None:
+        return None
+    return (queue or 0.0) + (compute or 0.0)
+
+
+def render_plain(snapshot: dict[str, Any]) -> str:
+    node, exp = fmt.section(snapshot, "node"), fmt.section(snapshot, "experiment")
+    dev, system = fmt.section(snapshot, "device"), fmt.section(snapshot, "system")
+    health, ckpt = fmt.section(snapshot, "health"), fmt.section(snapshot, "checkpoints")
+    lines = [
+        f"node        {node.get('home', 'n/a')} (pid {node.get('pid', 'n/a')}, volunteer {node.get('version', 'n/a')})",
+        f"experiment  {exp.get('name', 'n/a')} v{exp.get('version', 'n/a')} ({exp.get('source', 'n/a')})",
+        f"state       {snapshot.get('state', 'n/a')}   uptime {fmt.duration(node.get('uptime_s'))}",
+        f"endpoint    {snapshot.get('endpoint') or 'n/a'}",
+        f"device      {dev.get('description') or dev.get('name', 'n/a')}   util {fmt.pct(dev.get('utilization_pct'))}"
+        f"   mem {fmt.used_of(dev.get('memory_used_bytes'), dev.get('memory_total_bytes'))}",
+        f"system      cpu {fmt.pct(system.get('cpu_pct'))} of {system.get('cpu_count', 'n/a')}   ram "
+        f"{fmt.used_of(system.get('ram_used_bytes'), system.get('ram_total_bytes'))}",
+        f"checkpoints every {fmt.duration(ckpt.get('interval_s'))}, last {_ago(ckpt.get('last_age_s'))}"
+        + (f", error: {ckpt['last_error']}" if ckpt.get("last_error") else ""),
+        f"health      {health.get('level', 'n/a')}" + (f": {health['why']}" if health.get("why") else ""),
+        "",
+    ]
+    rows = expert_rows(snapshot)
+    if rows:
+        cols = list(rows[0])
+        widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+        lines.append("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
+        for r in rows:
+            lines.append("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
+    else:
+        lines.append("experts     none hosted")
+    lines.append("")
+    net = network_rows(snapshot)
+    if net:
+        lines.append("network")
+        lines += [f"  {k}: {v}" for k, v in net]
+    else:
+        lines.append("network     not connected")
+    return "\n".join(lines)
+
+
+def _ago(age: Any) -> str:
+    return "never" if fmt.num(age) is None else fmt.duration(age) + " ago"
