@@ -1,4 +1,25 @@
 """Peer network (trio + py-libp2p): host and identity, bootstrap, Kademlia DHT expert
 registry with signed records, expert RPC over reused libp2p streams, and the bridge to the
 runtime. NAT traversal lives in ``volunteer.net.nat``.
+
+Files (one concept each):
+
+- ``host.py``: TCP + Noise + yamux host construction (set explicitly), the persistent
+  Ed25519 identity (``<home>/identity.key``, 0600), multiaddr helpers, log quieting.
+- ``node.py``: ``SwarmNode``: host + KadDHT + bootstrap with retry/backoff that re-runs
+  by itself when the node has lost every peer.
+- ``records.py``: signed registry entries (``ServerEntry``), DHT keys, merge rules (pure).
+- ``dht_store.py``: ``RegistryDHT`` (validator, merging value store, no trainers in the
+  routing table) and ``publish_value`` / ``lookup_value``.
+- ``dht_routing.py``: bounded iterative FIND_NODE over live DHT servers, cached per key.
+- ``dht_rpc.py``: FIND_NODE / GET_VALUE / PUT_VALUE on reused, bounded DHT streams.
+- ``registry.py``: ``ExpertRegistry``: announce uids (prefix index), children, servers.
+- ``stream_io.py``: expert-RPC message envelope (call id + ``volunteer.wire.framing``).
+- ``rpc_server.py``: ``RpcServer``: expert RPC streams -> the runtime's ``submit``.
+- ``rpc_client.py``: ``RpcClient`` (per-peer stream pools) and ``Libp2pTransport``.
+- ``trio_thread.py``: ``TrioThread``: a trio loop in a thread with a sync facade.
+- ``service.py``: ``NetworkService``: the daemon's facade (announce, heartbeat, drain,
+  snapshot), running ``SwarmNode`` + ``RpcServer`` + ``NatTraversal``.
+- ``client_node.py``: ``ClientNode``: the trainer's peer (DHT client, no experts).
+- ``dht_directory.py``: ``DhtDirectory``: the client ``ExpertDirectory`` over the DHT.
 """

@@ -1,0 +1,163 @@
+"""``DhtDirectory``: the CONTRACT ``ExpertDirectory`` over the DHT expert registry.
+
+- ``children(prefixes)``: one DHT lookup per prefix query (all concurrent), the union of
+  the next coordinates of *serving* servers.
+- ``resolve(uids)``: reads the value of each uid's parent prefix (the one beam search just
+  read for its last dimension, so usually a cache hit), keeps the serving servers that
+  host the uid, and picks the one with the lowest load (ties broken at random, so trainers
+  spread over equal servers). The transport is ZeroMQ to the server's direct endpoint when
+  its record says it is publicly reachable, falling back to libp2p by itself if ZeroMQ
+  cannot connect (``FallbackTransport``), else a ``Libp2pTransport`` (direct,
+  hole-punched or relayed: the node decides).
+- Lookups are cached for ``cache_ttl`` seconds (default 3 s) per prefix, so a beam search
+  and the dispatch right after it cost one round of lookups per dimension. Transports are
+  cached per server and reused.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from volunteer.net import records
+from volunteer.net.records import ServerEntry
+from volunteer.wire.errors import UnreachableError
+
+if TYPE_CHECKING:
+    from volunteer.net.client_node import ClientNode
+    from volunteer.wire.transport import Transport
+
+
+def best_server(entries: Sequence[ServerEntry], child: str,
+                rng: random.Random | None = None) -> ServerEntry | None:
+    """The serving entry hosting ``child`` with the lowest load (random among ties)."""
+    cands = [e for e in entries if e.state == "serving" and child in e.children]
+    if not cands:
+        return None
+    low = min(e.load for e in cands)
+    return (rng or random).choice([e for e in cands if e.load == low])
+
+
+class DhtDirectory:
+    """ExpertDirectory backed by a ``ClientNode`` (see module docstring)."""
+
+    def __init__(self, client: ClientNode, cache_ttl: float = 3.0, prefer_zmq: bool = True) -> None:
+        self.client = client
+        self.cache_ttl = cache_ttl
+        self.prefer_zmq = prefer_zmq
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, list[ServerEntry]]] = {}
+        self._transports: dict[tuple[str, str], Transport] = {}
+        self.lookups = 0
+
+    def _entries(self, prefixes: Sequence[str]) -> dict[str, list[ServerEntry]]:
+        now = time.monotonic()
+        out: dict[str, list[ServerEntry]] = {}
+        with self._lock:
+            for p in prefixes:
+                hit = self._cache.get(p)
+                if hit is not None and now - hit[0] < self.cache_ttl:
+                    out[p] = hit[1]
+        missing = [p for p in dict.fromkeys(prefixes) if p not in out]
+        if missing:
+            found = self.client.lookup(missing)
+            self.lookups += len(missing)
+            with self._lock:
+                for p in missing:
+                    self._cache[p] = (time.monotonic(), found.get(p, []))
+                    out[p] = found.get(p, [])
+        wall = time.time()
+        return {p: [e for e in es if e.alive(wall)] for p, es in out.items()}
+
+    def children(self, prefixes: Sequence[str]) -> dict[str, list[int]]:
+        found = self._entries(list(prefixes))
+        out: dict[str, list[int]] = {}
+        for p in prefixes:
+            coords = {int(c) for e in found[p] if e.state == "serving"
+                      for c in e.children if c.isdigit()}
+            out[p] = sorted(coords)
+        return out
+
+    def resolve(self, uids: Sequence[str]) -> dict[str, Transport]:
+        pairs = {}
+        for uid in uids:
+            try:
+                pairs[uid] = records.parent_pair(uid)
+            except ValueError:
+                continue
+        found = self._entries([p for p, _c in pairs.values()])
+        out: dict[str, Transport] = {}
+        for uid, (prefix, child) in pairs.items():
+            entry = best_server(found[prefix], child)
+            if entry is not None:
+                out[uid] = self.transport_for(entry)
+        return out
+
+    def transport_for(self, entry: ServerEntry) -> Transport:
+        use_zmq = bool(self.prefer_zmq and entry.zmq and entry.reachability == "public")
+        key = (entry.peer_id, entry.zmq if use_zmq else "libp2p")
+        with self._lock:
+            cached = self._transports.get(key)
+        if cached is not None:
+            return cached
+        transport: Any = self.client.transport(entry.peer_id, entry.addrs)
+        if use_zmq:
+            zmq = _zmq_transport(entry.zmq)  # type: ignore[arg-type]
+            if zmq is not None:
+                transport = FallbackTransport(zmq, transport)
+        with self._lock:
+            transport = self._transports.setdefault(key, transport)
+        return transport
+
+    def invalidate(self) -> None:
+        """Forget cached lookups (e.g. after a call to a resolved server failed)."""
+        with self._lock:
+            self._cache.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            transports, self._transports = list(self._transports.values()), {}
+        for t in transports:
+            try:
+                t.close()
+            except Exception:
+                pass
+
+
+class FallbackTransport:
+    """ZeroMQ first; if it cannot reach the server (``UnreachableError``: e.g. the ZeroMQ
+    port is firewalled although the libp2p port is public), libp2p from then on."""
+
+    def __init__(self, primary: Transport, fallback: Transport) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self.failed_over = False
+
+    def request(self, frames: Sequence[Any], timeout: float) -> list:
+        if not self.failed_over:
+            try:
+                return self.primary.request(frames, timeout)
+            except UnreachableError:
+                self.failed_over = True
+        return self.fallback.request(frames, timeout)
+
+    def close(self) -> None:
+        for t in (self.primary, self.fallback):
+            try:
+                t.close()
+            except Exception:
+                pass
+
+    def __repr__(self) -> str:
+        return f"FallbackTransport({self.primary!r} -> {self.fallback!r})"
+
+
+def _zmq_transport(endpoint: str) -> Any:
+    try:
+        from volunteer.client.zmq_transport import ZmqTransport
+    except ImportError:
+        return None
+    return ZmqTransport(endpoint)

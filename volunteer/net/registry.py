@@ -1,0 +1,147 @@
+"""Expert registry on the DHT: announce what this node serves, look up who serves what.
+
+``ExpertRegistry`` (trio, one per node and experiment) turns "I serve these uids, in this
+state, with this load, reachable here" into one signed entry per prefix query (see
+``records.index_pairs``) and publishes them concurrently; it reads prefix values back as
+verified ``ServerEntry`` lists. Prefixes that the node stopped serving are withdrawn by a
+last entry with no children that expires at once; readers ignore it.
+
+``children`` / ``servers`` are the two lookups a DMoE client needs; the caching, the
+choice of the best server and the transports live in ``dht_directory.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+from libp2p.crypto.keys import KeyPair
+from libp2p.kad_dht.kad_dht import KadDHT
+
+from volunteer.net import dht_store, records
+from volunteer.net.records import ServerEntry
+
+DEFAULT_TTL = 60.0
+
+
+@dataclass
+class AnnounceReport:
+    """How an announce went: per DHT key, how many DHT servers accepted the entry."""
+
+    stored: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> int:
+        return len(self.stored)
+
+    @property
+    def ok(self) -> bool:
+        return all(n > 0 for n in self.stored.values())
+
+
+def group_children(uids: Sequence[str]) -> dict[str, list[str]]:
+    """prefix query -> sorted distinct children, over all index pairs of ``uids``."""
+    out: dict[str, set[str]] = {}
+    for uid in uids:
+        for prefix, child in records.index_pairs(uid):
+            out.setdefault(prefix, set()).add(child)
+    return {p: sorted(c, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+            for p, c in out.items()}
+
+
+class ExpertRegistry:
+    """Announce and look up expert servers of one experiment over a KadDHT."""
+
+    def __init__(self, dht: KadDHT, key_pair: KeyPair, experiment: str,
+                 ttl: float = DEFAULT_TTL) -> None:
+        if not 0 < ttl <= records.MAX_TTL:
+            raise ValueError(f"ttl must be in (0, {records.MAX_TTL}]")
+        self.dht = dht
+        self.key_pair = key_pair
+        self.experiment = experiment
+        self.ttl = ttl
+        self.peer_id = dht.host.get_id().to_base58()
+        self._seq = 0
+        self._announced: set[str] = set()
+        self.records_announced = 0
+
+    def _next_seq(self) -> int:
+        self._seq = max(self._seq + 1, time.time_ns())
+        return self._seq
+
+    def make_entry(self, prefix: str, children: Sequence[str], *, state: str, load: float,
+                   addrs: Sequence[str], zmq: str | None, reachability: str,
+                   expires: float | None = None) -> bytes:
+        entry = ServerEntry(
+            experiment=self.experiment, prefix=prefix, peer_id=self.peer_id,
+            seq=self._next_seq(),
+            expires=time.time() + self.ttl if expires is None else expires,
+            children=tuple(children), state=state, load=float(load),
+            addrs=tuple(addrs)[: records.MAX_ADDRS], zmq=zmq, reachability=reachability,
+        )
+        return records.sign_entry(entry, self.key_pair.private_key)
+
+    async def announce(self, uids: Sequence[str], *, state: str = "serving", load: float = 0.0,
+                       addrs: Sequence[str] = (), zmq: str | None = None,
+                       reachability: str = "unknown",
+                       report: AnnounceReport | None = None) -> AnnounceReport:
+        """Publish (or refresh) this node's entries for ``uids``; withdraw dropped prefixes.
+
+        ``report`` (optional) is filled in place, so a caller that times the announce out
+        still sees which prefixes were stored (0 = not yet).
+        """
+        if state not in records.STATES:
+            raise ValueError(f"state must be one of {records.STATES}")
+        groups = group_children(uids)
+        jobs: list[tuple[str, bytes]] = []
+        for prefix, children in groups.items():
+            blob = self.make_entry(prefix, children, state=state, load=load, addrs=addrs,
+                                   zmq=zmq, reachability=reachability)
+            jobs.append((prefix, blob))
+        for prefix in sorted(self._announced - set(groups)):
+            # Withdrawal: no children, draining, expires in a second (readers drop it).
+            blob = self.make_entry(prefix, (), state="draining", load=load, addrs=addrs, zmq=zmq,
+                                   reachability=reachability, expires=time.time() + 1.0)
+            jobs.append((prefix, blob))
+        report = report if report is not None else AnnounceReport()
+        report.stored.update({prefix: 0 for prefix, _blob in jobs})
+
+        async def publish(prefix: str, blob: bytes) -> None:
+            key = records.dht_key(self.experiment, prefix)
+            report.stored[prefix] = await dht_store.publish_value(
+                self.dht, key, records.encode_value([blob]))
+
+        async with trio.open_nursery() as nursery:
+            for prefix, blob in jobs:
+                nursery.start_soon(publish, prefix, blob)
+        self._announced = set(groups)
+        self.records_announced += len(jobs)
+        return report
+
+    async def lookup(self, prefix: str) -> list[ServerEntry]:
+        """Live verified entries under a prefix query (withdrawals and expired ones dropped)."""
+        key = records.dht_key(self.experiment, prefix)
+        found = await dht_store.lookup_value(self.dht, key)
+        return [e for e, _b in found.values() if e.children and e.prefix == prefix]
+
+    async def children(self, prefixes: Sequence[str]) -> dict[str, list[int]]:
+        """For each prefix query, the integer next coordinates with a serving expert."""
+        out: dict[str, list[int]] = {}
+
+        async def one(prefix: str) -> None:
+            entries = await self.lookup(prefix)
+            coords = {int(c) for e in entries if e.state == "serving"
+                      for c in e.children if c.isdigit()}
+            out[prefix] = sorted(coords)
+
+        async with trio.open_nursery() as nursery:
+            for p in dict.fromkeys(prefixes):
+                nursery.start_soon(one, p)
+        return out
+
+    async def servers(self, uid: str) -> list[ServerEntry]:
+        """All live entries (serving or draining) of servers that host ``uid``."""
+        prefix, child = records.parent_pair(uid)
+        return [e for e in await self.lookup(prefix) if child in e.children]

@@ -1,0 +1,237 @@
+"""Expert RPC client over libp2p streams: ``RpcClient`` (trio) and ``Libp2pTransport`` (sync).
+
+``RpcClient`` keeps, per peer, a small pool of long-lived streams (``max_streams``, default
+2). Each stream carries many requests at once: a request gets a call id, is written under
+the stream's write lock, and a reader task hands each reply to the waiting caller by call
+id (replies may come back in any order). A call picks the stream with the fewest requests
+in flight and opens another one while every stream is busy and the pool is not full.
+Reusing streams matters: a new stream costs a multistream negotiation round trip, a new
+connection >= 250 ms.
+
+Failures are typed: no connection or the stream broke -> ``UnreachableError``, no reply in
+time -> ``RemoteTimeoutError``; a timed-out caller leaves the stream usable (its late reply
+is dropped), while an interrupted write resets that stream (its framing is lost).
+
+``Libp2pTransport(client_thread, rpc, peer_id, addrs)`` is the CONTRACT ``Transport``:
+thread-safe ``request(frames, timeout)`` that runs the call in the node's trio thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+
+from volunteer.net.stream_io import (
+    PROTOCOL_ID,
+    BufferedStreamReader,
+    encode_message,
+    read_body,
+    read_call_id,
+)
+from volunteer.net.trio_thread import TrioThread, TrioThreadError
+from volunteer.wire.errors import RemoteError, RemoteTimeoutError, UnreachableError
+from volunteer.wire.limits import WireLimits
+
+log = logging.getLogger(__name__)
+
+# Bounds on replies (from a server we chose; larger than request limits: backward replies
+# carry one gradient per input).
+REPLY_LIMITS = WireLimits(max_header_bytes=1 << 20, max_tensors=64, max_elements=2**31,
+                          max_bytes=512 * 2**20)
+
+Frame = bytes | memoryview
+# connector(peer_id, addrs): make sure a connection to the peer exists (raise if it cannot)
+Connector = Callable[[ID, list[str]], Awaitable[None]]
+
+
+@dataclass
+class _Pending:
+    done: trio.Event = field(default_factory=trio.Event)
+    frames: list[bytes] | None = None
+    error: RemoteError | None = None
+
+
+class _Channel:
+    """One stream with its in-flight calls."""
+
+    def __init__(self, stream: INetStream) -> None:
+        self.stream = stream
+        self.pending: dict[int, _Pending] = {}
+        self.write_lock = trio.Lock()
+        self.broken = False
+
+    def fail_all(self, why: str) -> None:
+        self.broken = True
+        for p in self.pending.values():
+            if not p.done.is_set():
+                p.error = UnreachableError(why)
+                p.done.set()
+
+
+@dataclass
+class RpcClientStats:
+    calls: int = 0
+    streams_opened: int = 0
+    timeouts: int = 0
+    unreachable: int = 0
+
+
+class RpcClient:
+    """Per-peer stream pools with call-id multiplexing (trio side; see module docstring)."""
+
+    def __init__(self, host: IHost, nursery: trio.Nursery, limits: WireLimits = REPLY_LIMITS,
+                 max_streams: int = 2, connect_timeout: float = 10.0,
+                 connector: Connector | None = None) -> None:
+        self.host = host
+        self.connector = connector
+        self.nursery = nursery
+        self.limits = limits
+        self.max_streams = max_streams
+        self.connect_timeout = connect_timeout
+        self.stats = RpcClientStats()
+        self._pools: dict[ID, list[_Channel]] = {}
+        self._open_locks: dict[ID, trio.Lock] = {}
+        self._ids = itertools.count(1)
+
+    async def call(self, peer_id: ID, addrs: Sequence[str], frames: Sequence[Frame],
+                   timeout: float) -> list[bytes]:
+        """Send one request to ``peer_id``; return the reply frames."""
+        self.stats.calls += 1
+        call_id = next(self._ids)
+        data = encode_message(call_id, frames)
+        try:
+            with trio.fail_after(timeout):
+                chan = await self._pick(peer_id, addrs)
+                slot = _Pending()
+                chan.pending[call_id] = slot
+                try:
+                    await self._write(chan, data)
+                    await slot.done.wait()
+                finally:
+                    chan.pending.pop(call_id, None)
+        except trio.TooSlowError:
+            self.stats.timeouts += 1
+            raise RemoteTimeoutError(f"no reply from {peer_id} within {timeout:.1f} s") from None
+        except UnreachableError:
+            self.stats.unreachable += 1
+            raise
+        if slot.error is not None:
+            self.stats.unreachable += 1
+            raise slot.error
+        return slot.frames  # type: ignore[return-value]
+
+    async def _write(self, chan: _Channel, data: bytes) -> None:
+        async with chan.write_lock:
+            if chan.broken:
+                raise UnreachableError("stream closed")
+            ok = False
+            try:
+                await chan.stream.write(data)
+                ok = True
+            except Exception as e:
+                raise UnreachableError(f"stream write failed: {type(e).__name__}") from None
+            finally:
+                if not ok:  # error or cancelled mid-write: the stream's framing is lost
+                    chan.fail_all("stream reset after an interrupted write")
+                    with trio.CancelScope(shield=True):
+                        await _reset(chan.stream)
+
+    async def _pick(self, peer_id: ID, addrs: Sequence[str]) -> _Channel:
+        pool = self._pools.setdefault(peer_id, [])
+        pool[:] = [c for c in pool if not c.broken]
+        best = min(pool, key=lambda c: len(c.pending), default=None)
+        if best is not None and (not best.pending or len(pool) >= self.max_streams):
+            return best
+        lock = self._open_locks.setdefault(peer_id, trio.Lock())
+        async with lock:
+            pool[:] = [c for c in pool if not c.broken]
+            if len(pool) >= self.max_streams or (pool and any(not c.pending for c in pool)):
+                return min(pool, key=lambda c: len(c.pending))
+            chan = _Channel(await self._open_stream(peer_id, addrs))
+            pool.append(chan)
+            self.stats.streams_opened += 1
+            self.nursery.start_soon(self._read_replies, peer_id, chan)
+            return chan
+
+    async def _open_stream(self, peer_id: ID, addrs: Sequence[str]) -> INetStream:
+        try:
+            with trio.fail_after(self.connect_timeout):
+                if peer_id not in self.host.get_connected_peers():
+                    if self.connector is not None:  # e.g. NatTraversal: direct, else relayed
+                        await self.connector(peer_id, list(addrs))
+                    else:
+                        maddrs = [multiaddr.Multiaddr(a.split("/p2p/")[0]
+                                                      if a.count("/p2p/") == 1 else a)
+                                  for a in addrs]
+                        await self.host.connect(PeerInfo(peer_id, maddrs))
+                return await self.host.new_stream(peer_id, [TProtocol(PROTOCOL_ID)])
+        except trio.TooSlowError:
+            raise UnreachableError(f"could not open a stream to {peer_id} in time") from None
+        except Exception as e:
+            raise UnreachableError(f"could not reach {peer_id}: {type(e).__name__}: {e}") from None
+
+    async def _read_replies(self, peer_id: ID, chan: _Channel) -> None:
+        reader = BufferedStreamReader(chan.stream)
+        why = "stream closed"
+        try:
+            while True:
+                call_id = await read_call_id(reader)
+                frames = await read_body(reader, self.limits)
+                slot = chan.pending.get(call_id)
+                if slot is not None and not slot.done.is_set():
+                    slot.frames = frames
+                    slot.done.set()
+        except Exception as e:  # EOF, reset, oversize or garbage reply: drop the stream
+            why = f"stream to {peer_id} closed: {type(e).__name__}"
+        finally:
+            chan.fail_all(why)
+            with trio.CancelScope(shield=True):
+                await _reset(chan.stream)
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            for chan in pool:
+                chan.fail_all("client closed")
+                await _reset(chan.stream)
+        self._pools.clear()
+
+
+async def _reset(stream: INetStream) -> None:
+    try:
+        with trio.move_on_after(1.0):
+            await stream.reset()
+    except Exception:
+        pass
+
+
+class Libp2pTransport:
+    """CONTRACT ``Transport`` over libp2p streams (thread-safe; see module docstring)."""
+
+    def __init__(self, thread: TrioThread, rpc: RpcClient, peer_id: str | ID,
+                 addrs: Sequence[str] = ()) -> None:
+        self._thread = thread
+        self._rpc = rpc
+        self.peer_id = peer_id if isinstance(peer_id, ID) else ID.from_base58(peer_id)
+        self.addrs = list(addrs)
+
+    def request(self, frames: Sequence[Frame], timeout: float) -> list[Frame]:
+        try:
+            return self._thread.call(self._rpc.call, self.peer_id, self.addrs, list(frames),
+                                     float(timeout))
+        except TrioThreadError as e:
+            raise UnreachableError(f"libp2p node is not running: {e}") from None
+
+    def close(self) -> None:
+        """Streams are shared per peer and owned by the node; nothing to release here."""
+
+    def __repr__(self) -> str:
+        return f"Libp2pTransport({self.peer_id.to_base58()[:16]}…)"

@@ -1,0 +1,248 @@
+"""NetworkService: the volunteer daemon's peer-network facade (trio + libp2p in a thread).
+
+    svc = NetworkService(home, "demo", manifest.network, submit=runtime.submit,
+                         zmq_endpoint="tcp://203.0.113.5:5555")
+    svc.start()                         # listening, bootstrapped (or a new swarm), NAT ready
+    svc.announce(uids, "serving", load) # published before it returns; heartbeats follow
+    svc.set_draining()                  # re-announced as draining before it returns
+    svc.stop()                          # withdraws the records (best effort), stops
+
+Inside the thread: ``SwarmNode`` (host with the persistent identity from
+``<home>/identity/``, KadDHT server, self-healing bootstrap), ``RpcServer`` (expert RPC
+over streams into ``submit``), ``NatTraversal`` from ``volunteer.net.nat`` (reachability
+by dial-back, relay reservations, hole punching), and a heartbeat that re-announces every
+``ttl / 3`` seconds. Records carry the direct ZeroMQ endpoint and the reachability, so
+trainers use ZeroMQ for publicly reachable nodes and libp2p (direct, hole-punched or
+relayed) for the others.
+
+A manifest without bootstrap peers starts a new swarm; ``multiaddrs`` are the addresses
+other volunteers put in their manifest's ``network.bootstrap``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from volunteer.net.host import default_listen_host, load_or_create_identity, peer_id_of
+from volunteer.net.node import NodeConfig, SwarmNode
+from volunteer.net.registry import DEFAULT_TTL, AnnounceReport, ExpertRegistry
+from volunteer.net.rpc_server import RpcServer
+from volunteer.net.trio_thread import TrioThread
+from volunteer.wire.limits import DEFAULT_LIMITS, WireLimits
+
+log = logging.getLogger(__name__)
+
+ANNOUNCE_TIMEOUT = 20.0
+
+
+class NetworkService:
+    """Sync facade over the node's trio thread (see module docstring)."""
+
+    def __init__(self, home: Path, experiment: str, network: Any = None,
+                 submit: Callable[[list, Callable[[list], None]], None] | None = None,
+                 zmq_endpoint: str | None = None, *, listen_host: str | None = None,
+                 ttl: float = DEFAULT_TTL, heartbeat_interval: float | None = None,
+                 limits: WireLimits = DEFAULT_LIMITS, enable_nat: bool = True) -> None:
+        self.home = Path(home)
+        self.experiment = experiment
+        self.network = network
+        self.submit = submit
+        self.zmq_endpoint = zmq_endpoint
+        self.ttl = ttl
+        self.heartbeat_interval = heartbeat_interval or ttl / 3
+        self.limits = limits
+        self.enable_nat = enable_nat
+        host = listen_host or default_listen_host()
+        port = int(getattr(network, "listen_port", 0) or 0)
+        self.bootstrap = tuple(getattr(network, "bootstrap", ()) or ())
+        self.relays = list(getattr(network, "relays", ()) or ())
+        self.public = str(getattr(network, "public", "auto") or "auto")
+        self.key_pair = load_or_create_identity(self.home / "identity")
+        self._peer_id = peer_id_of(self.key_pair).to_base58()
+        self.node_config = NodeConfig(
+            listen_addrs=(f"/ip4/{host}/tcp/{port}",),
+            announce_addrs=tuple(getattr(network, "announce_addrs", ()) or ()),
+            bootstrap=self.bootstrap,
+        )
+        self.node: SwarmNode | None = None
+        self.registry: ExpertRegistry | None = None
+        self.rpc: RpcServer | None = None
+        self.nat: Any = None
+        self._thread = TrioThread(name="volunteer-net")
+        self._uids: list[str] = []
+        self._state = "serving"
+        self._load = 0.0
+        self._announce_lock: trio.Lock | None = None
+        self.last_announce: AnnounceReport | None = None
+        self.heartbeats = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, timeout: float = 90.0) -> NetworkService:
+        """Start the node; returns once it listens and the first bootstrap round is done."""
+        self._thread.start(self._main, timeout=timeout)
+        return self
+
+    async def _main(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        self.node = SwarmNode(self.key_pair, self.node_config)
+        self.registry = ExpertRegistry(self.node.dht, self.key_pair, self.experiment, ttl=self.ttl)
+        self._announce_lock = trio.Lock()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.node.run)
+            if self.submit is not None:
+                self.rpc = RpcServer(self.node.host, self.submit, self.limits)
+                self.rpc.install()
+            if self.enable_nat:
+                self.nat = _make_nat(self.node, self.relays, self.bootstrap, self.public)
+                if self.nat is not None:
+                    await nursery.start(self.nat.run)
+            nursery.start_soon(self._heartbeat)
+            task_status.started(self)
+
+    def stop(self, withdraw_timeout: float = 3.0) -> None:
+        """Withdraw this node's records (best effort, bounded) and stop the thread."""
+        if self._thread.running and self._uids:
+            try:
+                self._thread.call(self._withdraw, withdraw_timeout)
+            except Exception as e:
+                log.debug("withdraw on stop failed: %r", e)
+        self._thread.stop()
+
+    # ------------------------------------------------------------------ announce
+    @property
+    def peer_id(self) -> str:
+        return self._peer_id
+
+    @property
+    def multiaddrs(self) -> list[str]:
+        return self.node.multiaddrs() if self.node is not None else []
+
+    @property
+    def reachability(self) -> str:
+        if self.public == "yes":
+            return "public"
+        if self.public == "no":
+            return "private"
+        return getattr(self.nat, "reachability", "unknown") if self.nat is not None else "unknown"
+
+    def announce(self, uids: Sequence[str], state: str = "serving", load: float = 0.0) -> AnnounceReport:
+        """Publish the hosted uids now (returns when stored) and keep them alive."""
+        self._uids = list(uids)
+        self._state = state
+        self._load = float(load)
+        return self._thread.call(self._announce_now)
+
+    def set_load(self, load: float) -> None:
+        """Update the load carried by the next heartbeat (no network round trip)."""
+        self._load = float(load)
+
+    def set_draining(self) -> AnnounceReport | None:
+        """Mark every hosted expert draining and re-announce at once."""
+        self._state = "draining"
+        if not self._uids or not self._thread.running:
+            return None
+        return self._thread.call(self._announce_now)
+
+    async def _announce_now(self) -> AnnounceReport:
+        assert self.registry is not None and self.node is not None and self._announce_lock
+        report = AnnounceReport()
+        async with self._announce_lock:
+            with trio.move_on_after(ANNOUNCE_TIMEOUT):
+                await self.registry.announce(
+                    self._uids, state=self._state, load=self._load, addrs=self._addrs(),
+                    zmq=self.zmq_endpoint, reachability=self.reachability, report=report)
+        self.last_announce = report
+        return report
+
+    def _addrs(self) -> list[str]:
+        assert self.node is not None
+        addrs = self.node.multiaddrs()
+        relay = list(getattr(self.nat, "relay_addrs", []) or [])
+        # Loopback addresses last: useful only on this machine.
+        direct = sorted(addrs, key=lambda a: a.startswith("/ip4/127."))
+        return (direct + relay)[:16]
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_interval)
+            if self._uids:
+                try:
+                    await self._announce_now()
+                    self.heartbeats += 1
+                except Exception as e:
+                    log.warning("heartbeat announce failed: %r", e)
+
+    async def _withdraw(self, timeout: float) -> None:
+        assert self.registry is not None
+        with trio.move_on_after(timeout):
+            await self.registry.announce([], state="draining", load=self._load)
+
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self) -> dict:
+        """JSON-serialisable view for the dashboard's network section."""
+        node = self.node
+        nat_snap: dict = {}
+        if self.nat is not None:
+            try:
+                nat_snap = self.nat.snapshot()
+            except Exception as e:
+                nat_snap = {"error": f"{type(e).__name__}: {e}"}
+        peers = nat_snap.get("connections") or _count_connections(node)
+        boot = node.bootstrap_state if node is not None else None
+        last = self.last_announce
+        return {
+            "peer_id": self.peer_id,
+            "addrs": self.multiaddrs,
+            "experiment": self.experiment,
+            "reachability": self.reachability,
+            "relay": nat_snap.get("relay"),
+            "relay_addrs": nat_snap.get("relay_addrs", []),
+            "peers": {k: int(peers.get(k, 0)) for k in ("direct", "relayed", "hole_punched")},
+            "connected_peers": len(node.host.get_connected_peers()) if node is not None else 0,
+            "routing_table": node.dht.get_routing_table_size() if node is not None else 0,
+            "bootstrap": {"peers": len(self.bootstrap), "attempts": boot.attempts if boot else 0,
+                          "successes": boot.successes if boot else 0,
+                          "last_error": boot.last_error if boot else None},
+            "new_swarm": not self.bootstrap,
+            "records_announced": self.registry.records_announced if self.registry else 0,
+            "announced_uids": len(self._uids),
+            "state": self._state,
+            "last_announce_ok": last.ok if last is not None else None,
+            "heartbeats": self.heartbeats,
+            "zmq_endpoint": self.zmq_endpoint,
+            "rpc": self.rpc.stats.as_dict() if self.rpc is not None else None,
+            "nat": {k: v for k, v in nat_snap.items() if k not in ("connections",)},
+        }
+
+
+def _make_nat(node: SwarmNode, relays: list[str], bootstrap: Sequence[str], public: str) -> Any:
+    """The NAT engineer's NatTraversal, run as a trio service (None if unavailable)."""
+    try:
+        from volunteer.net.nat.traversal import NatTraversal
+    except ImportError:
+        return None
+    return NatTraversal(node.host, relays, allow_hop=public != "no", bootstrap=list(bootstrap),
+                        assume_public=public == "yes")
+
+
+def _count_connections(node: SwarmNode | None) -> dict[str, int]:
+    counts = {"direct": 0, "relayed": 0, "hole_punched": 0}
+    if node is None:
+        return counts
+    for conns in node.host.get_network().connections.values():
+        for conn in conns if isinstance(conns, list) else [conns]:
+            relayed = any("/p2p-circuit" in str(a) for a in _addrs_of(conn))
+            counts["relayed" if relayed else "direct"] += 1
+    return counts
+
+
+def _addrs_of(conn: Any) -> list:
+    getter = getattr(getattr(conn, "muxed_conn", None), "get_transport_addresses", None)
+    try:
+        return list(getter()) if callable(getter) else []
+    except Exception:
+        return []
