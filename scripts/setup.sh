@@ -44,7 +44,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   say "installing $TORCH_SPEC"
   "${PIP[@]}" install "$TORCH_SPEC" 2>&1 | grep -v "is ignored" || true
-  "$VENV/bin/python" -c "import torch" || { say "torch failed to install"; exit 1; }
+  "$VENV/bin/python" -W ignore -c "import torch" 2>/dev/null || { say "torch failed to install"; exit 1; }
 fi
 stamp="$VENV/.volunteer-$EXTRAS-$(cat "$ROOT/pyproject.toml" | cksum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ]; then

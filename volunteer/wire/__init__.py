@@ -1,7 +1,14 @@
 """Wire protocol shared by clients and servers: msgpack header + one raw frame per tensor.
 
-Files (see each module docstring): protocol version and ops, header encode/decode with hard
-limits, tensor <-> frame conversion (float32/float16/bfloat16, optional fp16 compression),
-typed error codes and exceptions, the ``Transport`` protocol clients call through, and
-length-prefixed framing for byte streams (libp2p).
+Files:
+
+- ``errors.py``: ``RemoteError`` and its typed subclasses (fixed codes), ``error_from_code``.
+- ``limits.py``: ``WireLimits`` (header bytes, tensors, elements, bytes), checked before allocating.
+- ``tensors.py``: tensor <-> frame (float32/float16/bfloat16, optional fp16 compression, zero-copy).
+- ``messages.py``: protocol version, request/reply encode/decode with validation.
+- ``ops.py``: the ``info`` op (which experts a server hosts).
+- ``framing.py``: length-prefixed frame lists for byte streams (libp2p).
+- ``transport.py``: the ``Transport`` protocol clients call through.
+
+No pickle anywhere: headers are msgpack, tensors are raw little-endian buffers.
 """

@@ -1,0 +1,140 @@
+"""``RemoteExpert``: a ``torch.nn.Module`` whose forward and backward run on a server.
+
+``forward(*inputs)`` sends a forward request (flagged "will backward" when autograd is
+recording, so the server may keep the activations) and returns the output; autograd's
+backward sends the output gradient and the forward's request id and returns the input
+gradients; the server applies its optimizer step. When the forward's reply said the server
+cached the activations, the backward omits the inputs (half the upload); if the server
+lost them meanwhile ("cache_miss"), it is sent again with the inputs. A zero-size dummy parameter
+makes sure backward reaches the server even when no input requires grad (the expert
+still learns). Server errors are raised as the typed ``volunteer.wire.errors`` exceptions.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import torch
+from torch import nn
+
+from volunteer.client.zmq_transport import ZmqTransport
+from volunteer.wire.errors import CacheMissError
+from volunteer.wire.limits import WireLimits
+from volunteer.wire.messages import Reply, decode_reply, encode_request
+from volunteer.wire.transport import Transport
+
+CLIENT_LIMITS = WireLimits(
+    max_header_bytes=1 << 20, max_tensors=64, max_elements=2**31, max_bytes=2**33
+)
+
+
+_ids = random.Random(int.from_bytes(os.urandom(16), "little"))
+# a forked child must not repeat its parent's ids
+os.register_at_fork(after_in_child=lambda: _ids.seed(int.from_bytes(os.urandom(16), "little")))
+
+
+def new_request_id() -> int:
+    """A random 64-bit request id (collisions across clients are negligible)."""
+    return _ids.getrandbits(64)
+
+
+class RemoteExpert(nn.Module):
+    """Proxy of expert ``uid`` served at ``endpoint`` (``tcp://host:port`` or a Transport)."""
+
+    def __init__(
+        self,
+        uid: str,
+        endpoint: str | Transport,
+        timeout: float = 30.0,
+        compression: str | None = None,
+    ) -> None:
+        super().__init__()
+        if compression not in (None, "fp16"):
+            raise ValueError(f"unknown compression {compression!r}; use None or 'fp16'")
+        self.uid = uid
+        self._owns_transport = isinstance(endpoint, str)
+        self.transport: Transport = (
+            ZmqTransport(endpoint) if isinstance(endpoint, str) else endpoint
+        )
+        self.timeout = timeout
+        self.compression = compression
+        self._dummy = nn.Parameter(torch.empty(0), requires_grad=True)
+
+    def close(self) -> None:
+        """Close the transport if this expert created it (a passed-in one is the caller's)."""
+        if self._owns_transport:
+            self.transport.close()
+
+    def extra_repr(self) -> str:
+        return f"uid={self.uid!r}, transport={self.transport!r}"
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        will_backward = torch.is_grad_enabled()
+        return _RemoteCall.apply(self._dummy, self, will_backward, *inputs)
+
+    def call(self, op: str, tensors: list[torch.Tensor], **fields: Any) -> list[torch.Tensor]:
+        """One request/reply round trip; returns the reply tensors or raises a typed error."""
+        return self.call_reply(op, tensors, **fields).tensors
+
+    def call_reply(self, op: str, tensors: list[torch.Tensor], **fields: Any) -> Reply:
+        """Like :meth:`call`, returning the whole decoded reply."""
+        request_id = fields.pop("request_id", None) or new_request_id()
+        frames = encode_request(
+            op,
+            self.uid,
+            tensors,
+            request_id=request_id,
+            timeout=self.timeout,
+            compression=self.compression,
+            **fields,
+        )
+        reply = self.transport.request(frames, self.timeout)
+        return decode_reply(reply, CLIENT_LIMITS)
+
+
+class _RemoteCall(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        dummy: torch.Tensor,
+        expert: RemoteExpert,
+        will_backward: bool,
+        *inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        fid = new_request_id()
+        cpu_inputs = [x.detach().cpu() for x in inputs]
+        reply = expert.call_reply(
+            "forward", cpu_inputs, request_id=fid, will_backward=will_backward
+        )
+        if len(reply.tensors) != 1:
+            raise RuntimeError(f"server returned {len(reply.tensors)} outputs, expected 1")
+        out = reply.tensors[0]
+        ctx.expert, ctx.fid, ctx.cached = expert, fid, reply.cached
+        ctx.devices = [(x.device, x.dtype) for x in inputs]
+        ctx.save_for_backward(*cpu_inputs)
+        return out.to(inputs[0].device) if inputs else out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+        inputs = ctx.saved_tensors
+        grad = grad_output.detach().cpu().contiguous()
+        grads = None
+        if ctx.cached:
+            try:
+                grads = ctx.expert.call(
+                    "backward", [grad], forward_id=ctx.fid, inputs_included=False
+                )
+            except CacheMissError:
+                grads = None
+        if grads is None:
+            grads = ctx.expert.call("backward", [*inputs, grad], forward_id=ctx.fid)
+        if len(grads) != len(inputs):
+            raise RuntimeError(f"server returned {len(grads)} gradients for {len(inputs)} inputs")
+        return (
+            None,
+            None,
+            None,
+            *(g.to(device=d, dtype=t) for g, (d, t) in zip(grads, ctx.devices, strict=True)),
+        )

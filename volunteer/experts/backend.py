@@ -1,0 +1,197 @@
+"""``ExpertBackend``: one hosted expert = module + optimizer + count of updates applied.
+
+The runtime calls three primitives, all on the backend's device:
+
+- ``forward(inputs)``: inference under ``no_grad`` (answers a forward nobody will backward).
+- ``forward_graph(inputs)``: forward that records an autograd graph which can be kept in the
+  activation cache and differentiated later (``ForwardGraph``).
+- ``gradients(graph, grad_outputs)`` then ``apply_gradients(param_grads)``: input gradients
+  for the caller and one optimizer step per backward batch.
+
+Cached graphs and optimizer steps: the optimizer updates *aliases* of the parameters
+(``p.data``: same storage, separate autograd version counter), so an optimizer step taken
+between a forward and its backward does not invalidate the cached graph (autograd would
+otherwise refuse: "modified by an inplace operation"), and the forward runs the plain
+module (no re-parametrisation cost). The backward then mixes activations computed with the
+weights at forward time with the current weights (the staleness of the steps taken in
+between); asynchronous DMoE training tolerates this, just as it tolerates the gradient of a
+recomputed forward arriving after other updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from volunteer.experts.registry import build_expert
+from volunteer.wire.tensors import dtype_name
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Which optimizer each hosted expert uses, and how."""
+
+    name: str = "adam"
+    lr: float = 1e-3
+    clip_grad_norm: float | None = None
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.name!r}; use one of {', '.join(OPTIMIZERS)}")
+        if not self.lr >= 0:
+            raise ValueError(f"optimizer lr must be >= 0, got {self.lr}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError("clip_grad_norm must be positive or None")
+
+    def build(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
+        """The torch optimizer over ``params`` (None when there is nothing to train)."""
+        if not params:
+            return None
+        if self.name == "sgd":
+            return torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
+        try:  # fused Adam: ~10x faster than the default foreach one on CPU (8M params: 11 vs 127 ms)
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass
+class ForwardGraph:
+    """A recorded forward: leaf inputs, parameter aliases and the outputs built from them."""
+
+    inputs: list[torch.Tensor]
+    params: list[torch.Tensor]
+    output: torch.Tensor
+    nbytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class ExpertBackend:
+    """Module + optimizer + ``updates_applied`` for one expert uid."""
+
+    def __init__(
+        self,
+        uid: str,
+        kind: str,
+        hidden_dim: int,
+        optimizer: OptimizerSpec | None = None,
+        device: str = "cpu",
+        **expert_options: object,
+    ) -> None:
+        self.uid = uid
+        self.kind = kind
+        self.hidden_dim = hidden_dim
+        self.device = torch.device(device)
+        self.optimizer_spec = optimizer or OptimizerSpec()
+        self.module = build_expert(kind, hidden_dim, **expert_options).to(self.device)
+        self.module.eval()  # no dropout / batch statistics: forward is deterministic
+        self.input_shapes: list[tuple[int, ...]] = [tuple(s) for s in self.module.input_shapes]
+        self.dtype = torch.float32
+        self._params = [p for p in self.module.parameters() if p.requires_grad]
+        # the optimizer steps aliases (see module docstring); same storage as the module's weights
+        self._opt_params = [p.data for p in self._params]
+        self.optimizer = self.optimizer_spec.build(self._opt_params)
+        self.updates_applied = 0
+        self.output_shape, self.activation_bytes_per_sample = self._calibrate()
+
+    def _calibrate(self) -> tuple[tuple[int, ...], int]:
+        """Per-sample output shape and bytes of saved activations (tiny dry run, batch 2)."""
+        sample = [
+            torch.zeros((2, *s), dtype=self.dtype, device=self.device) for s in self.input_shapes
+        ]
+        saved: dict[int, int] = {}
+        param_ptrs = {p.data_ptr() for p in self._params}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.data_ptr() not in param_ptrs:
+                saved[id(t)] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            graph = self.forward_graph(sample)
+        out_shape = tuple(graph.output.shape[1:])
+        per_sample = (sum(saved.values()) + sum(x.numel() * x.element_size() for x in sample)) // 2
+        self.gradients(
+            graph, torch.zeros_like(graph.output)
+        )  # also warms autograd's lazy imports (~0.6 s)
+        return out_shape, max(per_sample, 1)
+
+    # -- compute primitives (called by the runtime's executor thread only) --
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Inference forward without an autograd graph."""
+        with torch.no_grad():
+            return self.module(*inputs)
+
+    def forward_graph(self, inputs: Sequence[torch.Tensor]) -> ForwardGraph:
+        """Forward that records an autograd graph, to be differentiated by :meth:`gradients`."""
+        leaves = [x.detach().requires_grad_(True) for x in inputs]
+        with torch.enable_grad():
+            out = self.module(*leaves)
+        return ForwardGraph(inputs=leaves, params=self._params, output=out)
+
+    def gradients(
+        self, graph: ForwardGraph, grad_output: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """(input grads, parameter grads) of ``graph`` for ``grad_output``; frees the graph."""
+        wrt = [*graph.inputs, *graph.params]
+        if not graph.output.requires_grad:  # e.g. nothing differentiable: zero grads
+            return [torch.zeros_like(x) for x in graph.inputs], [None] * len(graph.params)
+        grads = torch.autograd.grad(graph.output, wrt, grad_output, allow_unused=True)
+        n = len(graph.inputs)
+        in_grads = [
+            g if g is not None else torch.zeros_like(x)
+            for g, x in zip(grads[:n], graph.inputs, strict=True)
+        ]
+        return in_grads, list(grads[n:])
+
+    def apply_gradients(self, param_grads: Sequence[Sequence[torch.Tensor | None]]) -> None:
+        """Sum the parameter gradients of one backward batch and take one optimizer step."""
+        if self.optimizer is not None:
+            for i, p in enumerate(self._opt_params):
+                total = None
+                for grads in param_grads:
+                    g = grads[i]
+                    if g is not None:
+                        total = g if total is None else total + g
+                p.grad = total
+            if self.optimizer_spec.clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(self._opt_params, self.optimizer_spec.clip_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.updates_applied += 1
+
+    # -- description and persistence --
+
+    def info(self, state: str) -> dict:
+        """The entry of this expert in an ``info`` reply."""
+        return {
+            "kind": self.kind,
+            "input_shapes": [list(s) for s in self.input_shapes],
+            "dtype": dtype_name(self.dtype),
+            "state": state,
+        }
+
+    def state_dict(self) -> dict:
+        """Module weights, optimizer state and update count (torch tensors, for torch.save)."""
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "updates_applied": self.updates_applied,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` produced."""
+        self.module.load_state_dict(state["module"])
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.updates_applied = int(state.get("updates_applied", 0))

@@ -1,0 +1,279 @@
+"""``BatchExecutor``: runs one batch of tasks (same expert, same op) on the expert's device
+and answers every task exactly once.
+
+- forward: concatenate inputs, compute (``no_grad``, or with a graph kept in the
+  ``ActivationCache`` when any task will backward), slice the output per task, reply.
+- backward: tasks whose forward graph is cached (and whose inputs match the cached rows
+  bit for bit, when they carry inputs) are differentiated from that graph (or recomputed
+  from its stored inputs when siblings of the graph are still to come, see
+  ``activation_cache.py``); the others recompute their forward in one merged batch, except
+  those that omitted their inputs: they are answered "cache_miss" (the client resends
+  with inputs). Parameter gradients of all groups are summed into one optimizer step.
+- CUDA: inputs are concatenated into pinned host memory and copied with
+  ``non_blocking=True``; outputs come back into pinned memory and the stream is
+  synchronised once per batch, just before the replies need the bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from volunteer.experts.backend import ExpertBackend
+from volunteer.runtime.activation_cache import ActivationCache, CachedGraph
+from volunteer.runtime.stats import ExpertStats
+from volunteer.runtime.task_pool import Task
+from volunteer.wire.errors import CacheMissError, InternalError, RemoteError
+from volunteer.wire.messages import encode_error, encode_result
+
+log = logging.getLogger(__name__)
+
+Hits = dict[Task, tuple[CachedGraph, int, int]]
+ParamGrads = list[list[torch.Tensor | None]]
+
+
+def send_reply(task: Task, frames: list) -> bool:
+    """Call the task's reply callback once; a failing callback is logged, never raised."""
+    if task.replied:
+        return False
+    task.replied = True
+    try:
+        task.reply(frames)
+    except Exception:
+        log.exception("reply callback failed for request %s", task.request_id)
+    return True
+
+
+def send_error(task: Task, err: RemoteError, stats: ExpertStats | None = None) -> None:
+    """Answer a task with a typed error reply."""
+    if send_reply(task, encode_error(task.request_id, err.code, err.message)) and stats is not None:
+        stats.record_error(err.code)
+
+
+class BatchExecutor:
+    """Compute for batches; used by the runtime's serving-loop thread only."""
+
+    def __init__(self, cache: ActivationCache, on_success: Callable[[int], None]) -> None:
+        self.cache = cache
+        self._on_success = on_success
+
+    def run(self, backend: ExpertBackend, op: str, tasks: list[Task], stats: ExpertStats) -> None:
+        started = time.monotonic()
+        try:
+            if op == "forward":
+                results = self._forward(backend, tasks, stats)
+            else:
+                results = self._backward(backend, tasks, stats)
+            frames = [
+                r
+                if isinstance(r, RemoteError)
+                else encode_result(t.request_id, r, t.compression, t.cached)
+                for t, r in zip(tasks, results, strict=True)
+            ]
+        except Exception as e:
+            log.exception("batch of %d %s tasks failed on %s", len(tasks), op, backend.uid)
+            err = InternalError(f"{type(e).__name__}: {e}")
+            for t in tasks:
+                send_error(t, err, stats)
+            return
+        done = time.monotonic()
+        stats.record_batch(
+            op,
+            len(tasks),
+            sum(t.rows for t in tasks),
+            [(started - t.enqueued) * 1e3 for t in tasks],
+            (done - started) * 1e3,
+        )
+        sent = 0
+        for t, f in zip(tasks, frames, strict=True):
+            if isinstance(f, RemoteError):
+                send_error(t, f, stats)
+            else:
+                sent += send_reply(t, f)
+        self._on_success(sent)
+
+    # -- device helpers --
+
+    def _gather(self, backend: ExpertBackend, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate per-task tensors into one batch tensor on the backend's device."""
+        parts = [p if p.dtype == backend.dtype else p.to(backend.dtype) for p in parts]
+        if backend.device.type == "cuda" and any(p.device.type != "cpu" for p in parts):
+            parts = [p.to(backend.device, non_blocking=True) for p in parts]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if backend.device.type == "cuda":
+            rows = sum(p.shape[0] for p in parts)
+            pinned = torch.empty((rows, *parts[0].shape[1:]), dtype=backend.dtype, pin_memory=True)
+            torch.cat(parts, out=pinned)
+            return pinned.to(backend.device, non_blocking=True)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _to_host(self, backend: ExpertBackend, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Bring results to pinned host memory with one synchronisation (CUDA) or as is (CPU)."""
+        if backend.device.type != "cuda":
+            return [t.detach() for t in tensors]
+        host = []
+        for t in tensors:
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t.detach(), non_blocking=True)
+            host.append(h)
+        torch.cuda.current_stream(backend.device).synchronize()
+        return host
+
+    @staticmethod
+    def _split(
+        tensor: torch.Tensor, tasks: Sequence[Task], like: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        out, start = [], 0
+        for t, ref in zip(tasks, like, strict=True):
+            part = tensor[start : start + t.rows]
+            out.append(part if part.dtype == ref.dtype else part.to(ref.dtype))
+            start += t.rows
+        return out
+
+    # -- ops --
+
+    def _forward(
+        self, backend: ExpertBackend, tasks: list[Task], stats: ExpertStats
+    ) -> list[list[torch.Tensor]]:
+        xs = [
+            self._gather(backend, [t.inputs[i] for t in tasks])
+            for i in range(len(backend.input_shapes))
+        ]
+        if self.cache.enabled and any(t.will_backward for t in tasks):
+            graph = backend.forward_graph(xs)
+            out = graph.output.detach()
+            members, start = {}, 0
+            for t in tasks:
+                if t.will_backward:
+                    members[t.request_id] = (start, start + t.rows)
+                start += t.rows
+            nbytes = backend.activation_bytes_per_sample * start
+            if self.cache.put(backend.uid, graph, members, nbytes):
+                for t in tasks:
+                    t.cached = t.will_backward
+            else:
+                stats.record_cache("not_stored", len(members))
+        else:
+            out = backend.forward(xs)
+        (host,) = self._to_host(backend, [out])
+        return [[o] for o in self._split(host, tasks, [t.inputs[0] for t in tasks])]
+
+    def _lookup_hits(
+        self, backend: ExpertBackend, tasks: list[Task]
+    ) -> dict[Task, tuple[CachedGraph, int, int]]:
+        candidates: list[tuple[Task, CachedGraph, int, int]] = []
+        for t in tasks:
+            if t.forward_id is None:
+                continue
+            found = self.cache.lookup(backend.uid, t.forward_id)
+            if found is not None and found[2] - found[1] == t.rows:
+                candidates.append((t, *found))
+        if not candidates:
+            return {}
+        with torch.no_grad():
+            checks = []
+            for t, entry, s, e in candidates:
+                same = [
+                    torch.equal(cached[s:e], sent.to(cached.device, cached.dtype))
+                    if cached.device.type == "cpu"
+                    else (
+                        cached[s:e] == sent.to(cached.device, cached.dtype, non_blocking=True)
+                    ).all()
+                    for cached, sent in zip(entry.graph.inputs, t.inputs, strict=False)
+                ]  # a backward that omitted its inputs trusts its (random 64-bit) forward id
+                if backend.device.type == "cpu" or not same:
+                    checks.append(all(bool(x) for x in same))
+                else:
+                    checks.append(torch.stack(same).all())
+            if backend.device.type != "cpu":
+                checks = torch.stack(
+                    [torch.as_tensor(c, device=backend.device) for c in checks]
+                ).tolist()  # one synchronisation for the whole batch
+        return {
+            t: (entry, s, e) for (t, entry, s, e), ok in zip(candidates, checks, strict=True) if ok
+        }
+
+    def _backward(
+        self, backend: ExpertBackend, tasks: list[Task], stats: ExpertStats
+    ) -> list[list[torch.Tensor] | RemoteError]:
+        hits = self._lookup_hits(backend, tasks)
+        grads_for: dict[Task, list[torch.Tensor]] = {}
+        param_grads: list[list[torch.Tensor | None]] = []
+        by_graph: dict[int, list[Task]] = {}
+        for t, (entry, _, _) in hits.items():
+            by_graph.setdefault(entry.graph_id, []).append(t)
+        # (task, its input rows) to recompute: cache misses with inputs, and early siblings
+        recompute: list[tuple[Task, list[torch.Tensor]]] = []
+        for gid, group in by_graph.items():
+            entry = hits[group[0]][0]
+            if {t.forward_id for t in group} >= set(entry.members):
+                self.cache.pop(gid)
+                self._backward_graph(backend, entry, group, hits, grads_for, param_grads)
+            else:  # siblings still to come: recompute these rows, keep the graph for them
+                for t in group:
+                    _, s, e = hits[t]
+                    recompute.append((t, [x.detach()[s:e] for x in entry.graph.inputs]))
+                    self.cache.drop_member(gid, backend.uid, t.forward_id)
+        misses = [t for t in tasks if t not in hits]
+        recompute += [(t, t.inputs) for t in misses if t.inputs]
+        if hits:
+            stats.record_cache("hits", len(hits))
+        if misses:
+            stats.record_cache("misses", sum(t.forward_id is not None for t in misses))
+        if recompute:
+            self._backward_recompute(backend, recompute, grads_for, param_grads)
+        if param_grads:
+            backend.apply_gradients(param_grads)
+        miss = CacheMissError("forward activations are no longer cached; resend with inputs")
+        return [grads_for.get(t, miss) for t in tasks]
+
+    def _backward_graph(
+        self,
+        backend: ExpertBackend,
+        entry: CachedGraph,
+        group: list[Task],
+        hits: Hits,
+        grads_for: dict[Task, list[torch.Tensor]],
+        param_grads: ParamGrads,
+    ) -> None:
+        """Differentiate a cached graph once for the requests of ``group``."""
+        out = entry.graph.output
+        if len(group) == 1 and hits[group[0]][1:] == (0, out.shape[0]):  # whole graph
+            grad_out = group[0].grad_outputs[0].to(out.device, out.dtype, non_blocking=True)
+        else:
+            grad_out = torch.zeros_like(out)
+            for t in group:
+                _, s, e = hits[t]
+                grad_out[s:e] = t.grad_outputs[0].to(out.device, out.dtype, non_blocking=True)
+        in_grads, p_grads = backend.gradients(entry.graph, grad_out)
+        param_grads.append(p_grads)
+        host = self._to_host(backend, in_grads)
+        for t in group:
+            _, s, e = hits[t]
+            ref = t.inputs or t.grad_outputs * len(host)  # inputs omitted: reply in grad dtype
+            grads_for[t] = [h[s:e].to(x.dtype) for h, x in zip(host, ref, strict=True)]
+
+    def _backward_recompute(
+        self,
+        backend: ExpertBackend,
+        items: list[tuple[Task, list[torch.Tensor]]],
+        grads_for: dict[Task, list[torch.Tensor]],
+        param_grads: ParamGrads,
+    ) -> None:
+        """Forward again (one merged batch) and differentiate, for tasks without a usable graph."""
+        tasks = [t for t, _ in items]
+        xs = [
+            self._gather(backend, [rows[i] for _, rows in items])
+            for i in range(len(backend.input_shapes))
+        ]
+        grad_out = self._gather(backend, [t.grad_outputs[0] for t in tasks])
+        in_grads, p_grads = backend.gradients(backend.forward_graph(xs), grad_out)
+        param_grads.append(p_grads)
+        host = self._to_host(backend, in_grads)
+        refs = [t.inputs or t.grad_outputs * len(host) for t in tasks]
+        per_input = [self._split(h, tasks, [ref[i] for ref in refs]) for i, h in enumerate(host)]
+        for j, t in enumerate(tasks):
+            grads_for[t] = [per_input[i][j] for i in range(len(host))]

@@ -1,0 +1,320 @@
+"""``Runtime``: the in-process serving entry point shared by every frontend.
+
+``submit(frames, reply)`` decodes and validates a request in the caller's thread (cheap,
+never blocks on compute) and queues it in the task pool of its (expert, op). The runtime's
+single ``ServingLoop`` thread does IO for attached sockets (the ZeroMQ frontend) and
+compute: whenever work waits, it takes the pool whose oldest task waited longest (so a lone
+old task is served even while another pool is flooded), merges that pool's waiting tasks
+into a batch of at most ``max_batch_size`` rows, drops tasks whose deadline passed, and runs
+the batch through the ``BatchExecutor``. Every ``reply`` is called exactly once, from the
+loop thread (after ``stop()``, from the caller's thread: no runtime thread is left).
+
+Lifecycle: ``start()`` -> serving -> ``drain(timeout)`` (new work gets "draining", queued and
+running work is answered) -> ``stop()``. ``exclusive()`` pauses batch execution (IO goes on)
+so the daemon can snapshot weights and optimizer state consistently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from volunteer.experts.backend import ExpertBackend
+from volunteer.runtime.activation_cache import ActivationCache
+from volunteer.runtime.executor import BatchExecutor, send_error
+from volunteer.runtime.limits import ServingLimits
+from volunteer.runtime.loop import ServingLoop
+from volunteer.runtime.stats import ExpertStats
+from volunteer.runtime.task_pool import Task, TaskPool
+from volunteer.runtime.validation import validate_request
+from volunteer.wire.errors import (
+    DeadlineExpiredError,
+    DrainingError,
+    OverloadedError,
+    RemoteError,
+    UnknownExpertError,
+)
+from volunteer.wire.messages import decode_request, encode_error, encode_info_reply
+
+log = logging.getLogger(__name__)
+
+ReplyFn = Callable[[list], None]
+
+
+@dataclass(frozen=True)
+class DrainReport:
+    """What ``drain`` achieved: tasks answered during the drain and tasks cut short."""
+
+    completed: int
+    cut_short: int
+    clean: bool
+
+
+class Runtime:
+    """Batching runtime over a fixed set of expert backends."""
+
+    def __init__(
+        self, backends: Mapping[str, ExpertBackend], limits: ServingLimits | None = None
+    ) -> None:
+        self.backends = dict(backends)
+        self.limits = limits or ServingLimits()
+        self._wire_limits = self.limits.wire()
+        self.state = "starting"
+        self._cond = threading.Condition()
+        self._pools: dict[tuple[str, str], TaskPool] = {
+            (uid, op): TaskPool(uid, op, self.limits.max_queue_size)
+            for uid in self.backends
+            for op in ("forward", "backward")
+        }
+        self._stats = {uid: ExpertStats() for uid in self.backends}
+        self.rejected = ExpertStats()  # errors of requests that named no hosted expert
+        self._cache = ActivationCache(
+            self.limits.activation_cache_size,
+            self.limits.activation_cache_bytes,
+            self.limits.activation_cache_ttl_s,
+        )
+        self._executor = BatchExecutor(self._cache, self._count_completed)
+        self._exec_lock = threading.Lock()
+        self._pause_requests = 0
+        self._running = False
+        self._stop = False
+        self._completed = 0
+        self._queued_bytes = 0
+        self.loop = ServingLoop(self._step, self._on_loop_exit)
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        """Start the serving loop thread; returns once serving."""
+        if self.state != "starting":
+            raise RuntimeError(f"cannot start a runtime in state {self.state!r}")
+        self.loop.start()
+        with self._cond:
+            self.state = "serving"
+
+    def drain(self, timeout: float) -> DrainReport:
+        """Refuse new work, wait up to ``timeout`` s for queued and running work, cut the rest."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if self.state in ("serving", "starting"):
+                self.state = "draining"
+            start_completed = self._completed
+            while self._busy() and not self._stop:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            leftovers = self._take_all()
+            completed = self._completed - start_completed
+        err = DrainingError("node is leaving; request cut short by drain")
+        for task in leftovers:
+            self._answer(task, err)
+        return DrainReport(completed=completed, cut_short=len(leftovers), clean=not leftovers)
+
+    def stop(self) -> None:
+        """Stop the loop (a running batch finishes); queued tasks are answered "draining"."""
+        with self._cond:
+            self.state = "stopped"
+            self._stop = True
+            self._cond.notify_all()
+        self.loop.stop()  # also when stopped already: returns once the loop has exited
+        with self._cond:  # never started, or raced with the loop's exit
+            leftovers = self._take_all()
+        for task in leftovers:
+            send_error(task, DrainingError("runtime stopped"), self._stats.get(task.uid))
+        self._cache.clear()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Pause batch execution (waits for the running batch) for the duration of the block."""
+        with self._cond:
+            self._pause_requests += 1
+        try:
+            with self._exec_lock:
+                yield
+        finally:
+            with self._cond:
+                self._pause_requests -= 1
+                self._cond.notify_all()
+            self.loop.wake()
+
+    # -- entry point --
+
+    def submit(self, frames: list, reply: ReplyFn) -> None:
+        """Queue one request (thread-safe, never blocks on compute); ``reply`` gets called once."""
+        now = time.monotonic()
+        try:
+            request = decode_request(frames, self._wire_limits)
+        except RemoteError as e:
+            self.rejected.record_error(e.code)
+            self._respond(reply, encode_error(getattr(e, "request_id", None), e.code, e.message))
+            return
+        except Exception as e:  # a decoder bug must still be answered, never stall the caller
+            log.exception("unexpected error decoding a request")
+            self.rejected.record_error("bad_request")
+            self._respond(reply, encode_error(None, "bad_request", f"undecodable request: {e}"))
+            return
+        if request.op == "info":
+            self._respond(reply, encode_info_reply(request.request_id, self.info()))
+            return
+        backend = self.backends.get(request.uid)
+        stats = self._stats.get(request.uid)
+        try:
+            if backend is None or stats is None:
+                raise UnknownExpertError(f"this node hosts no expert {request.uid!r}")
+            if self.state != "serving":
+                raise DrainingError(f"node is {self.state}; not accepting new requests")
+            task = validate_request(request, backend, self.limits, reply, now)
+            if task.deadline <= now:
+                raise DeadlineExpiredError("deadline already passed on arrival")
+            with self._cond:
+                if self.state != "serving":
+                    raise DrainingError(f"node is {self.state}; not accepting new requests")
+                pool = self._pools[(task.uid, task.op)]
+                if pool.full():
+                    raise OverloadedError(
+                        f"{task.op} queue of {task.uid} is full ({pool.max_size} tasks); retry later or elsewhere"
+                    )
+                if self._queued_bytes + task.nbytes > self.limits.max_queued_bytes:
+                    raise OverloadedError(
+                        f"node has {self._queued_bytes} bytes of requests queued (max {self.limits.max_queued_bytes}); retry later or elsewhere"
+                    )
+                pool.tasks.append(task)
+                self._queued_bytes += task.nbytes
+        except RemoteError as e:
+            (stats or self.rejected).record_error(e.code)
+            self._respond(reply, encode_error(request.request_id, e.code, e.message))
+            return
+        except Exception as e:
+            log.exception("unexpected error validating a request")
+            (stats or self.rejected).record_error("internal")
+            self._respond(
+                reply, encode_error(request.request_id, "internal", f"{type(e).__name__}: {e}")
+            )
+            return
+        if not self.loop.in_loop():
+            self.loop.wake()
+
+    # -- introspection --
+
+    def info(self) -> dict[str, dict]:
+        """The ``info`` table: hosted experts with their schema and state."""
+        state = "serving" if self.state in ("serving", "starting") else "draining"
+        return {uid: b.info(state) for uid, b in self.backends.items()}
+
+    def stats(self) -> dict[str, dict]:
+        """Per-uid statistics (JSON-serialisable)."""
+        with self._cond:
+            depth = {
+                uid: len(self._pools[(uid, "forward")]) + len(self._pools[(uid, "backward")])
+                for uid in self.backends
+            }
+        return {
+            uid: s.snapshot(depth[uid], self.backends[uid].updates_applied)
+            for uid, s in self._stats.items()
+        }
+
+    def cache_info(self) -> dict:
+        """Activation cache occupancy (entries, estimated bytes, evictions)."""
+        return {
+            "entries": len(self._cache),
+            "bytes": self._cache.nbytes,
+            "evictions": self._cache.evictions,
+        }
+
+    # -- internals --
+
+    def _respond(self, reply: ReplyFn, frames: list) -> None:
+        """Answer without compute: directly in the loop thread, else through the loop."""
+        if self.loop.in_loop() or not self.loop.alive:
+            _call(reply, frames)
+        else:
+            self.loop.call_soon(_call, reply, frames)
+
+    def _answer(self, task: Task, err: RemoteError) -> None:
+        if self.loop.in_loop() or not self.loop.alive:
+            send_error(task, err, self._stats.get(task.uid))
+        else:
+            self.loop.call_soon(send_error, task, err, self._stats.get(task.uid))
+
+    def _count_completed(self, n: int) -> None:
+        with self._cond:
+            self._completed += n
+
+    def _busy(self) -> bool:
+        return self._running or any(len(p) for p in self._pools.values())
+
+    def _take_all(self) -> list[Task]:
+        tasks: list[Task] = []
+        for pool in self._pools.values():
+            tasks.extend(pool.tasks)
+            pool.tasks.clear()
+        self._queued_bytes = 0
+        return tasks
+
+    def _oldest_pool(self) -> TaskPool | None:
+        best, best_t = None, None
+        for pool in self._pools.values():
+            t = pool.oldest()
+            if t is not None and (best_t is None or t < best_t):
+                best, best_t = pool, t
+        return best
+
+    def _step(self) -> bool:
+        """Run at most one batch (loop thread); True when more work is ready right away."""
+        with self._cond:
+            if self._pause_requests or self._stop or self._oldest_pool() is None:
+                return False
+        if not self._exec_lock.acquire(blocking=False):  # exclusive() holds it; it wakes us after
+            return False
+        try:
+            with self._cond:
+                pool = self._oldest_pool()
+                if pool is None:
+                    return False
+                batch = pool.take_batch(self.limits.max_batch_size)
+                self._queued_bytes -= sum(t.nbytes for t in batch)
+                self._running = True
+            try:
+                self._run_batch(pool, batch)
+            finally:
+                with self._cond:
+                    self._running = False
+                    self._cond.notify_all()
+        finally:
+            self._exec_lock.release()
+        with self._cond:
+            return not self._pause_requests and self._oldest_pool() is not None
+
+    def _on_loop_exit(self) -> None:
+        with self._cond:
+            leftovers = self._take_all()
+        for task in leftovers:
+            send_error(task, DrainingError("runtime stopped"), self._stats.get(task.uid))
+
+    def _run_batch(self, pool: TaskPool, batch: list[Task]) -> None:
+        stats = self._stats[pool.uid]
+        now = time.monotonic()
+        live = []
+        for task in batch:
+            if task.deadline <= now:
+                send_error(
+                    task,
+                    DeadlineExpiredError("deadline passed while queued; dropped before compute"),
+                    stats,
+                )
+            else:
+                live.append(task)
+        if live:
+            self._executor.run(self.backends[pool.uid], pool.op, live, stats)
+
+
+def _call(reply: ReplyFn, frames: list) -> None:
+    try:
+        reply(frames)
+    except Exception:
+        log.exception("reply callback failed")

@@ -1,0 +1,65 @@
+"""``Task`` (one validated request waiting for compute) and ``TaskPool`` (FIFO per
+(expert uid, op)). Pools are plain deques guarded by the runtime's lock; the scheduler picks
+the pool whose oldest task waited longest, so no pool starves while another is flooded.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+ReplyFn = Callable[[list], None]
+
+
+@dataclass(eq=False)
+class Task:
+    """One forward or backward request of ``rows`` samples."""
+
+    uid: str
+    op: str
+    request_id: int
+    inputs: list[torch.Tensor]
+    reply: ReplyFn
+    deadline: float
+    enqueued: float
+    rows: int
+    grad_outputs: list[torch.Tensor] = field(default_factory=list)
+    will_backward: bool = False
+    forward_id: int | None = None
+    compression: str | None = None
+    nbytes: int = 0
+    cached: bool = False  # forward: its graph was stored (told to the client)
+    replied: bool = False
+
+
+class TaskPool:
+    """FIFO of tasks for one (uid, op); ``max_size`` bounds the number of waiting tasks."""
+
+    def __init__(self, uid: str, op: str, max_size: int) -> None:
+        self.uid = uid
+        self.op = op
+        self.max_size = max_size
+        self.tasks: deque[Task] = deque()
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def full(self) -> bool:
+        return len(self.tasks) >= self.max_size
+
+    def oldest(self) -> float | None:
+        """Enqueue time of the oldest waiting task, or None when empty."""
+        return self.tasks[0].enqueued if self.tasks else None
+
+    def take_batch(self, max_rows: int) -> list[Task]:
+        """Pop tasks in FIFO order while their rows fit in ``max_rows`` (at least one task)."""
+        batch: list[Task] = []
+        rows = 0
+        while self.tasks and (not batch or rows + self.tasks[0].rows <= max_rows):
+            task = self.tasks.popleft()
+            batch.append(task)
+            rows += task.rows
+        return batch
