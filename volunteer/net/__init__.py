@@ -7,7 +7,7 @@ Files (one concept each):
 - ``host.py``: TCP + Noise + yamux host construction (set explicitly), the persistent
   Ed25519 identity (``<home>/identity.key``, 0600), multiaddr helpers, log quieting.
 - ``node.py``: ``SwarmNode``: host + KadDHT + bootstrap with retry/backoff that re-runs
-  by itself when the node has lost every peer.
+  by itself when the node has lost every peer; DHT server/client switch at run time.
 - ``records.py``: signed registry entries (``ServerEntry``), DHT keys, merge rules (pure).
 - ``dht_store.py``: ``RegistryDHT`` (validator, merging value store, no trainers in the
   routing table) and ``publish_value`` / ``lookup_value``.
@@ -16,10 +16,13 @@ Files (one concept each):
 - ``registry.py``: ``ExpertRegistry``: announce uids (prefix index), children, servers.
 - ``stream_io.py``: expert-RPC message envelope (call id + ``volunteer.wire.framing``).
 - ``rpc_server.py``: ``RpcServer``: expert RPC streams -> the runtime's ``submit``.
-- ``rpc_client.py``: ``RpcClient`` (per-peer stream pools) and ``Libp2pTransport``.
+- ``rpc_client.py``: ``RpcClient`` (per-peer stream pools that leave relayed connections
+  once a direct one exists) and ``Libp2pTransport``.
 - ``trio_thread.py``: ``TrioThread``: a trio loop in a thread with a sync facade.
 - ``service.py``: ``NetworkService``: the daemon's facade (announce, heartbeat, drain,
-  snapshot), running ``SwarmNode`` + ``RpcServer`` + ``NatTraversal``.
-- ``client_node.py``: ``ClientNode``: the trainer's peer (DHT client, no experts).
+  snapshot), running ``SwarmNode`` + ``RpcServer`` + ``NatTraversal``; serves the DHT
+  only when reachable, announces relay-only addresses when private.
+- ``client_node.py``: ``ClientNode``: the trainer's peer (DHT client, no experts) that
+  reaches NATed volunteers by itself (relay circuits + DCUtR via ``NatTraversal``).
 - ``dht_directory.py``: ``DhtDirectory``: the client ``ExpertDirectory`` over the DHT.
 """

@@ -6,20 +6,37 @@ trio thread. Trainers use it through ``DhtDirectory`` (``directory()``), or dire
 ``children(prefixes)``, ``servers(uid)``, ``transport(peer_id, addrs)``.
 
 The identity is ephemeral unless ``home`` is given (then ``home/identity.key`` is reused).
-With ``relays`` (or ``nat=True``) it also runs ``volunteer.net.nat.traversal.NatTraversal``
-(relay client + DCUtR) and reaches servers through it: directly when it can, else over a
-relay circuit that hole punching later upgrades.
+
+NAT traversal is on by default: the node runs ``volunteer.net.nat.traversal.NatTraversal``
+(relay client + DCUtR; no HOP and no reservations: a trainer only dials out) and opens a
+new connection to a server through ``NatTraversal.connect``: direct addresses first, else
+the relay circuit from the server's record (py-libp2p's own dialer skips ``/p2p-circuit``
+addresses), then it waits up to ``upgrade_timeout`` s for a DCUtR hole punch so the expert
+RPC streams run on the direct connection. When the punch fails the relayed connection is
+used; if one lands later, ``RpcClient`` moves new calls onto it. So
+``ClientNode(...).directory()`` alone reaches NATed volunteers.
+
+``nat=None`` (default) starts NatTraversal lazily, the first time a server is announced
+with a circuit address: a trainer that only talks to public servers never pays for the
+reachability check (~4 s behind a NAT, where the dial-back never comes), and the check
+does not collide with one the caller runs on the same host. ``nat=True`` runs it at
+``start()`` (which then waits for the check), ``nat=False`` never (circuits unreachable).
+Dial-back servers are ``relays`` if given, else the bootstrap peers. ``holepunch=False``
+keeps relayed connections relayed (no DCUtR).
 Use as a context manager, or call ``start()`` / ``stop()``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import multiaddr
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.peerinfo import PeerInfo
 
 from volunteer.net.host import default_listen_host, load_or_create_identity
 from volunteer.net.node import NodeConfig, SwarmNode
@@ -32,6 +49,7 @@ from volunteer.wire.limits import WireLimits
 if TYPE_CHECKING:
     from volunteer.net.dht_directory import DhtDirectory
 
+log = logging.getLogger(__name__)
 
 
 class ClientNode:
@@ -41,7 +59,8 @@ class ClientNode:
                  listen_addrs: Sequence[str] | None = None,
                  limits: WireLimits = REPLY_LIMITS, lookup_timeout: float = 15.0,
                  relays: Sequence[str] = (), nat: bool | None = None, max_streams: int = 2,
-                 **node_options: Any) -> None:
+                 upgrade_timeout: float = 5.0, connect_timeout: float = 20.0,
+                 holepunch: bool = True, **node_options: Any) -> None:
         key_pair = load_or_create_identity(home) if home is not None else create_new_key_pair()
         self.experiment = experiment
         self.lookup_timeout = lookup_timeout
@@ -56,8 +75,14 @@ class ClientNode:
         self.rpc: RpcClient | None = None
         self.max_streams = max_streams
         self.relays = list(relays)
-        self.use_nat = bool(relays) if nat is None else nat
+        self.use_nat = nat is not False
+        self.eager_nat = nat is True
+        self.holepunch = holepunch
+        self.upgrade_timeout = upgrade_timeout
+        self.connect_timeout = connect_timeout
         self.nat: Any = None
+        self.nat_error: str | None = None
+        self._nat_ready: trio.Event | None = None
         self.nursery: trio.Nursery | None = None
 
     @property
@@ -72,27 +97,62 @@ class ClientNode:
         self._thread.start(self._main, timeout=timeout)
         return self
 
+    @property
+    def reachability(self) -> str:
+        """``public`` / ``private`` / ``unknown`` (unknown until the background check ends)."""
+        return str(getattr(self.nat, "reachability", "unknown") if self.nat else "unknown")
+
     async def _main(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             await nursery.start(self.node.run)
-            connector = None
-            if self.use_nat:
-                from volunteer.net.nat.traversal import NatTraversal
-
-                self.nat = NatTraversal(self.node.host, self.relays or list(self.node.config.bootstrap),
-                                        allow_hop=False, bootstrap=list(self.node.config.bootstrap))
-                await nursery.start(self.nat.run)
-                connector = self._nat_connect
             self.rpc = RpcClient(self.node.host, nursery, self._limits,
-                                 max_streams=self.max_streams, connector=connector)
+                                 max_streams=self.max_streams,
+                                 connector=self._nat_connect if self.use_nat else None,
+                                 connect_timeout=self.connect_timeout)
+            if self.eager_nat:
+                await self._ensure_nat()
             task_status.started(self)
 
+    async def _ensure_nat(self) -> None:
+        """Start NatTraversal once (in the node's nursery) and wait until it is ready."""
+        if self._nat_ready is None:
+            from volunteer.net.nat.traversal import NatTraversal
+
+            assert self.nursery is not None
+            boot = list(self.node.config.bootstrap)
+            self.nat = NatTraversal(self.node.host, self.relays or boot, allow_hop=False,
+                                    bootstrap=boot, max_reservations=0,
+                                    enable_holepunch=self.holepunch)
+            self._nat_ready = trio.Event()
+            self.nursery.start_soon(self._run_nat, self._nat_ready)
+        await self._nat_ready.wait()
+
+    async def _run_nat(self, ready: trio.Event) -> None:
+        """Run NatTraversal; a failure leaves the node working with direct dials only."""
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.nat.run)
+                ready.set()
+        except Exception as e:
+            self.nat_error = f"{type(e).__name__}: {e}"[:300]
+            log.warning("NAT traversal stopped: %s", self.nat_error)
+        finally:
+            ready.set()
+
     async def _nat_connect(self, peer_id: Any, addrs: list[str]) -> None:
-        """Reach a server by its announced addresses: direct, else through its relay
-        (DCUtR then upgrades the relayed connection to a direct one by itself)."""
+        """Reach a server by its announced addresses: direct, else through its relay,
+        then give DCUtR ``upgrade_timeout`` s to turn a relayed connection direct."""
         full = [a if "/p2p/" in a else f"{a}/p2p/{peer_id.to_base58()}" for a in addrs]
-        if await self.nat.connect(full) is None:
+        if any("/p2p-circuit" in a for a in full):
+            await self._ensure_nat()  # starts it once; later callers wait for readiness
+        nat_up = self._nat_ready is not None and self._nat_ready.is_set()
+        if not nat_up or self.nat_error is not None or self.nat.relay_node is None:
+            await self.node.host.connect(PeerInfo(peer_id, _dialable(full)))
+            return
+        conn = await self.nat.connect(full, timeout=self.connect_timeout,
+                                      upgrade_timeout=self.upgrade_timeout)
+        if conn is None:
             raise ConnectionError(f"no direct or relayed route to {peer_id}")
 
     def call(self, async_fn: Any, *args: Any) -> Any:
@@ -147,6 +207,11 @@ class ClientNode:
         from volunteer.net.dht_directory import DhtDirectory
 
         return DhtDirectory(self, **options)
+
+
+def _dialable(addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:
+    """Transport parts of the direct addresses (the swarm's dialer cannot use circuits)."""
+    return [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in addrs if "/p2p-circuit" not in a]
 
 
 def _sync_async(fn: Any) -> Any:

@@ -10,7 +10,11 @@ daemon's ``NetworkService`` (DHT server) and the trainer's ``ClientNode`` (DHT c
   with exponential backoff and jitter (0.5 s doubling to 30 s), so a node that lost every
   peer (network change, bootstrap restart) rejoins by itself;
 - with no bootstrap peers it simply starts a new swarm: ``multiaddrs()`` are what others
-  put in their manifest.
+  put in their manifest;
+- ``set_dht_server(on)`` switches between DHT server and client mode at run time (the
+  daemon serves the DHT only once its reachability check says others can dial it): the
+  KAD handler is added or removed, connected peers are told at once by identify/push, and
+  on becoming a server a self-lookup opens KAD streams so peers add it to their tables.
 
 Run it with ``await nursery.start(node.run)``; it is ready when ``run`` reports started
 (the first bootstrap round has finished, successful or not).
@@ -25,10 +29,12 @@ from dataclasses import dataclass, field
 
 import trio
 from libp2p.crypto.keys import KeyPair
+from libp2p.identity.identify_push.identify_push import push_identify_to_peers
+from libp2p.kad_dht.kad_dht import DHTMode
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
 
-from volunteer.net.dht_routing import closest_peers
+from volunteer.net.dht_routing import closest_peers, sessions_of
 from volunteer.net.dht_store import make_dht
 from volunteer.net.host import (
     DEFAULT_LISTEN,
@@ -134,6 +140,37 @@ class SwarmNode:
             st.last_error = "; ".join(errors)[:500] or "no bootstrap peer answered"
             log.info("bootstrap failed: %s", st.last_error)
         return len(ok)
+
+    @property
+    def dht_server(self) -> bool:
+        """True while the DHT runs in server mode (answers KAD queries, stores records)."""
+        return self.dht.mode == DHTMode.SERVER
+
+    async def set_dht_server(self, server: bool) -> bool:
+        """Switch the DHT to server or client mode; return True when the mode changed.
+
+        Peers learn the new protocol list by identify/push (bounded). Then a self-lookup
+        on fresh KAD streams (idle reused ones are closed first) refills the routing
+        table (py-libp2p empties it on a switch to client mode) and, for a new server,
+        makes peers add it to their tables (they add only peers whose identify lists
+        KAD). A new client is dropped from their tables the first time it refuses a KAD
+        stream.
+        """
+        if server == self.dht_server:
+            return False
+        await self.dht.switch_mode(DHTMode.SERVER if server else DHTMode.CLIENT)
+        with trio.move_on_after(self.config.connect_timeout):
+            try:
+                await push_identify_to_peers(self.host)
+            except Exception as e:
+                log.debug("identify push failed: %r", e)
+            # Fresh KAD streams: peers vet a peer for their table when it opens one.
+            await sessions_of(self.dht).close()
+            try:
+                await closest_peers(self.dht, self.peer_id.to_bytes())
+            except Exception as e:
+                log.debug("self-lookup failed: %r", e)
+        return True
 
     async def _watchdog(self) -> None:
         delay = self.config.backoff_initial

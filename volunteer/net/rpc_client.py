@@ -8,6 +8,11 @@ in flight and opens another one while every stream is busy and the pool is not f
 Reusing streams matters: a new stream costs a multistream negotiation round trip, a new
 connection >= 250 ms.
 
+A stream opened on a relayed connection is retired as soon as a direct connection to that
+peer exists (a hole punch that landed after the first calls): new calls open streams on
+the direct connection (the swarm prefers direct connections), and the relayed stream is
+closed once its calls in flight have their replies.
+
 Failures are typed: no connection or the stream broke -> ``UnreachableError``, no reply in
 time -> ``RemoteTimeoutError``; a timed-out caller leaves the stream usable (its late reply
 is dropped), while an interrupted write resets that stream (its framing is lost).
@@ -30,6 +35,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from volunteer.net.nat.connections import is_relayed
 from volunteer.net.stream_io import (
     PROTOCOL_ID,
     BufferedStreamReader,
@@ -63,11 +69,13 @@ class _Pending:
 class _Channel:
     """One stream with its in-flight calls."""
 
-    def __init__(self, stream: INetStream) -> None:
+    def __init__(self, stream: INetStream, relayed: bool = False) -> None:
         self.stream = stream
         self.pending: dict[int, _Pending] = {}
         self.write_lock = trio.Lock()
         self.broken = False
+        self.relayed = relayed
+        self.retired = False
 
     def fail_all(self, why: str) -> None:
         self.broken = True
@@ -83,6 +91,7 @@ class RpcClientStats:
     streams_opened: int = 0
     timeouts: int = 0
     unreachable: int = 0
+    streams_retired: int = 0
 
 
 class RpcClient:
@@ -118,6 +127,8 @@ class RpcClient:
                     await slot.done.wait()
                 finally:
                     chan.pending.pop(call_id, None)
+                    if chan.retired and not chan.pending:
+                        self.nursery.start_soon(_reset, chan.stream)
         except trio.TooSlowError:
             self.stats.timeouts += 1
             raise RemoteTimeoutError(f"no reply from {peer_id} within {timeout:.1f} s") from None
@@ -148,6 +159,8 @@ class RpcClient:
     async def _pick(self, peer_id: ID, addrs: Sequence[str]) -> _Channel:
         pool = self._pools.setdefault(peer_id, [])
         pool[:] = [c for c in pool if not c.broken]
+        if any(c.relayed for c in pool) and self._has_direct(peer_id):
+            self._retire_relayed(pool)
         best = min(pool, key=lambda c: len(c.pending), default=None)
         if best is not None and (not best.pending or len(pool) >= self.max_streams):
             return best
@@ -156,11 +169,33 @@ class RpcClient:
             pool[:] = [c for c in pool if not c.broken]
             if len(pool) >= self.max_streams or (pool and any(not c.pending for c in pool)):
                 return min(pool, key=lambda c: len(c.pending))
-            chan = _Channel(await self._open_stream(peer_id, addrs))
+            stream = await self._open_stream(peer_id, addrs)
+            chan = _Channel(stream, relayed=self._on_relayed_connection(peer_id, stream))
             pool.append(chan)
             self.stats.streams_opened += 1
             self.nursery.start_soon(self._read_replies, peer_id, chan)
             return chan
+
+    def _has_direct(self, peer_id: ID) -> bool:
+        return any(not c.is_closed and not is_relayed(c)
+                   for c in self.host.get_network().get_connections(peer_id))
+
+    def _on_relayed_connection(self, peer_id: ID, stream: INetStream) -> bool:
+        muxed = getattr(stream, "muxed_conn", None)
+        for conn in self.host.get_network().get_connections(peer_id):
+            if getattr(conn, "muxed_conn", None) is muxed:
+                return is_relayed(conn)
+        return False
+
+    def _retire_relayed(self, pool: list[_Channel]) -> None:
+        """Stop using relayed streams; each closes when its last in-flight call ends."""
+        for chan in pool:
+            if chan.relayed:
+                chan.retired = True
+                self.stats.streams_retired += 1
+                if not chan.pending:
+                    self.nursery.start_soon(_reset, chan.stream)
+        pool[:] = [c for c in pool if not c.retired]
 
     async def _open_stream(self, peer_id: ID, addrs: Sequence[str]) -> INetStream:
         try:

@@ -8,12 +8,25 @@
     svc.stop()                          # withdraws the records (best effort), stops
 
 Inside the thread: ``SwarmNode`` (host with the persistent identity from
-``<home>/identity/``, KadDHT server, self-healing bootstrap), ``RpcServer`` (expert RPC
-over streams into ``submit``), ``NatTraversal`` from ``volunteer.net.nat`` (reachability
-by dial-back, relay reservations, hole punching), and a heartbeat that re-announces every
-``ttl / 3`` seconds. Records carry the direct ZeroMQ endpoint and the reachability, so
-trainers use ZeroMQ for publicly reachable nodes and libp2p (direct, hole-punched or
-relayed) for the others.
+``<home>/identity/``, KadDHT in server or client mode (below), self-healing bootstrap),
+``RpcServer`` (expert RPC over streams into ``submit``), ``NatTraversal`` from
+``volunteer.net.nat`` (reachability by dial-back, relay reservations, hole punching), and
+a heartbeat that re-announces every ``ttl / 3`` seconds. Records carry the direct ZeroMQ
+endpoint and the reachability, so trainers use ZeroMQ for publicly reachable nodes and
+libp2p (direct, hole-punched or relayed) for the others.
+
+DHT mode follows reachability (as go-libp2p's "auto" mode does): a node serves the DHT
+only when others can dial it. A NATed volunteer that served the DHT was added to every
+routing table with LAN addresses nobody can dial, and each lookup or announce that reached
+it waited out a 3 s query timeout (NAT lab, 2 NATed volunteers: the second one's bootstrap
+took 3.5 s and each announce 3.0 s; a trainer found the experts 12 s after starting; with
+the rule: announce 0.02 s, discovery after 2-4 s). So with ``public: auto`` and bootstrap
+peers the node starts as a DHT *client* and becomes a server once the dial-back check
+says ``public`` or ``unknown`` (nobody answered: the old behaviour), staying a client when
+``private``; every ``dht_mode_interval`` s the rule is re-applied if reachability changed.
+``public: yes`` and a new swarm (no bootstrap) serve at once, ``public: no`` never.
+A private node with relay reservations announces only its circuit addresses (its LAN
+addresses would cost every trainer a direct-dial timeout before the relay is tried).
 
 A manifest without bootstrap peers starts a new swarm; ``multiaddrs`` are the addresses
 other volunteers put in their manifest's ``network.bootstrap``.
@@ -47,7 +60,8 @@ class NetworkService:
                  submit: Callable[[list, Callable[[list], None]], None] | None = None,
                  zmq_endpoint: str | None = None, *, listen_host: str | None = None,
                  ttl: float = DEFAULT_TTL, heartbeat_interval: float | None = None,
-                 limits: WireLimits = DEFAULT_LIMITS, enable_nat: bool = True) -> None:
+                 limits: WireLimits = DEFAULT_LIMITS, enable_nat: bool = True,
+                 dht_mode_interval: float = 5.0) -> None:
         self.home = Path(home)
         self.experiment = experiment
         self.network = network
@@ -57,6 +71,7 @@ class NetworkService:
         self.heartbeat_interval = heartbeat_interval or ttl / 3
         self.limits = limits
         self.enable_nat = enable_nat
+        self.dht_mode_interval = dht_mode_interval
         host = listen_host or default_listen_host()
         port = int(getattr(network, "listen_port", 0) or 0)
         self.bootstrap = tuple(getattr(network, "bootstrap", ()) or ())
@@ -68,6 +83,7 @@ class NetworkService:
             listen_addrs=(f"/ip4/{host}/tcp/{port}",),
             announce_addrs=tuple(getattr(network, "announce_addrs", ()) or ()),
             bootstrap=self.bootstrap,
+            dht_server=self._initial_dht_server(),
         )
         self.node: SwarmNode | None = None
         self.registry: ExpertRegistry | None = None
@@ -100,8 +116,44 @@ class NetworkService:
                 self.nat = _make_nat(self.node, self.relays, self.bootstrap, self.public)
                 if self.nat is not None:
                     await nursery.start(self.nat.run)
+            await self._apply_dht_mode()
+            nursery.start_soon(self._dht_mode_watch)
             nursery.start_soon(self._heartbeat)
             task_status.started(self)
+
+    def _initial_dht_server(self) -> bool:
+        if self.public in ("yes", "no"):
+            return self.public == "yes"
+        # auto: a new swarm (nobody to ask) or no NAT check serves at once; otherwise
+        # start as a client and decide when the reachability check is done.
+        return not self.bootstrap or not self.enable_nat
+
+    def wants_dht_server(self) -> bool:
+        """The mode rule (see module docstring): serve the DHT unless known private."""
+        if self.public in ("yes", "no"):
+            return self.public == "yes"
+        return self.reachability != "private"
+
+    @property
+    def dht_server(self) -> bool:
+        """True while this node serves the DHT (answers queries, stores records)."""
+        return self.node is not None and self.node.dht_server
+
+    async def _apply_dht_mode(self) -> None:
+        assert self.node is not None
+        want = self.wants_dht_server()
+        if await self.node.set_dht_server(want):
+            log.info("DHT %s mode (reachability %s)", "server" if want else "client",
+                     self.reachability)
+
+    async def _dht_mode_watch(self) -> None:
+        while True:
+            await trio.sleep(self.dht_mode_interval)
+            if self.wants_dht_server() != self.dht_server:
+                try:
+                    await self._apply_dht_mode()
+                except Exception as e:  # keep serving in the current mode; retry later
+                    log.warning("DHT mode switch failed: %r", e)
 
     def stop(self, withdraw_timeout: float = 3.0) -> None:
         """Withdraw this node's records (best effort, bounded) and stop the thread."""
@@ -159,11 +211,14 @@ class NetworkService:
         return report
 
     def _addrs(self) -> list[str]:
+        """Addresses for the records: a private node with relay reservations gives only
+        its circuit addresses (nobody outside its LAN can dial the others)."""
         assert self.node is not None
-        addrs = self.node.multiaddrs()
         relay = list(getattr(self.nat, "relay_addrs", []) or [])
+        if relay and self.reachability == "private":
+            return relay[:16]
         # Loopback addresses last: useful only on this machine.
-        direct = sorted(addrs, key=lambda a: a.startswith("/ip4/127."))
+        direct = sorted(self.node.multiaddrs(), key=lambda a: a.startswith("/ip4/127."))
         return (direct + relay)[:16]
 
     async def _heartbeat(self) -> None:
@@ -204,6 +259,7 @@ class NetworkService:
             "peers": {k: int(peers.get(k, 0)) for k in ("direct", "relayed", "hole_punched")},
             "connected_peers": len(node.host.get_connected_peers()) if node is not None else 0,
             "routing_table": node.dht.get_routing_table_size() if node is not None else 0,
+            "dht_mode": "server" if self.dht_server else "client",
             "bootstrap": {"peers": len(self.bootstrap), "attempts": boot.attempts if boot else 0,
                           "successes": boot.successes if boot else 0,
                           "last_error": boot.last_error if boot else None},
