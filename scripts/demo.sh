@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The quick-start demo: installs volunteer, starts a volunteer node on the bundled `demo`
-# experiment, trains a small DMoE classifier on scikit-learn's digits through it (you see the
-# loss fall and the dashboard move), then leaves gracefully (drain + checkpoint).
+# experiment (a new swarm on this machine: it announces its experts in the DHT), trains a
+# small DMoE classifier on scikit-learn's digits through it (the trainer joins the swarm as a
+# client-mode peer and finds the experts by beam search through the DHT; you see the loss
+# fall and the dashboard move), then leaves gracefully (records draining, drain, checkpoint).
 #
 #   scripts/demo.sh [STEPS]
 #
 # Environment: DEMO_STEPS (default 300), DEMO_HOME (node home to use and keep; default: a
-# temporary directory removed at the end), VOLUNTEER_VENV (see scripts/setup.sh).
+# temporary directory removed at the end), DEMO_DIRECT=1 (skip the DHT: the trainer dials
+# the daemon's ZeroMQ endpoint), VOLUNTEER_VENV (see scripts/setup.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STEPS="${1:-${DEMO_STEPS:-300}}"
@@ -41,8 +44,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-say "starting a volunteer: volunteer join demo --home $NODE_HOME --num-experts 8"
-"${VOLUNTEER[@]}" join demo --home "$NODE_HOME" --num-experts 8 2>"$WORK/join.log" &
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"  # no OpenMP busy-waiting next to the network threads
+say "starting a volunteer: volunteer join demo --new-swarm --listen-host 127.0.0.1 --home $NODE_HOME --num-experts 8"
+"${VOLUNTEER[@]}" join demo --new-swarm --listen-host 127.0.0.1 --home "$NODE_HOME" --num-experts 8 \
+  2>"$WORK/join.log" &
 DAEMON_PID=$!
 
 deadline=$((SECONDS + 120))
@@ -57,9 +62,17 @@ until "${VOLUNTEER[@]}" status --json --home "$NODE_HOME" >"$WORK/status.json" 2
 done
 cat "$WORK/join.log" >&2
 ENDPOINT="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["endpoint"])' "$WORK/status.json")"
+MULTIADDR="$("$PY" -c 'import json,sys; print(((json.load(open(sys.argv[1]))["network"] or {}).get("addrs") or [""])[0])' \
+  "$WORK/status.json")"
 
-say "training a DMoE classifier on scikit-learn digits through $ENDPOINT ($STEPS steps)"
-"$PY" -u "$ROOT/scripts/demo_trainer.py" --endpoint "$ENDPOINT" --steps "$STEPS" --manifest demo \
+if [ "${DEMO_DIRECT:-0}" = 1 ] || [ -z "$MULTIADDR" ]; then
+  say "training a DMoE classifier on scikit-learn digits through $ENDPOINT ($STEPS steps, no DHT)"
+  TRAINER_ARGS=(--endpoint "$ENDPOINT")
+else
+  say "training a DMoE classifier on scikit-learn digits: the trainer joins the swarm through $MULTIADDR and finds the experts in the DHT ($STEPS steps)"
+  TRAINER_ARGS=(--bootstrap "$MULTIADDR")
+fi
+"$PY" -u "$ROOT/scripts/demo_trainer.py" "${TRAINER_ARGS[@]}" --steps "$STEPS" --manifest demo \
   >"$WORK/trainer.log" 2>&1 &
 TRAINER_PID=$!
 tail -n +1 -f --pid="$TRAINER_PID" "$WORK/trainer.log" &

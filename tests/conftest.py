@@ -1,7 +1,8 @@
 """Shared fixtures: real ``volunteer`` daemons as subprocesses with temporary homes.
 
 ``volunteer_daemon`` is a factory: ``start(home, *args)`` launches ``python -m volunteer join``
-(default experiment ``demo``, self-benchmark off), waits until the daemon has published its
+(default experiment ``demo``, self-benchmark off, peer network off unless ``network=True``;
+on, it listens on loopback only), waits until the daemon has published its
 control address (``control.json``) and answers ``ping``, and returns a ``DaemonProc``. Every
 process started is terminated (SIGTERM, then SIGKILL) at teardown, also when a test fails.
 ``run_cli`` runs one CLI command to completion with a timeout.
@@ -24,10 +25,15 @@ PYTHON = sys.executable
 STARTUP_TIMEOUT_S = 60.0
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    """Environment for CLI subprocesses: no self-benchmark, no colour, no inherited home."""
+def cli_env(network: bool = False, **extra: str) -> dict[str, str]:
+    """Environment for CLI subprocesses: no self-benchmark, no colour, no inherited home.
+
+    The peer network is off unless ``network=True`` (tests where it is irrelevant stay fast);
+    when on, libp2p listens on loopback only.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOLUNTEER_")}
-    env.update({"VOLUNTEER_SELFBENCH": "false", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"})
+    env.update({"VOLUNTEER_SELFBENCH": "false", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1",
+                "VOLUNTEER_LISTEN_HOST": "127.0.0.1", "VOLUNTEER_NETWORK_ENABLED": "true" if network else "false"})
     env.update(extra)
     return env
 
@@ -91,19 +97,21 @@ class DaemonFactory:
         self.tmp_path = tmp_path
         self.procs: list[DaemonProc] = []
 
-    def spawn(self, home: Path, *args: str, experiment: str = "demo", env: dict[str, str] | None = None) -> DaemonProc:
-        """Launch a daemon without waiting for readiness."""
+    def spawn(self, home: Path, *args: str, experiment: str = "demo", env: dict[str, str] | None = None,
+              network: bool = False) -> DaemonProc:
+        """Launch a daemon without waiting for readiness (peer network on with ``network=True``)."""
         log_path = self.tmp_path / f"daemon-{len(self.procs)}.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen([PYTHON, "-m", "volunteer", "join", experiment, "--home", str(home), *args],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env or cli_env())
+                                    env=env or cli_env(network=network))
         daemon = DaemonProc(proc, home, log_path)
         self.procs.append(daemon)
         return daemon
 
-    def start(self, home: Path, *args: str, experiment: str = "demo", env: dict[str, str] | None = None) -> DaemonProc:
-        return self.spawn(home, *args, experiment=experiment, env=env).wait_ready()
+    def start(self, home: Path, *args: str, experiment: str = "demo", env: dict[str, str] | None = None,
+              network: bool = False) -> DaemonProc:
+        return self.spawn(home, *args, experiment=experiment, env=env, network=network).wait_ready()
 
     def cleanup(self) -> None:
         for daemon in self.procs:

@@ -52,17 +52,22 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):  # type
 
 def test_join_status_leave_round_trip(tmp_path: Path, volunteer_daemon: DaemonFactory) -> None:
     home = tmp_path / "home"
-    daemon = volunteer_daemon.start(home, "--num-experts", "2")
+    daemon = volunteer_daemon.start(home, "--num-experts", "2", network=True)
     out = daemon.output()
     assert "device: cpu" in out or "device: cuda" in out
     assert f"trainers reach this node at {daemon.endpoint}" in out
     assert "hosting 2 ffn expert(s): demo.ffn." in out
+    assert "started a new swarm: other volunteers join it with `volunteer join demo --bootstrap /ip4/127.0.0.1/" in out
 
     snap = json.loads(run_cli("status", "--json", "--home", str(home)).stdout)
     assert snap["state"] == "serving" and snap["endpoint"] == daemon.endpoint
     assert set(snap) >= {"node", "experiment", "state", "endpoint", "device", "system", "process", "experts",
                          "totals", "checkpoints", "network", "health"}
-    assert snap["network"] is None
+    net = snap["network"]
+    assert net["new_swarm"] is True and net["state"] == "serving" and net["announced_uids"] == 2
+    assert net["addrs"] and all(a.startswith("/ip4/127.0.0.1/tcp/") and net["peer_id"] in a for a in net["addrs"])
+    assert net["zmq_endpoint"] == daemon.endpoint and net["last_announce_ok"] is True
+    assert snap["settings"]["network_enabled"] is True and snap["settings"]["listen_host"] == "127.0.0.1"
     assert snap["node"]["pid"] == daemon.proc.pid and snap["node"]["uptime_s"] >= 0
     assert snap["experiment"]["name"] == "demo"
     assert {"utilization_pct", "memory_used_bytes", "memory_total_bytes", "description"} <= set(snap["device"])
@@ -81,7 +86,8 @@ def test_join_status_leave_round_trip(tmp_path: Path, volunteer_daemon: DaemonFa
 
     plain = run_cli("status", "--home", str(home))  # piped: plain text, one frame
     assert plain.returncode == 0 and "\x1b[" not in plain.stdout
-    assert "state       serving" in plain.stdout and uids[0] in plain.stdout and "not connected" in plain.stdout
+    assert "state       serving" in plain.stdout and uids[0] in plain.stdout and "not connected" not in plain.stdout
+    assert f"peer id       {net['peer_id']}" in plain.stdout and "new swarm" in plain.stdout
 
     sock = Path(daemon.control["socket"])  # the control socket is private to the owner
     assert stat.S_ISSOCK(sock.stat().st_mode)

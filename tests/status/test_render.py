@@ -44,14 +44,47 @@ def test_plain_has_every_section() -> None:
     assert "\x1b[" not in text
 
 
-def test_network_section_renders_whatever_the_service_reports() -> None:
-    snap = dict(SNAPSHOT, network={"peer_id": "12D3KooW", "reachability": "private",
-                                   "peers": {"direct": 3, "relayed": 1, "hole_punched": 2}, "addrs": ["/ip4/1"]})
+NETWORK = {  # the shape of NetworkService.snapshot()
+    "peer_id": "12D3KooWTest", "addrs": ["/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWTest"], "reachability": "private",
+    "relay": "12D3KooWRelay", "relay_addrs": ["/ip4/1.2.3.4/tcp/4001/p2p/12D3KooWRelay/p2p-circuit"],
+    "peers": {"direct": 3, "relayed": 1, "hole_punched": 2}, "connected_peers": 6, "routing_table": 5,
+    "bootstrap": {"peers": 1, "attempts": 2, "successes": 1, "last_error": "timeout"}, "new_swarm": False,
+    "records_announced": 12, "announced_uids": 4, "state": "serving", "last_announce_ok": True, "heartbeats": 7,
+    "rpc": {"requests": 9, "streams_open": 2, "errors": {"overloaded": 1}},
+    "nat": {"advice": "behind a NAT: reachable through relay 12D3KooWRelay"},
+}
+
+
+def test_network_section_shows_peer_addresses_reachability_relay_peers_and_records() -> None:
+    snap = dict(SNAPSHOT, network=NETWORK)
     text = render_plain(snap)
-    assert "peers.hole_punched: 2" in text and "reachability: private" in text and "addrs: /ip4/1" in text
+    for fragment in ("peer id       12D3KooWTest", "/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWTest", "reachability  private",
+                     "relay         12D3KooWRelay (1 circuit address(es))",
+                     "6 connected: 3 direct, 1 relayed, 2 hole-punched",
+                     "4 expert(s) announced as serving, 12 record(s) written, last announce ok, 7 heartbeat(s)",
+                     "1 peer(s) configured, 1 of 2 round(s) succeeded, last error: timeout",
+                     "9 request(s) over libp2p", "overloaded=1", "advice        behind a NAT"):
+        assert fragment in text, fragment
+    assert "not connected" not in text
     out = io.StringIO()
-    Console(file=out, width=120, no_color=True).print(render_dashboard(snap))
-    assert "hole_punched" in out.getvalue() and "not connected" not in out.getvalue()
+    Console(file=out, width=140, no_color=True).print(render_dashboard(snap))
+    for fragment in ("12D3KooWTest", "private", "2 hole-punched", "12 record(s) written"):
+        assert fragment in out.getvalue(), fragment
+    assert "not connected" not in out.getvalue()
+    new = dict(NETWORK, new_swarm=True, reachability="public", relay=None, relay_addrs=[])
+    text = render_plain(dict(SNAPSHOT, network=new))
+    assert "new swarm (others join with --bootstrap" in text and "none (not needed)" in text
+    alone = dict(NETWORK, new_swarm=True, reachability="unknown", connected_peers=0)
+    text = render_plain(dict(SNAPSHOT, network=alone))
+    assert "unknown (new swarm: no peer has dialled back yet)" in text and "advice" not in text
+
+
+def test_network_error_and_many_addresses() -> None:
+    text = render_plain(dict(SNAPSHOT, network={"error": "RuntimeError: loop stopped"}))
+    assert "error  RuntimeError: loop stopped" in text
+    many = dict(NETWORK, addrs=[f"/ip4/10.0.0.{i}/tcp/1" for i in range(10)])
+    text = render_plain(dict(SNAPSHOT, network=many))
+    assert "/ip4/10.0.0.3/tcp/1" in text and "/ip4/10.0.0.4/tcp/1" not in text and "(+6 more)" in text
 
 
 def test_dashboard_renders_without_colour_codes_when_asked() -> None:

@@ -6,6 +6,8 @@ registers them. Exit codes are listed in ``volunteer.cli.console``.
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from volunteer.cli.info import info
@@ -39,5 +41,11 @@ def version() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    Sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the user set it) before anything imports torch:
+    OpenMP threads that busy-wait between batches starve the network and ZeroMQ threads on
+    small machines (measured on 2 cores: a MoE step took 381 ms instead of 104 ms).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()

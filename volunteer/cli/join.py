@@ -25,15 +25,25 @@ def join(
     num_experts: Optional[int] = typer.Option(None, "--num-experts", help="How many experts of the grid to host."),
     host: Optional[str] = typer.Option(None, "--host", help="ZeroMQ bind address (setting: zmq_host)."),
     port: Optional[int] = typer.Option(None, "--port", help="ZeroMQ port, 0 = any (setting: zmq_port)."),
+    bootstrap: list[str] = typer.Option([], "--bootstrap", metavar="MULTIADDR",
+                                        help="A peer of the swarm to join through (/ip4/../tcp/../p2p/ID), added "
+                                             "to the manifest's network.bootstrap; repeatable."),
+    new_swarm: bool = typer.Option(False, "--new-swarm",
+                                   help="Start a new swarm (ignore the manifest's bootstrap peers); prints the "
+                                        "addresses other volunteers pass as --bootstrap."),
+    listen_host: Optional[str] = typer.Option(None, "--listen-host",
+                                              help="libp2p listen address (setting: listen_host; 127.0.0.1 for a "
+                                                   "swarm on one machine)."),
     set_: list[str] = typer.Option([], "--set", metavar="NAME=VALUE",
                                    help="Any setting (see `volunteer settings`); repeatable."),
 ) -> None:
     """Join an experiment: host experts on this machine until `volunteer leave` or Ctrl-C.
 
-    Detects the hardware, validates the manifest, resumes any checkpoints in the home, serves trainers, and prints where they reach this node. Logs go to stderr and to <home>/logs/volunteer.log. SIGTERM/SIGINT leave gracefully; a second one forces.
+    Detects the hardware, validates the manifest, resumes any checkpoints in the home, joins the experiment's peer network (DHT) and announces the hosted experts there, serves trainers, and prints where they reach this node (ZeroMQ endpoint, peer id, multiaddrs). A manifest without bootstrap peers (or --new-swarm) starts a new swarm. Logs go to stderr and to <home>/logs/volunteer.log. SIGTERM/SIGINT leave gracefully; a second one forces.
     """
     with domain_errors():
-        code = _join(experiment, home, set_, device=device, num_experts=num_experts, zmq_host=host, zmq_port=port)
+        code = _join(experiment, home, set_, bootstrap, new_swarm, device=device, num_experts=num_experts,
+                     zmq_host=host, zmq_port=port, listen_host=listen_host)
     raise typer.Exit(code)
 
 
@@ -65,16 +75,23 @@ class _Signals:
             self.supervisor.request_leave(None, name)
 
 
-def _join(experiment: str, home: Optional[Path], set_: list[str], **flags: Any) -> int:
+def _join(experiment: str, home: Optional[Path], set_: list[str], bootstrap: list[str], new_swarm: bool,
+          **flags: Any) -> int:
+    import dataclasses
+
     from volunteer.daemon.home import NodeHome, resolve_home
     from volunteer.daemon.logs import close_logging, setup_logging
-    from volunteer.daemon.settings import parse_assignments, resolve_settings
+    from volunteer.daemon.network import NetworkStartError, effective_network
+    from volunteer.daemon.settings import SettingsError, parse_assignments, resolve_settings
     from volunteer.manifest import load_manifest
 
     node = NodeHome(resolve_home(home))
     given = {name: value for name, value in flags.items() if value is not None}
     settings = resolve_settings(node.config_file, os.environ, {**parse_assignments(set_), **given})
     manifest = load_manifest(experiment)  # the cheap checks first: torch is not imported yet
+    if (bootstrap or new_swarm) and not settings.network_enabled:
+        raise SettingsError("--bootstrap/--new-swarm need the peer network, but network_enabled is false")
+    manifest = dataclasses.replace(manifest, network=effective_network(manifest.network, bootstrap, new_swarm))
     node.create()
     node.acquire_lock()
     node.remove_control_file()  # a killed daemon's stale address: not ready until we publish ours
@@ -88,7 +105,7 @@ def _join(experiment: str, home: Optional[Path], set_: list[str], **flags: Any) 
         try:
             sup.start()
             report = sup.run()
-        except OSError as exc:  # e.g. the ZeroMQ port is taken: the message says what to change
+        except (OSError, NetworkStartError) as exc:  # e.g. a port is taken: the message says what to change
             log.error("cannot start: %s", exc)
             return EXIT_FAILED
         except Exception:

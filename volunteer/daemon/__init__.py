@@ -3,8 +3,11 @@ health snapshot, drain and leave.
 
 Files:
 
-- ``supervisor.py``: ``Supervisor``, one node's lifecycle (start, ready, serve, leave);
-  the single marked place where the peer network service plugs in.
+- ``supervisor.py``: ``Supervisor``, one node's lifecycle (start, ready, serve, leave),
+  including when the peer network starts, announces, drains and stops.
+- ``network.py``: the daemon's side of the peer network: ``--bootstrap``/``--new-swarm``
+  applied to the manifest, ``start_network`` (one-line ``NetworkStartError``), the load the
+  DHT records carry, and the "why" line when the network is unwell.
 - ``settings.py``: the one table of local settings and their layering
   (defaults < ``<home>/config.yaml`` < ``VOLUNTEER_*`` env < flags).
 - ``home.py``: ``NodeHome`` (layout, 0700 dirs, flock'ed single-daemon lock, atomic

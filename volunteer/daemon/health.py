@@ -5,8 +5,9 @@ short window of totals; ``assess`` is a pure function of that window and the nod
 the rules are unit-tested without a daemon:
 
 - starting / draining: say so;
-- degraded: a checkpoint failed, queues are near their bound, or more than 10% of recent
-  requests failed (naming the most common error code);
+- degraded: a checkpoint failed, the peer network is unwell (no peer reached, announce
+  failing: ``volunteer.daemon.network.network_problem``), queues are near their bound, or
+  more than 10% of recent requests failed (naming the most common error code);
 - idle: no request for ``idle_after_s`` (and who is expected to send work);
 - ok otherwise.
 """
@@ -81,6 +82,7 @@ def assess(
     checkpoint_error: str | None,
     endpoint: str | None,
     idle_after_s: float = 60.0,
+    network_problem: str | None = None,
 ) -> tuple[str, str | None]:
     """Return ``(level, why)``; level is starting|draining|degraded|idle|ok."""
     if state == "starting":
@@ -89,6 +91,8 @@ def assess(
         return "draining", "leaving: refusing new work, finishing in-flight requests, then checkpointing"
     if checkpoint_error:
         return "degraded", f"last checkpoint failed: {checkpoint_error}"
+    if network_problem:
+        return "degraded", f"network: {network_problem}"
     if queue_fill >= 0.8:
         return "degraded", f"overloaded: task queues are {queue_fill:.0%} full, trainers get 'overloaded' replies"
     failures = {c: n for c, n in recent_errors.items() if c not in IGNORED_ERRORS}

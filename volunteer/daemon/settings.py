@@ -99,6 +99,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("zmq_host", str, "127.0.0.1", "address the ZeroMQ frontend binds (use 0.0.0.0 to serve other machines)"),
     Setting("zmq_port", int, 0, "ZeroMQ frontend port (0 = any free port)", 0, 65535),
     Setting("advertise_host", str, "", "host name trainers should dial, when different from zmq_host"),
+    Setting("network_enabled", bool, True, "join the peer network (DHT); false serves over ZeroMQ only (offline runs)"),
+    Setting("listen_host", str, "0.0.0.0", "address the libp2p host listens on (127.0.0.1 for a swarm on one machine)"),
     Setting("checkpoint_interval_s", float, 300.0, "seconds between periodic checkpoints (a kill -9 loses at most this much)", 1, 86400),
     Setting("leave_timeout_s", float, 30.0, "default deadline for a graceful leave (SIGTERM/SIGINT)", 0.1, 3600),
     Setting("log_level", str, "info", "log level for stderr and the log file", choices=LOG_LEVELS),

@@ -19,7 +19,9 @@ Shape (all JSON; every section present, values may be null)::
                   last {written, unchanged, failed, ...}, resumed, set_aside
     selfbench     forward_samples_per_s, train_samples_per_s, batch_size, cached (or null)
     settings      the resolved local settings
-    network       the network service's snapshot(), or null when not connected
+    network       the network service's snapshot() (peer_id, addrs, reachability, relay,
+                  peers {direct, relayed, hole_punched}, connected_peers, records_announced,
+                  bootstrap, state, ...), or null when the network is disabled
     health        level (ok|idle|degraded|starting|draining), why (one line or null)
 """
 
@@ -34,6 +36,7 @@ import psutil
 from volunteer import __version__
 from volunteer.daemon.hardware import live_usage
 from volunteer.daemon.health import assess, totals
+from volunteer.daemon.network import network_problem
 
 if TYPE_CHECKING:
     from volunteer.daemon.supervisor import Supervisor
@@ -66,17 +69,17 @@ def build_snapshot(sup: Supervisor, stats: dict[str, dict[str, Any]], include_us
         (float(e.get("queue_depth", 0) or 0) / max(1, m.serving.max_queue_size) for e in experts.values()),
         default=0.0,
     )
-    recent_requests, recent_errors = sup.health.recent()
-    level, why = assess(
-        sup.state, recent_requests, recent_errors, sup.health.idle_for(), queue_fill,
-        ck.last_error if ck is not None else None, sup.endpoint,
-    )
     network = None
     if sup.network is not None:
         try:
             network = sup.network.snapshot()
         except Exception as exc:  # the dashboard must render even when the network is unwell
             network = {"error": f"{type(exc).__name__}: {exc}"}
+    recent_requests, recent_errors = sup.health.recent()
+    level, why = assess(
+        sup.state, recent_requests, recent_errors, sup.health.idle_for(), queue_fill,
+        ck.last_error if ck is not None else None, sup.endpoint, network_problem=network_problem(network),
+    )
     return {
         "version": SNAPSHOT_VERSION,
         "node": {
@@ -113,6 +116,9 @@ def live_line_text(snap: dict[str, Any]) -> str:
     line = (f"[{snap.get('state')}] {len(snap.get('experts') or {})} experts | "
             f"{float(t.get('requests_per_s', 0) or 0):.1f} req/s | {float(t.get('samples_per_s', 0) or 0):.0f} samples/s"
             f" | {updates} updates | up {int((snap.get('node') or {}).get('uptime_s', 0))}s")
+    net = snap.get("network")
+    if isinstance(net, dict) and "connected_peers" in net:
+        line += f" | {int(net.get('connected_peers') or 0)} peers"
     if health.get("why"):
         line += f" | {health['level']}: {health['why']}"
     return line[:200]

@@ -6,15 +6,23 @@ starts the runtime and its ZeroMQ frontend, then the control API, and only then 
 the health tracker, writes periodic checkpoints, refreshes the live line, and performs the
 leave once one is requested (control ``leave`` op, SIGTERM/SIGINT):
 
-1. state "draining": the runtime answers new work with the typed "draining" error (the
-   frontend keeps running so trainers get that answer and retry elsewhere);
+1. state "draining": the DHT records say "draining" (trainers stop routing here), and the
+   runtime answers new work with the typed "draining" error (the frontend keeps running so
+   trainers get that answer and retry elsewhere);
 2. ``runtime.drain(remaining)`` finishes in-flight requests;
 3. a final checkpoint under ``runtime.exclusive()`` (always taken, even past the deadline:
    losing trained weights is worse than a late exit);
-4. frontend, runtime and control API stop, ``control.json`` is removed.
+4. the network service (records withdrawn), frontend, runtime and control API stop,
+   ``control.json`` is removed.
 
-NETWORK: the peer network joins in ``_start_network`` / ``_stop_network`` only (marked
-below); the snapshot's ``network`` section is whatever the service's ``snapshot()`` returns.
+The peer network (``volunteer.daemon.network``) starts in ``_start_network`` right after the
+runtime and frontend serve, and before ``control.json`` is published, so "ready" means
+"announced in the DHT". A network that cannot start is a one-line ``NetworkStartError``
+(the ``join`` command exits 1); ``network_enabled=false`` skips it (ZeroMQ only). Each tick
+updates the load that the DHT heartbeats carry. A leave calls ``set_draining()`` first (the
+records say "draining" before the runtime drains, so trainers route elsewhere at once) and
+stops the service (records withdrawn) in ``_shutdown``. The snapshot's ``network`` section is
+the service's ``snapshot()``.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from volunteer.daemon.health import HealthTracker
 from volunteer.daemon.home import NodeHome
 from volunteer.daemon.leave_report import LeaveReport
 from volunteer.daemon.logs import LiveLine
+from volunteer.daemon.network import network_load, start_network
 from volunteer.daemon.settings import Settings
 from volunteer.daemon.snapshot import build_snapshot, live_line_text
 from volunteer.experts.assignment import choose_experts
@@ -69,6 +78,7 @@ class Supervisor:
         self.runtime: Any = None
         self.frontend: Any = None
         self.network: Any = None
+        self.network_ready_s: float | None = None
         self.checkpointer: Checkpointer | None = None
         self.control: ControlServer | None = None
         self.health = HealthTracker()
@@ -122,19 +132,30 @@ class Supervisor:
         self.control.start()
         self.state = "serving"
         self._next_checkpoint = time.monotonic() + float(s.checkpoint_interval_s)
+        self._announce_ready()  # before control.json: whoever sees the node ready finds these lines logged
         self.home.write_control_file({
             "socket": self.control.path, "pid": os.getpid(), "version": __version__,
             "endpoint": self.endpoint, "experiment": m.experiment.name, "started_at": self.started_at,
         })
-        self._announce_ready()
 
-    # NETWORK: wire the peer network here (the lead): construct
-    # volunteer.net.service.NetworkService(home.root, manifest.experiment.name, manifest.network,
-    # submit=self.runtime.submit, zmq_endpoint=self.endpoint), start() it, store it in
-    # self.network and announce(list(self.backends), "serving", load). snapshot() already shows
-    # self.network.snapshot() and leave() already calls set_draining() / stop().
     def _start_network(self) -> None:
+        """Join the peer network and announce the hosted experts (``volunteer.daemon.network``).
+
+        Runs once the runtime serves, so the first request routed here through the DHT can be
+        answered. Raises ``NetworkStartError`` (one line) when it cannot; the caller exits.
+        """
         self.network = None
+        if not self.settings.network_enabled:
+            log.info("peer network disabled (network_enabled=false): serving over ZeroMQ only")
+            return
+        m, s = self.manifest, self.settings
+        started = time.monotonic()
+        self.network = start_network(self.home.root, m.experiment.name, m.network, self.runtime.submit,
+                                     self.endpoint, s.listen_host, list(self.backends), self._network_load())
+        self.network_ready_s = time.monotonic() - started
+
+    def _network_load(self) -> float:
+        return network_load(self._expert_stats(), self.manifest.serving.max_queue_size)
 
     def _stop_network(self) -> None:
         if self.network is not None:
@@ -183,8 +204,30 @@ class Supervisor:
         hosted = [f"{u} (resumed at {ck.resumed[u]} updates)" if u in ck.resumed else u for u in self.backends]
         log.info("hosting %d %s expert(s): %s", len(hosted), m.expert.kind, ", ".join(hosted))
         log.info("trainers reach this node at %s", self.endpoint)
+        if self.network is not None:
+            self._announce_network()
         log.info("status: volunteer status --home %s | leave: volunteer leave --home %s (or Ctrl-C)",
                  self.home.root, self.home.root)
+
+    def _announce_network(self) -> None:
+        net = self.network
+        full = list(net.multiaddrs)
+        boot = list(self.manifest.network.bootstrap)
+        log.info("peer id %s; experts announced in the DHT of experiment %s (network ready in %.1fs)",
+                 net.peer_id, self.manifest.experiment.name, self.network_ready_s or 0.0)
+        for addr in full:
+            log.info("  listening on %s", addr)
+        if boot:
+            peers = int(net.snapshot().get("connected_peers", 0) or 0)
+            if peers:
+                log.info("joined the swarm through %d bootstrap peer(s): connected to %d peer(s)", len(boot), peers)
+            else:
+                log.warning("none of the %d bootstrap peer(s) answered yet (retrying): trainers cannot find this "
+                            "node through the DHT until one does", len(boot))
+        elif full:
+            log.info("started a new swarm: other volunteers join it with `volunteer join %s --bootstrap %s`"
+                     " (or list it under network.bootstrap in their manifest)", self.manifest.experiment.name,
+                     full[0])
 
     # ------------------------------------------------------------------ run
 
@@ -198,7 +241,10 @@ class Supervisor:
         """One supervisor step: health sample, periodic checkpoint, live line."""
         if self.runtime is None:
             return
-        self.health.observe(self._expert_stats())
+        stats = self._expert_stats()
+        self.health.observe(stats)
+        if self.network is not None:
+            self.network.set_load(network_load(stats, self.manifest.serving.max_queue_size))
         if time.monotonic() >= self._next_checkpoint and self.checkpointer is not None:
             self.checkpointer.checkpoint(self.runtime.exclusive)
             self._next_checkpoint = time.monotonic() + float(self.settings.checkpoint_interval_s)

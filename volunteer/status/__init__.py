@@ -3,6 +3,8 @@
 Files:
 
 - ``fmt.py``: small formatters (bytes, durations, rates, percentages) shared by both views.
+- ``network_view.py``: ``network_rows(snapshot)``, the labelled network section (peer id,
+  addresses, reachability, relay, peers direct/relayed/hole-punched, DHT announce state).
 - ``plain.py``: ``render_plain(snapshot) -> str``, stable line-oriented text for pipes/logs.
 - ``dashboard.py``: ``render_dashboard(snapshot)``, a rich renderable for terminals
   (``NO_COLOR`` is honoured by rich's console).

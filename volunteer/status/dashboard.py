@@ -10,7 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from volunteer.status import fmt
-from volunteer.status.plain import expert_rows, network_rows
+from volunteer.status.network_view import network_rows
+from volunteer.status.plain import expert_rows
 
 STATE_STYLE = {"serving": "green", "starting": "yellow", "draining": "yellow", "stopped": "red"}
 LEVEL_STYLE = {"ok": "green", "idle": "yellow", "starting": "yellow", "draining": "yellow", "degraded": "red"}
@@ -60,7 +61,7 @@ def render_dashboard(snapshot: dict[str, Any]) -> Group:
     for key, value in net:
         network.add_row(key, value)
     if not net:
-        network.add_row("network", Text("not connected", style="dim"))
+        network.add_row("network", Text("not connected (network disabled)", style="dim"))
 
     level = str(health.get("level", "n/a"))
     why = Text(f"health: {level}", style=LEVEL_STYLE.get(level, ""))

@@ -5,26 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from volunteer.status import fmt
-
-
-def flatten(value: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
-    """Flatten a nested network snapshot into ``(dotted key, text)`` rows (bounded depth)."""
-    if isinstance(value, dict) and depth < 4:
-        rows: list[tuple[str, str]] = []
-        for key in sorted(value, key=str):
-            rows += flatten(value[key], f"{prefix}.{key}" if prefix else str(key), depth + 1)
-        return rows
-    if isinstance(value, list):
-        text = ", ".join(str(v) for v in value[:8]) + (f" (+{len(value) - 8} more)" if len(value) > 8 else "")
-        return [(prefix, text or "none")]
-    return [(prefix, "n/a" if value is None else str(value))]
-
-
-def network_rows(snapshot: dict[str, Any]) -> list[tuple[str, str]]:
-    network = snapshot.get("network")
-    if not network:
-        return []
-    return flatten(network)
+from volunteer.status.network_view import network_rows
 
 
 def expert_rows(snapshot: dict[str, Any]) -> list[dict[str, str]]:
@@ -86,9 +67,13 @@ def render_plain(snapshot: dict[str, Any]) -> str:
     net = network_rows(snapshot)
     if net:
         lines.append("network")
-        lines += [f"  {k}: {v}" for k, v in net]
+        width = max(len(k) for k, _ in net)
+        for key, value in net:
+            first, *rest = value.split("\n")
+            lines.append(f"  {key.ljust(width)}  {first}")
+            lines += [f"  {'':{width}}  {more}" for more in rest]
     else:
-        lines.append("network     not connected")
+        lines.append("network     not connected (network disabled)")
     return "\n".join(lines)
 
 
