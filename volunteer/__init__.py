@@ -12,6 +12,7 @@ Subpackages (imports flow one way: manifest/wire -> net, experts -> runtime -> d
 - ``daemon``: supervisor, control API, settings, hardware detection, drain/leave.
 - ``status``: the ``volunteer status`` dashboard rendered from a daemon snapshot.
 - ``cli``: the typer application; one module per command, no business logic.
+- ``fsutil``: crash-safe atomic file writes (temp file, fsync, rename) used by daemon and experts.
 """
 
 __version__ = "0.1.0"

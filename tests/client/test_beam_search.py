@@ -114,6 +114,39 @@ def test_narrow_beam_returns_alive_sorted_distinct(seed):
             assert make_uid("g", best) in uids or len(uids) == k
 
 
+def test_narrow_beam_looks_past_prefixes_whose_experts_are_excluded():
+    # the best first coordinate (0) only has excluded experts (a leaving volunteer's)
+    directory = _CountingDirectory({make_uid("p", c): _Token() for c in [(0, 0), (0, 1), (1, 1), (2, 0)]})
+    scores = [torch.tensor([[9.0, 1.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
+    exclude = {"p.0.0", "p.0.1"}
+    found = beam_search(scores, "p", directory, beam_size=1, k_best=1, exclude=exclude)
+    assert found.uids == [["p.1.1"]]
+    assert directory.children_calls[1] == ["p.0.", "p.1."]  # the tainted prefix cost one extra lookup
+    # nothing excluded: the plain narrow beam, no extra lookups
+    directory.children_calls.clear()
+    assert beam_search(scores, "p", directory, beam_size=1, k_best=1).uids == [["p.0.1"]]
+    assert directory.children_calls[1] == ["p.0."]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_narrow_beam_finds_an_expert_whenever_one_is_not_excluded(seed):
+    rng = random.Random(200 + seed)
+    ndim = rng.choice([2, 3])
+    dims = [rng.randint(2, 5) for _ in range(ndim)]
+    alive = _random_case(rng, dims, density=0.5)
+    exclude = {make_uid("g", c) for c in alive if rng.random() < 0.6}
+    gen = torch.Generator().manual_seed(seed)
+    scores = [torch.randn(6, d, generator=gen) for d in dims]
+    directory = _CountingDirectory({make_uid("g", c): _Token() for c in alive})
+    found = beam_search(scores, "g", directory, beam_size=1, k_best=2, exclude=exclude)
+    brute = _brute_force(scores, "g", alive, 2, exclude)
+    for uids, best in zip(found.uids, brute, strict=True):
+        assert not set(uids) & exclude
+        assert bool(uids) == bool(best)  # never empty-handed while a usable expert is alive
+    for queries in directory.children_calls:  # the beam grows by at most len(exclude)
+        assert len(queries) <= 6 * (1 + len(exclude))
+
+
 def test_one_dimension_beam_k_is_exact_top_k():
     scores = [torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.4, 0.3, 0.2, 0.1]])]
     directory = StaticDirectory({f"e.{i}": _Token() for i in (0, 2, 3)})

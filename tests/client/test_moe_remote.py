@@ -143,6 +143,80 @@ def test_draining_server_is_avoided(expert_servers):
             moe.close()
 
 
+class _CachingDirectory:
+    """Like DhtDirectory: answers from a cached copy of the registry (``live``), which only
+    ``invalidate(uids)`` refreshes, so a volunteer that just left is still offered."""
+
+    def __init__(self, live: dict):
+        self.live = live
+        self.cached = StaticDirectory(dict(live))
+        self.invalidated: list[list[str]] = []
+
+    def children(self, prefixes):
+        return self.cached.children(prefixes)
+
+    def resolve(self, uids):
+        return self.cached.resolve(uids)
+
+    def invalidate(self, uids):
+        self.invalidated.append(list(uids))
+        self.cached = StaticDirectory(dict(self.live))
+
+
+@pytest.mark.timeout(60)
+def test_leaver_is_forgotten_by_a_caching_directory_and_the_next_step_replans(expert_servers):
+    a = expert_servers(UIDS[:3], HIDDEN)
+    b = expert_servers(UIDS[3:], HIDDEN)
+    ta, tb = ZmqTransport(a.endpoint), ZmqTransport(b.endpoint)
+    live = {u: (ta if u in UIDS[:3] else tb) for u in UIDS}
+    directory = _CachingDirectory(live)
+    moe = RemoteMixtureOfExperts(HIDDEN, GRID, PREFIX, directory, k_best=1, beam_size=1,
+                                 forward_timeout=10, backward_timeout=10)
+    try:
+        with torch.no_grad():  # every sample prefers b's first coordinate (1, *)
+            moe.gate.proj.weight.zero_()
+            moe.gate.proj.bias.copy_(torch.tensor([0.0, 5.0, 2.0, 1.0, 0.0]))
+        x = torch.randn(4, HIDDEN)
+        moe(x).sum().backward()
+        assert moe.last_report.answered == [make_uid(PREFIX, (1, 0))]
+        b.runtime.drain(timeout=5)  # b leaves: the registry drops it, the cache does not know
+        for uid in UIDS[3:]:
+            del live[uid]
+        with pytest.raises(NotEnoughExpertsError, match="draining"):
+            moe(x)  # this step only had b's expert: skipped
+        assert directory.invalidated == [[make_uid(PREFIX, (1, 0))]]
+        out = moe(x)  # re-planned with the fresh registry: a's experts
+        out.sum().backward()
+        assert moe.last_report.answered == [make_uid(PREFIX, (0, 0))] and not moe.last_report.failed
+        assert sum(s["errors"].get("draining", 0) for s in b.runtime.stats().values()) == 1
+    finally:
+        moe.close()
+        ta.close()
+        tb.close()
+
+
+@pytest.mark.timeout(60)
+def test_narrow_beam_replans_around_an_avoided_expert_without_invalidate(expert_servers):
+    a = expert_servers(UIDS[:3], HIDDEN)
+    b = expert_servers(UIDS[3:4], HIDDEN)  # the only expert under first coordinate 1
+    with StaticDirectory.from_endpoints([a.endpoint, b.endpoint]) as directory:  # never refreshed
+        assert not hasattr(directory, "invalidate")
+        moe = RemoteMixtureOfExperts(HIDDEN, GRID, PREFIX, directory, k_best=1, beam_size=1,
+                                     forward_timeout=10, backward_timeout=10)
+        try:
+            with torch.no_grad():
+                moe.gate.proj.weight.zero_()
+                moe.gate.proj.bias.copy_(torch.tensor([0.0, 5.0, 2.0, 1.0, 0.0]))
+            x = torch.randn(3, HIDDEN)
+            b.runtime.drain(timeout=5)
+            with pytest.raises(NotEnoughExpertsError, match="draining"):
+                moe(x)
+            moe(x).sum().backward()  # "r.ffn.1." holds only the avoided expert: the beam looks further
+            assert moe.last_report.answered == [make_uid(PREFIX, (0, 0))] and not moe.last_report.failed
+        finally:
+            moe.close()
+
+
 @pytest.mark.timeout(60)
 def test_late_server_cut_off_after_k_min(expert_servers):
     a = expert_servers(UIDS[:3], HIDDEN)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from volunteer.daemon.home import HomeLockedError, NodeHome, resolve_home, write_atomic
+from volunteer.daemon.home import HomeLockedError, NodeHome, resolve_home
 
 
 def test_create_makes_owner_only_dirs(tmp_path: Path) -> None:
@@ -72,11 +72,3 @@ def test_control_file_roundtrip_and_garbage(tmp_path: Path) -> None:
     node.remove_control_file()
     node.remove_control_file()
     assert not node.control_file.exists()
-
-
-def test_write_atomic_leaves_no_temp_files(tmp_path: Path) -> None:
-    target = tmp_path / "f.json"
-    write_atomic(target, b"one")
-    write_atomic(target, b"two")
-    assert target.read_bytes() == b"two"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]

@@ -37,6 +37,8 @@ def test_layers_override_in_order(tmp_path: Path) -> None:
         ({"VOLUNTEER_LOG_LEVEL": "loud"}, "expected one of debug, info, warning, error"),
         ({"VOLUNTEER_SELFBENCH": "maybe"}, "expected true or false"),
         ({"VOLUNTEER_CHECKPOINT_INTERVAL_S": "nan"}, "expected a number"),
+        ({"VOLUNTEER_TORCH_THREADS": "0"}, "torch_threads: expected auto or an integer in [1, 1024], got '0'"),
+        ({"VOLUNTEER_TORCH_THREADS": "some"}, "expected auto or an integer"),
     ],
 )
 def test_bad_env_values_name_the_variable(env: dict[str, str], fragment: str) -> None:
@@ -73,3 +75,16 @@ def test_set_flags() -> None:
         parse_assignments(["colour=red"])
     s = resolve_settings(None, {}, parse_assignments(["selfbench=off", "leave_timeout_s=2.5"]))
     assert s.selfbench is False and s.leave_timeout_s == 2.5
+
+
+def test_torch_threads_is_auto_or_an_integer(tmp_path: Path) -> None:
+    assert resolve_settings(None, {}, {}).torch_threads == "auto"
+    assert resolve_settings(None, {"VOLUNTEER_TORCH_THREADS": " AUTO "}, {}).torch_threads == "auto"
+    assert resolve_settings(None, {}, parse_assignments(["torch-threads=3"])).torch_threads == 3
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("torch_threads: 2\n")
+    s = resolve_settings(cfg, {}, {})
+    assert (s.torch_threads, s.source("torch_threads")) == (2, "config")
+    cfg.write_text("torch_threads: 1.5\n")
+    with pytest.raises(SettingsError, match="torch_threads: expected auto or an integer"):
+        resolve_settings(cfg, {}, {})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,17 @@ def test_round_trip_restores_weights_optimizer_and_counter(tmp_path: Path) -> No
         assert torch.equal(a, b)
     assert dst.optimizer.state_dict()["state"][0]["step"] == src.optimizer.state_dict()["state"][0]["step"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{src.uid}.pt"]  # no temp files left
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    backend = trained_backend(steps=1)
+    store = CheckpointStore(tmp_path, "fp")
+    store.save(backend.uid, clone_state(backend.state_dict()))
+    before = store.path(backend.uid).read_bytes()
+    with pytest.raises(TypeError, match="pickle"):  # a lock cannot be saved: torch.save fails
+        store.save(backend.uid, {**backend.state_dict(), "bad": threading.Lock()})
+    assert store.path(backend.uid).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{backend.uid}.pt"]
 
 
 def test_clone_state_is_independent_of_later_updates() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ def test_measures_once_then_reads_the_cache(tmp_path: Path) -> None:
     other = cached_throughput(cache, "cpu", "cpu (test)", "nop", 16, {}, 8)  # another spec: measured anew
     assert other["cached"] is False
     assert len(json.loads(cache.read_text())) == 2
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["selfbench.json"]  # no temp files
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600
 
 
 def test_garbage_cache_is_ignored(tmp_path: Path) -> None:

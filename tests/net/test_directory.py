@@ -60,6 +60,30 @@ def test_resolve_prefers_zmq_for_public_and_caches():
     d.close()
 
 
+def test_invalidate_uids_drops_only_the_lookups_that_offer_them():
+    client = FakeClient({
+        "demo.ffn.": [entry("A", ["1", "2"])],
+        "demo.ffn.1.": [entry("A", ["0"])],
+        "demo.ffn.2.": [entry("B", ["0"])],
+    })
+    d = DhtDirectory(client, cache_ttl=60.0)
+    assert d.children(["demo.ffn.", "demo.ffn.1.", "demo.ffn.2."]) == {
+        "demo.ffn.": [1, 2], "demo.ffn.1.": [0], "demo.ffn.2.": [0]}
+    # A leaves: its records now say draining, but the cache would offer it for 60 s
+    client.entries["demo.ffn."] = [entry("A", ["1", "2"], state="draining"), entry("B", ["2"])]
+    client.entries["demo.ffn.1."] = [entry("A", ["0"], state="draining")]
+    assert d.children(["demo.ffn.1."]) == {"demo.ffn.1.": [0]}  # stale, from the cache
+    d.invalidate(["demo.ffn.1.0", "other.9"])
+    assert d.children(["demo.ffn.", "demo.ffn.1.", "demo.ffn.2."]) == {
+        "demo.ffn.": [2], "demo.ffn.1.": [], "demo.ffn.2.": [0]}
+    assert client.asked[-1] == ["demo.ffn.", "demo.ffn.1."]  # demo.ffn.2. stayed cached
+    assert "demo.ffn.1.0" not in d.resolve(["demo.ffn.1.0"])
+    d.invalidate([])  # nothing to forget
+    d.children(["demo.ffn.2."])
+    assert client.asked[-1] == ["demo.ffn.", "demo.ffn.1."]
+    d.close()
+
+
 class Canned:
     def __init__(self, result=None, error=None):
         self.result, self.error, self.calls, self.closed = result, error, 0, False

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import socket
 import time
 from types import SimpleNamespace
 
 import pytest
 
 from volunteer.net.client_node import ClientNode
-from volunteer.net.service import NetworkService
+from volunteer.net.service import ListenError, NetworkService
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 
@@ -57,3 +60,48 @@ def test_heartbeats_keep_short_lived_records_and_stop_withdraws(tmp_path):
     again = NetworkService(tmp_path / "a", "exp", net(), listen_host="127.0.0.1", enable_nat=False)
     assert again.peer_id == pid
     assert again.snapshot()["peer_id"] == pid
+
+
+@pytest.mark.timeout(60)
+def test_start_raises_when_the_port_is_taken(tmp_path):
+    busy = socket.socket()
+    svc = None
+    try:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        svc = NetworkService(tmp_path / "a", "exp", SimpleNamespace(**{**vars(net()), "listen_port": port}),
+                             listen_host="127.0.0.1", enable_nat=False)
+        with pytest.raises(ListenError) as err:
+            svc.start(timeout=30)
+    finally:
+        busy.close()
+        if svc is not None:
+            svc.stop()
+    assert err.value.errno == errno.EADDRINUSE and err.value.address == f"127.0.0.1:{port}"
+    assert f"cannot listen on 127.0.0.1:{port}" in str(err.value) and "\n" not in str(err.value)
+    assert not svc._thread.running  # nothing left running behind the error
+
+
+@pytest.mark.timeout(90)
+def test_lone_new_swarm_node_gets_no_reachability_warning(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="volunteer.net.nat")
+    lone = NetworkService(tmp_path / "lone", "exp", net(), listen_host="127.0.0.1").start()
+    joiner = None
+    try:
+        assert lone.reachability == "unknown"  # nobody to ask: expected, nothing to fix
+        assert lone.snapshot()["nat"]["advice"] is None
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "Reachability" in r.message]
+        # A node whose bootstrap peer does not answer keeps the advice and the warning.
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            dead_port = probe.getsockname()[1]
+        dead = f"/ip4/127.0.0.1/tcp/{dead_port}/p2p/{lone.peer_id}"
+        joiner = NetworkService(tmp_path / "joiner", "exp", net([dead]), listen_host="127.0.0.1").start()
+        assert joiner.reachability == "unknown"
+        assert "bootstrap" in joiner.snapshot()["nat"]["advice"]
+        assert [r for r in caplog.records if r.levelno == logging.WARNING and "Reachability unknown" in r.message]
+    finally:
+        for svc in (joiner, lone):
+            if svc is not None:
+                svc.stop()

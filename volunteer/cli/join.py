@@ -136,5 +136,5 @@ def _build_supervisor(node: Any, manifest: Any, settings: Any, live: Any) -> Any
         raise ManifestError(manifest.source, "expert", str(exc)) from None
     hardware = detect_hardware()
     device = choose_device(settings.device, hardware)
-    configure_device(device, settings.max_threads, settings.max_gpu_memory_fraction)
+    configure_device(device, settings.max_gpu_memory_fraction)
     return Supervisor(node, manifest, settings, hardware, device, live=live)

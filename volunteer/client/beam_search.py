@@ -11,6 +11,13 @@ directory answers, exclusions): ties are broken by coordinates, so results are d
 With ``beam_size`` at least the number of alive prefixes at every level the result equals
 brute force (top ``k_best`` of all alive experts by summed score); a smaller beam trades
 exactness for fewer lookups, exactly as in Learning@home / hivemind.
+
+Excluded experts (the trainer's avoid list: draining, vanished) are skipped at the last
+level, and a prefix with an excluded expert under it does not take one of the
+``beam_size`` places at the levels above: the beam keeps it *in addition*, so a narrow beam
+cannot end up holding only prefixes whose experts are all excluded while others are alive.
+That costs at most ``len(exclude)`` extra prefixes per sample and level, and none when
+nothing is excluded.
 """
 
 from __future__ import annotations
@@ -48,6 +55,29 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else -math.inf
 
 
+def _ancestor_queries(uid: str, uid_prefix: str) -> list[str]:
+    """The prefix queries above ``uid`` below the grid root: "p.3.7" -> ["p.3."]."""
+    head = uid_prefix + "."
+    if not uid.startswith(head):
+        return []
+    parts = uid[len(head):].split(".")
+    return [head + ".".join(parts[:n]) + "." for n in range(1, len(parts))]
+
+
+def _keep_untainted(
+    candidates: list[tuple[tuple[int, ...], float]], keep: int, uid_prefix: str, tainted: set[str]
+) -> list[tuple[tuple[int, ...], float]]:
+    """Best first: ``keep`` untainted prefixes, plus the tainted ones ranked above the last."""
+    kept, clean = [], 0
+    for cand in sorted(candidates, key=lambda t: (-t[1], t[0])):
+        if clean == keep:
+            break
+        kept.append(cand)
+        if _query(uid_prefix, cand[0]) not in tainted:
+            clean += 1
+    return kept
+
+
 def beam_search(
     grid_scores: Sequence[torch.Tensor],
     uid_prefix: str,
@@ -73,6 +103,8 @@ def beam_search(
     dims = [int(s.shape[1]) for s in grid_scores]
     scores = [s.detach().to("cpu", torch.float64).tolist() for s in grid_scores]
     excluded = set(exclude)
+    # prefix queries ("p.3.") with an excluded expert somewhere under them
+    tainted = {q for uid in excluded for q in _ancestor_queries(uid, uid_prefix)}
 
     # beams[b]: list of (coords, score) kept for sample b
     beams: list[list[tuple[tuple[int, ...], float]]] = [[((), 0.0)] for _ in range(batch)]
@@ -93,7 +125,10 @@ def beam_search(
                     if last and make_uid(uid_prefix, full) in excluded:
                         continue
                     candidates.append((full, score + _finite(row[c])))
-            new_beams.append(heapq.nsmallest(keep, candidates, key=lambda t: (-t[1], t[0])))
+            if last or not tainted:
+                new_beams.append(heapq.nsmallest(keep, candidates, key=lambda t: (-t[1], t[0])))
+            else:
+                new_beams.append(_keep_untainted(candidates, keep, uid_prefix, tainted))
         beams = new_beams
 
     wanted = list(dict.fromkeys(make_uid(uid_prefix, c) for beam in beams for c, _ in beam))

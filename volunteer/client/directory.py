@@ -8,6 +8,10 @@ batch of samples:
   ``"demo.ffn.3."``), the next grid coordinates under it that have at least one alive expert;
 - ``resolve(uids)``: a ``Transport`` for each alive uid (uids not alive are simply absent).
 
+A directory that caches lookups may also offer ``invalidate(uids)`` (optional, not part of
+the protocol): RemoteMixtureOfExperts calls it, when present, with experts that answered
+"draining"/"unknown_expert" or were unreachable, so it stops offering them from its cache.
+
 ``StaticDirectory`` answers from a fixed mapping uid -> endpoint/Transport (tests, local runs,
 the demo trainer). ``StaticDirectory.from_endpoints`` builds that mapping by asking each
 server which experts it hosts with the wire ``info`` op. The DHT-backed implementation lives

@@ -13,11 +13,19 @@ calls for ``avoid_for`` seconds (a small client-side blacklist with expiry), so 
 or vanished volunteer does not cost a timeout on every step. An expert cut off by
 ``timeout_after_k_min`` (slower than the quorum) is avoided only if its call, left to
 finish in the background, then fails that way too: slow is fine, gone is not.
+
+A directory may cache lookups (``DhtDirectory`` for 3 s), and would go on offering a
+volunteer that just left. When an expert answers "draining" or "unknown_expert" or cannot
+be reached, the layer calls the directory's optional ``invalidate(uids)`` (only if it has
+one), so the next step reads fresh records, and beam search skips avoided experts (without
+letting prefixes that hold only avoided experts crowd out the others), so the next step
+re-plans with the remaining volunteers instead of picking the leaver's experts again.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,10 +43,14 @@ from volunteer.wire.errors import RemoteError
 if TYPE_CHECKING:
     from volunteer.wire.transport import Transport
 
-__all__ = ["AVOID_CODES", "AvoidList", "NotEnoughExpertsError", "RemoteMixtureOfExperts"]
+__all__ = ["AVOID_CODES", "INVALIDATE_CODES", "AvoidList", "NotEnoughExpertsError", "RemoteMixtureOfExperts"]
+
+log = logging.getLogger(__name__)
 
 #: error codes after which an expert is avoided for a while (it is leaving or gone)
 AVOID_CODES = frozenset({"draining", "unreachable", "unknown_expert", "timeout"})
+#: error codes after which the directory's cached lookups of the expert are stale
+INVALIDATE_CODES = frozenset({"draining", "unreachable", "unknown_expert"})
 
 ExpertFactory = Callable[[str, "Transport"], nn.Module]
 
@@ -161,8 +173,17 @@ class RemoteMixtureOfExperts(nn.Module):
         )
 
     def _on_failure(self, uid: str, exc: BaseException) -> None:
-        if isinstance(exc, RemoteError) and exc.code in AVOID_CODES and not isinstance(exc, CutOffError):
+        if not isinstance(exc, RemoteError) or isinstance(exc, CutOffError):
+            return
+        if exc.code in AVOID_CODES:
             self.avoid.add(uid, self.avoid_for)
+        if exc.code in INVALIDATE_CODES:
+            invalidate = getattr(self.directory, "invalidate", None)  # optional in ExpertDirectory
+            if callable(invalidate):
+                try:
+                    invalidate([uid])
+                except Exception:  # a directory hiccup must not break the step
+                    log.warning("directory.invalidate(%r) failed", uid, exc_info=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:

@@ -20,11 +20,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import platformdirs
+
+from volunteer.fsutil import atomic_write_bytes
 
 HOME_ENV = "VOLUNTEER_HOME"
 CONTROL_FILE = "control.json"
@@ -115,7 +116,7 @@ class NodeHome:
 
     def write_control_file(self, info: dict[str, Any]) -> None:
         """Atomically publish the control API address (temp file + rename)."""
-        write_atomic(self.control_file, json.dumps(info, indent=2).encode() + b"\n")
+        atomic_write_bytes(self.control_file, json.dumps(info, indent=2).encode() + b"\n")
 
     def read_control_file(self) -> dict[str, Any] | None:
         """The published control address, or None when absent/unreadable."""
@@ -145,36 +146,3 @@ def _read_pid(fd: int) -> int | None:
         return int(text) if text else None
     except (OSError, ValueError):
         return None
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory, fsync and rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a crash (best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

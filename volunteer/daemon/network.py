@@ -7,7 +7,8 @@ swarm (the node's multiaddrs are then what other volunteers pass as ``--bootstra
 Flag addresses are validated like the manifest's (a multiaddr ending in ``/p2p/<id>``).
 
 ``start_network(...)`` builds and starts ``volunteer.net.service.NetworkService`` and
-announces the hosted experts. Any failure becomes ``NetworkStartError`` with a one-line
+announces the hosted experts (a listen that fails, e.g. a port taken, is the service's
+``ListenError``). Any failure becomes ``NetworkStartError`` with a one-line
 reason and the fix: the daemon then exits non-zero instead of serving half-joined (a node
 that no trainer can find is worse than a clear error; ``network_enabled=false`` serves over
 ZeroMQ only, on purpose).
@@ -87,11 +88,6 @@ def start_network(
     except BaseException as exc:
         _stop_quietly(service)
         raise NetworkStartError(_start_failure(exc, network, listen_host)) from None
-    if not service.multiaddrs:  # py-libp2p 0.8.1 swallows a failed listen (e.g. port taken)
-        _stop_quietly(service)
-        port = int(getattr(network, "listen_port", 0) or 0)
-        raise NetworkStartError(f"cannot listen on {listen_host}:{port} for the peer network (address in use or "
-                                "not local); pick another network.listen_port in the manifest or set listen_host")
     try:
         report = service.announce(list(uids), "serving", load)
     except BaseException as exc:
@@ -126,8 +122,13 @@ def network_problem(snapshot: Mapping[str, Any] | None) -> str | None:
 
 
 def _start_failure(exc: BaseException, network: Any, listen_host: str) -> str:
+    from volunteer.net.service import ListenError
+
     exc = _leaf(exc)
     port = int(getattr(network, "listen_port", 0) or 0)
+    if isinstance(exc, ListenError):  # the service names the address and the reason
+        return (f"cannot listen on {exc.address} for the peer network ({exc.reason}); "
+                "pick another network.listen_port in the manifest or set listen_host")
     text = _one_line(exc)
     if isinstance(exc, OSError) or "address already in use" in text.lower() or "errno 98" in text.lower():
         return (f"cannot listen on {listen_host}:{port} for the peer network ({text}); "

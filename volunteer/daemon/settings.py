@@ -19,6 +19,7 @@ import yaml
 MAX_CONFIG_BYTES = 64 * 1024
 ENV_PREFIX = "VOLUNTEER_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+AUTO = "auto"
 
 
 class SettingsError(Exception):
@@ -36,6 +37,7 @@ class Setting:
     lo: float | None = None
     hi: float | None = None
     choices: tuple[str, ...] | None = None
+    auto: bool = False  # also accepts the word "auto" (resolved by whoever applies the setting)
 
     @property
     def env(self) -> str:
@@ -55,6 +57,8 @@ class Setting:
         return out
 
     def _convert(self, value: Any) -> Any:
+        if self.auto and isinstance(value, str) and value.strip().lower() == AUTO:
+            return AUTO
         if self.type is bool:
             if isinstance(value, bool):
                 return value
@@ -89,8 +93,8 @@ class Setting:
             return "true or false"
         name = {int: "an integer", float: "a number", str: "a string"}[self.type]
         if self.lo is not None and self.hi is not None:
-            return f"{name} in [{self.lo:g}, {self.hi:g}]"
-        return name
+            name = f"{name} in [{self.lo:g}, {self.hi:g}]"
+        return f"{AUTO} or {name}" if self.auto else name
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -104,7 +108,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("checkpoint_interval_s", float, 300.0, "seconds between periodic checkpoints (a kill -9 loses at most this much)", 1, 86400),
     Setting("leave_timeout_s", float, 30.0, "default deadline for a graceful leave (SIGTERM/SIGINT)", 0.1, 3600),
     Setting("log_level", str, "info", "log level for stderr and the log file", choices=LOG_LEVELS),
-    Setting("max_threads", int, 0, "torch intra-op threads (0 = torch's default)", 0, 1024),
+    Setting("torch_threads", int, AUTO, "torch intra-op threads; auto = logical CPUs - 1 (at least 1), leaving a "
+            "core to the network and IO threads", 1, 1024, auto=True),
     Setting("max_gpu_memory_fraction", float, 0.9, "largest share of the GPU's memory this node may use", 0.05, 1.0),
     Setting("selfbench", bool, True, "measure expert throughput on first join (cached per device and expert)"),
 )

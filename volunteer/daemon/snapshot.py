@@ -64,7 +64,7 @@ def build_snapshot(sup: Supervisor, stats: dict[str, dict[str, Any]], include_us
         experts[uid] = entry
     requests, errors = totals(experts)
     usage = live_usage(sup.device, _process()) if include_usage else {"device": {"name": sup.device}}
-    device = {**usage["device"], "description": sup.device_description}
+    device = {**usage["device"], "description": sup.device_description, "torch_threads": sup.torch_threads}
     queue_fill = max(
         (float(e.get("queue_depth", 0) or 0) / max(1, m.serving.max_queue_size) for e in experts.values()),
         default=0.0,

@@ -38,7 +38,7 @@ from typing import Any
 from volunteer import __version__
 from volunteer.daemon.checkpointer import Checkpointer
 from volunteer.daemon.control_server import ControlRequestError, ControlServer
-from volunteer.daemon.hardware import HardwareInfo, describe_device
+from volunteer.daemon.hardware import HardwareInfo, apply_torch_threads, describe_device
 from volunteer.daemon.health import HealthTracker
 from volunteer.daemon.home import NodeHome
 from volunteer.daemon.leave_report import LeaveReport
@@ -74,6 +74,7 @@ class Supervisor:
         self.endpoint: str | None = None
         self.node_id = ""
         self.selfbench: dict[str, Any] | None = None
+        self.torch_threads: int | None = None
         self.backends: dict[str, Any] = {}
         self.runtime: Any = None
         self.frontend: Any = None
@@ -98,6 +99,9 @@ class Supervisor:
         from volunteer.runtime.zmq_frontend import ZmqFrontend
 
         m, s = self.manifest, self.settings
+        # Process-global, so the daemon decides it once, before the experts, self-benchmark
+        # and runtime threads first use torch's intra-op pool (each thread adopts it then).
+        self.torch_threads = apply_torch_threads(s.torch_threads)
         self.node_id = self._node_id()
         store = CheckpointStore(self.home.checkpoint_dir(m.experiment.name), m.fingerprint())
         count = min(int(s.num_experts), m.grid.size)
@@ -200,7 +204,7 @@ class Supervisor:
         if self.selfbench:
             bench = (f"; self-benchmark {self.selfbench['train_samples_per_s']:.0f} train samples/s"
                      f"{' (cached)' if self.selfbench.get('cached') else ''}")
-        log.info("device: %s%s", self.device_description, bench)
+        log.info("device: %s; %d torch thread(s)%s", self.device_description, self.torch_threads or 0, bench)
         hosted = [f"{u} (resumed at {ck.resumed[u]} updates)" if u in ck.resumed else u for u in self.backends]
         log.info("hosting %d %s expert(s): %s", len(hosted), m.expert.kind, ", ".join(hosted))
         log.info("trainers reach this node at %s", self.endpoint)

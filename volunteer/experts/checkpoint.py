@@ -4,8 +4,9 @@ One file per hosted expert uid in ``<home>/checkpoints/<experiment>/<uid>.pt`` h
 ``{"format", "uid", "fingerprint", "saved_at", "state"}`` where ``state`` is the backend's
 ``state_dict()`` (module weights, optimizer state, ``updates_applied``).
 
-- Writes are atomic: ``torch.save`` into a temp file in the same directory, fsync, rename,
-  fsync the directory. A crash (even ``kill -9``) leaves either the old or the new file.
+- Writes are atomic (``volunteer.fsutil.atomic_write``): ``torch.save`` into a temp file in
+  the same directory, fsync, rename, fsync the directory. A crash (even ``kill -9``) leaves
+  either the old or the new file.
 - Loads use ``torch.load(weights_only=True)``: tensors and plain containers only.
 - The manifest fingerprint (architecture + optimizer kind) is stored and checked, so a
   changed architecture is never loaded silently: ``CheckpointMismatchError`` names both
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from volunteer.fsutil import atomic_write
 
 CHECKPOINT_FORMAT = 1
 _UID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
@@ -71,22 +73,7 @@ def save_checkpoint(path: Path, uid: str, fingerprint: str, state: Mapping[str, 
         "state": dict(state),
     }
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-            size = fh.tell()
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return size
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def load_checkpoint(path: Path, uid: str, fingerprint: str, map_location: str = "cpu") -> dict[str, Any]:
@@ -150,15 +137,3 @@ class CheckpointStore:
         os.replace(src, dst)
         return dst
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -10,12 +10,12 @@ joins read the cache and start at once. The figure is shown by ``volunteer join`
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from volunteer.fsutil import atomic_write_bytes
 
 MAX_CACHE_BYTES = 1024 * 1024
 MAX_CACHE_ENTRIES = 256
@@ -83,17 +83,7 @@ def read_cache(path: Path) -> dict[str, Any]:
 
 def _write_cache(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".selfbench.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_bytes(path, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
 def cached_throughput(

@@ -11,7 +11,8 @@
   hole-punched or relayed: the node decides).
 - Lookups are cached for ``cache_ttl`` seconds (default 3 s) per prefix, so a beam search
   and the dispatch right after it cost one round of lookups per dimension. Transports are
-  cached per server and reused.
+  cached per server and reused. ``invalidate(uids)`` drops the cached lookups that could
+  offer those uids (RemoteMixtureOfExperts calls it when an expert is draining or gone).
 """
 
 from __future__ import annotations
@@ -112,10 +113,21 @@ class DhtDirectory:
             transport = self._transports.setdefault(key, transport)
         return transport
 
-    def invalidate(self) -> None:
-        """Forget cached lookups (e.g. after a call to a resolved server failed)."""
+    def invalidate(self, uids: Sequence[str] | None = None) -> None:
+        """Forget cached lookups: all of them, or those that could offer one of ``uids``.
+
+        A trainer calls this when experts answered "draining", "unknown_expert" or were
+        unreachable: the lookups of every prefix above them (``"p."``, ``"p.3."`` for
+        ``"p.3.7"``) are read again from the DHT on next use, so a volunteer that just left
+        is not offered again for the rest of the cache lifetime.
+        """
         with self._lock:
-            self._cache.clear()
+            if uids is None:
+                self._cache.clear()
+                return
+            stale = {q for uid in uids for q in _prefix_queries(uid)}
+            for query in stale & self._cache.keys():
+                del self._cache[query]
 
     def close(self) -> None:
         with self._lock:
@@ -153,6 +165,12 @@ class FallbackTransport:
 
     def __repr__(self) -> str:
         return f"FallbackTransport({self.primary!r} -> {self.fallback!r})"
+
+
+def _prefix_queries(uid: str) -> list[str]:
+    """Every prefix query a lookup of ``uid`` can go through: "p.3.7" -> ["p.", "p.3."]."""
+    parts = uid.split(".")
+    return [".".join(parts[:n]) + "." for n in range(1, len(parts))]
 
 
 def _zmq_transport(endpoint: str) -> Any:

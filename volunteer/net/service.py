@@ -30,11 +30,22 @@ addresses would cost every trainer a direct-dial timeout before the relay is tri
 
 A manifest without bootstrap peers starts a new swarm; ``multiaddrs`` are the addresses
 other volunteers put in their manifest's ``network.bootstrap``.
+
+py-libp2p 0.8.1 only logs a listen that fails (port taken, address not local) and runs on
+with no address; ``start()`` checks that the host listens and raises ``ListenError`` (an
+``OSError`` naming the address and, when a probe bind can tell, the reason) instead of
+returning a node nobody can dial.
+
+A node with nobody to ask (a new swarm without relays: the first volunteer) cannot learn
+its reachability; "unknown" is expected there, so it gets no advice and no start-up
+warning (``_SwarmNat``). Nodes with bootstrap peers or relays keep the advice.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +53,8 @@ from typing import Any
 import trio
 
 from volunteer.net.host import default_listen_host, load_or_create_identity, peer_id_of
+from volunteer.net.nat import reachability as rb
+from volunteer.net.nat.traversal import NatTraversal
 from volunteer.net.node import NodeConfig, SwarmNode
 from volunteer.net.registry import DEFAULT_TTL, AnnounceReport, ExpertRegistry
 from volunteer.net.rpc_server import RpcServer
@@ -51,6 +64,18 @@ from volunteer.wire.limits import DEFAULT_LIMITS, WireLimits
 log = logging.getLogger(__name__)
 
 ANNOUNCE_TIMEOUT = 20.0
+
+
+class ListenError(OSError):
+    """The libp2p host could not listen on its address (``str(err)`` is one line).
+
+    ``address`` is "host:port", ``reason`` the probe's answer (e.g. "Address already in use").
+    """
+
+    def __init__(self, code: int, address: str, reason: str) -> None:
+        super().__init__(code, f"the peer network cannot listen on {address}: {reason}")
+        self.address = address
+        self.reason = reason
 
 
 class NetworkService:
@@ -74,6 +99,7 @@ class NetworkService:
         self.dht_mode_interval = dht_mode_interval
         host = listen_host or default_listen_host()
         port = int(getattr(network, "listen_port", 0) or 0)
+        self.listen_host, self.listen_port = host, port
         self.bootstrap = tuple(getattr(network, "bootstrap", ()) or ())
         self.relays = list(getattr(network, "relays", ()) or ())
         self.public = str(getattr(network, "public", "auto") or "auto")
@@ -96,11 +122,20 @@ class NetworkService:
         self._announce_lock: trio.Lock | None = None
         self.last_announce: AnnounceReport | None = None
         self.heartbeats = 0
+        self._listen_error: ListenError | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 90.0) -> NetworkService:
-        """Start the node; returns once it listens and the first bootstrap round is done."""
-        self._thread.start(self._main, timeout=timeout)
+        """Start the node; returns once it listens and the first bootstrap round is done.
+
+        Raises ``ListenError`` when the host cannot listen (e.g. the port is taken).
+        """
+        try:
+            self._thread.start(self._main, timeout=timeout)
+        except BaseException:
+            if self._listen_error is not None:  # unwrapped from trio's exception groups
+                raise self._listen_error from None
+            raise
         return self
 
     async def _main(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -109,13 +144,15 @@ class NetworkService:
         self._announce_lock = trio.Lock()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.node.run)
+            if not self.node.host.get_addrs():
+                self._listen_error = _listen_error(self.listen_host, self.listen_port)
+                raise self._listen_error
             if self.submit is not None:
                 self.rpc = RpcServer(self.node.host, self.submit, self.limits)
                 self.rpc.install()
             if self.enable_nat:
                 self.nat = _make_nat(self.node, self.relays, self.bootstrap, self.public)
-                if self.nat is not None:
-                    await nursery.start(self.nat.run)
+                await nursery.start(self.nat.run)
             await self._apply_dht_mode()
             nursery.start_soon(self._dht_mode_watch)
             nursery.start_soon(self._heartbeat)
@@ -275,14 +312,32 @@ class NetworkService:
         }
 
 
-def _make_nat(node: SwarmNode, relays: list[str], bootstrap: Sequence[str], public: str) -> Any:
-    """The NAT engineer's NatTraversal, run as a trio service (None if unavailable)."""
+def _listen_error(host: str, port: int) -> ListenError:
+    """Why listening on host:port failed, as far as a probe bind can tell (libp2p hides it)."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    code, reason = errno.EADDRNOTAVAIL, "the address was refused"
     try:
-        from volunteer.net.nat.traversal import NatTraversal
-    except ImportError:
-        return None
-    return NatTraversal(node.host, relays, allow_hop=public != "no", bootstrap=list(bootstrap),
-                        assume_public=public == "yes")
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        code, reason = exc.errno or code, exc.strerror or str(exc)
+    return ListenError(code, where, reason)
+
+
+class _SwarmNat(NatTraversal):
+    """NatTraversal whose advice stays quiet when there is nobody to ask (see module docstring)."""
+
+    def advice(self) -> str | None:
+        if self.reachability == rb.UNKNOWN and not self.relays and not self.bootstrap:
+            return None  # alone in a new swarm: nothing is wrong and nothing to fix
+        return super().advice()
+
+
+def _make_nat(node: SwarmNode, relays: list[str], bootstrap: Sequence[str], public: str) -> NatTraversal:
+    """NAT traversal (reachability, relays, hole punching), run as a trio service."""
+    return _SwarmNat(node.host, relays, allow_hop=public != "no", bootstrap=list(bootstrap),
+                     assume_public=public == "yes")
 
 
 def _count_connections(node: SwarmNode | None) -> dict[str, int]:

@@ -1,0 +1,63 @@
+"""The ``torch_threads`` setting: auto leaves a core free, the daemon applies it at startup."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DaemonFactory, cli_env, run_cli
+from volunteer.daemon.control_client import call
+from volunteer.daemon.hardware import torch_threads_for, usable_cpus
+
+
+def test_auto_leaves_one_cpu_for_io_and_an_integer_overrides() -> None:
+    assert torch_threads_for("auto", cpus=1) == 1
+    assert torch_threads_for("auto", cpus=2) == 1
+    assert torch_threads_for("auto", cpus=16) == 15
+    assert torch_threads_for("auto") == max(1, usable_cpus() - 1)
+    assert torch_threads_for(4, cpus=2) == 4
+    with pytest.raises(ValueError, match="auto or >= 1"):
+        torch_threads_for(0)
+
+
+@pytest.mark.timeout(60)
+def test_applied_value_reaches_threads_started_later() -> None:
+    code = (
+        "import threading, torch\n"
+        "from volunteer.daemon.hardware import apply_torch_threads\n"
+        "before = torch.get_num_threads()\n"
+        "applied = apply_torch_threads(3 if before != 3 else 2)\n"
+        "seen = []\n"
+        "t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))\n"
+        "t.start(); t.join()\n"
+        "print(before, applied, seen[0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    before, applied, seen = map(int, out.stdout.split())
+    assert applied == seen == (3 if before != 3 else 2)
+
+
+@pytest.mark.timeout(60)
+def test_settings_command_lists_torch_threads(tmp_path: Path) -> None:
+    home = str(tmp_path / "home")
+    rows = {r["name"]: r for r in json.loads(run_cli("settings", "--json", "--home", home).stdout)["settings"]}
+    assert (rows["torch_threads"]["value"], rows["torch_threads"]["source"]) == ("auto", "default")
+    env = cli_env(VOLUNTEER_TORCH_THREADS="3")
+    rows = {r["name"]: r for r in json.loads(run_cli("settings", "--json", "--home", home, env=env).stdout)["settings"]}
+    assert (rows["torch_threads"]["value"], rows["torch_threads"]["source"]) == (3, "env")
+    assert "max_threads" not in rows
+
+
+@pytest.mark.timeout(90)
+def test_daemon_applies_auto_at_startup_and_reports_it(tmp_path: Path, volunteer_daemon: DaemonFactory) -> None:
+    home = tmp_path / "home"
+    volunteer_daemon.start(home)
+    snap = call(home, "status")
+    expected = torch_threads_for("auto")
+    assert snap["device"]["torch_threads"] == expected
+    assert snap["settings"]["torch_threads"] == "auto"
+    assert f"{expected} torch thread(s)" in volunteer_daemon.procs[0].output()
