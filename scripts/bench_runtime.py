@@ -3,8 +3,8 @@ against baselines measured in the same run (these machines are noisy).
 
 1. served forward+backward samples/s vs local torch forward+backward+optimizer step of the
    same expert and batch (ffn, 4 experts, 4 concurrent clients), activation cache on and off,
-   in interleaved rounds (the local baseline runs inside the idle server process: same process,
-   same torch threads); ratios are medians of per-round ratios;
+   in interleaved rounds with alternating phase order (the local baseline runs inside the idle
+   server process: same process, same torch threads); ratios are medians of per-round ratios;
 2. round-trip latency of forward+backward through the ``nop`` expert (median, p90);
 3. throughput with 1, 4, 16, 64 concurrent clients (no collapse as clients grow).
 
@@ -292,13 +292,18 @@ def main(argv: list[str] | None = None) -> int:
         for c in (True, False)
     }
     rounds: list[dict] = []
-    try:  # interleaved rounds: these machines are noisy, so each ratio compares neighbours in time
-        for _ in range(p["rounds"]):
-            r = {"local": servers[True].local_baseline("ffn", h, batch, secs)}
-            for cache, server in servers.items():
-                r["cache_on" if cache else "cache_off"] = served_throughput(
-                    server, uids, n_cli, batch, h, secs
-                )
+    phases = ["local", "cache_on", "cache_off"]
+    try:  # interleaved rounds: these machines are noisy, so each ratio compares neighbours in time;
+        # the phase order alternates (ABC, CBA, ...) so that a drift in load favours no phase
+        for i in range(p["rounds"]):
+            r = {}
+            for phase in phases if i % 2 == 0 else phases[::-1]:
+                if phase == "local":
+                    r[phase] = servers[True].local_baseline("ffn", h, batch, secs)
+                else:
+                    r[phase] = served_throughput(
+                        servers[phase == "cache_on"], uids, n_cli, batch, h, secs
+                    )
             rounds.append(r)
     finally:
         for server in servers.values():

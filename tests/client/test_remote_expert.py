@@ -115,6 +115,23 @@ def test_per_call_timeout_then_the_transport_recovers():
         expert.transport.close()
 
 
+@pytest.mark.timeout(30)
+def test_a_pooled_socket_honours_a_shorter_timeout_on_its_next_call():
+    backends = make_backends({"r.0": ("nop", H)})
+    with running(backends, ServingLimits()) as (rt, fe):
+        transport = ZmqTransport(fe.endpoint)
+        patient = RemoteExpert("r.0", transport, timeout=600)  # beyond this test's own limit
+        hasty = RemoteExpert("r.0", transport, timeout=0.3)
+        with torch.no_grad():
+            assert patient(torch.randn(1, H)).shape == (1, H)  # leaves its socket pooled
+            assert len(transport._idle) == 1
+            with rt.exclusive(), pytest.raises(RemoteTimeoutError):
+                hasty(torch.randn(1, H))  # same socket: must not wait with the old timeout
+            wait_for(lambda: rt.stats()["r.0"]["queue_depth"] == 0, what="the stale request")
+            assert patient(torch.randn(1, H)).shape == (1, H)
+        transport.close()
+
+
 def test_unreachable_peer():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -78,6 +78,20 @@ def test_zero_copy_on_writable_buffers_and_private_copy_of_bytes():
     assert bytes(memoryview(buf).cast("B")) == immutable
 
 
+@pytest.mark.parametrize("shape", [(), (7,), (2, 3, 4), (0, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_tensors_of_any_rank_and_layout_round_trip(shape, dtype):
+    x = torch.randn(shape).to(dtype)
+    t = torch.randn(5, 3).to(dtype).t()  # not contiguous: sent as a contiguous copy
+    frames = encode_result(9, [x, t])
+    received = [bytes(memoryview(frames[0]).cast("B"))]  # header: bytes, as any peer may send
+    received += [memoryview(bytearray(memoryview(f).cast("B"))) for f in frames[1:]]
+    got = decode_reply(received).tensors
+    assert [g.shape for g in got] == [x.shape, t.shape]
+    assert all(g.dtype == dtype for g in got)
+    assert torch.equal(got[0], x) and torch.equal(got[1], t)
+
+
 def header(**fields) -> bytes:
     base = {"v": PROTOCOL_VERSION, "op": "forward", "uid": "u", "id": 3, "t": []}
     base.update(fields)

@@ -104,7 +104,7 @@ class _RemoteCall(torch.autograd.Function):
         *inputs: torch.Tensor,
     ) -> torch.Tensor:
         fid = new_request_id()
-        cpu_inputs = [x.detach().cpu() for x in inputs]
+        cpu_inputs = [x.detach() if x.device.type == "cpu" else x.detach().cpu() for x in inputs]
         reply = expert.call_reply(
             "forward", cpu_inputs, request_id=fid, will_backward=will_backward
         )
@@ -114,12 +114,15 @@ class _RemoteCall(torch.autograd.Function):
         ctx.expert, ctx.fid, ctx.cached = expert, fid, reply.cached
         ctx.devices = [(x.device, x.dtype) for x in inputs]
         ctx.save_for_backward(*cpu_inputs)
-        return out.to(inputs[0].device) if inputs else out
+        if inputs and inputs[0].device != out.device:
+            out = out.to(inputs[0].device)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
-        inputs = ctx.saved_tensors
-        grad = grad_output.detach().cpu().contiguous()
+        grad = grad_output.detach()
+        if grad.device.type != "cpu":
+            grad = grad.cpu()
         grads = None
         if ctx.cached:
             try:
@@ -128,13 +131,18 @@ class _RemoteCall(torch.autograd.Function):
                 )
             except CacheMissError:
                 grads = None
-        if grads is None:
-            grads = ctx.expert.call("backward", [*inputs, grad], forward_id=ctx.fid)
-        if len(grads) != len(inputs):
-            raise RuntimeError(f"server returned {len(grads)} gradients for {len(inputs)} inputs")
+        if grads is None:  # not cached on the server (or lost since): send the inputs again
+            grads = ctx.expert.call("backward", [*ctx.saved_tensors, grad], forward_id=ctx.fid)
+        if len(grads) != len(ctx.devices):
+            raise RuntimeError(
+                f"server returned {len(grads)} gradients for {len(ctx.devices)} inputs"
+            )
         return (
             None,
             None,
             None,
-            *(g.to(device=d, dtype=t) for g, (d, t) in zip(grads, ctx.devices, strict=True)),
+            *(
+                g if g.device == d and g.dtype == t else g.to(device=d, dtype=t)
+                for g, (d, t) in zip(grads, ctx.devices, strict=True)
+            ),
         )

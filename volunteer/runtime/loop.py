@@ -133,21 +133,28 @@ class ServingLoop:
     def _run(self) -> None:
         self.ident = threading.get_ident()
         more = False
+        poll = self._poller.poll
+        wake_r = self._wake_r
+        sources = self._sources
         try:
             while not self._stopping:
-                self._run_calls()
+                if self._calls:
+                    self._run_calls()
                 try:
-                    events = dict(self._poller.poll(0 if (more or self._calls) else None))
+                    events = poll(0 if (more or self._calls) else None)
                 except zmq.ZMQError as e:  # e.g. a socket closed under us
                     log.warning("poll failed: %s", e)
-                    events = {}
-                if self._wake_r in events:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 65536)
-                for sock, (on_readable, _) in list(self._sources.items()):
-                    if sock in events:
-                        _safe(on_readable, sock)
-                self._run_calls()
+                    events = []
+                for sock, _ in events:
+                    if sock == wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(wake_r, 65536)
+                        continue
+                    entry = sources.get(sock)
+                    if entry is not None:
+                        _safe(entry[0], sock)
+                if self._calls:
+                    self._run_calls()
                 more = self._step()
         finally:
             self._run_calls()

@@ -242,8 +242,8 @@ class Runtime:
             self.loop.call_soon(send_error, task, err, self._stats.get(task.uid))
 
     def _count_completed(self, n: int) -> None:
-        with self._cond:
-            self._completed += n
+        # loop thread only; published to drain() by the locked section that ends the batch
+        self._completed += n
 
     def _busy(self) -> bool:
         return self._running or any(len(p) for p in self._pools.values())
@@ -266,14 +266,13 @@ class Runtime:
 
     def _step(self) -> bool:
         """Run at most one batch (loop thread); True when more work is ready right away."""
-        with self._cond:
-            if self._pause_requests or self._stop or self._oldest_pool() is None:
-                return False
+        if self._pause_requests or self._stop:  # racy peek (loop thread): rechecked below
+            return False
         if not self._exec_lock.acquire(blocking=False):  # exclusive() holds it; it wakes us after
             return False
         try:
             with self._cond:
-                pool = self._oldest_pool()
+                pool = None if self._pause_requests or self._stop else self._oldest_pool()
                 if pool is None:
                     return False
                 batch = pool.take_batch(self.limits.max_batch_size)
@@ -285,10 +284,10 @@ class Runtime:
                 with self._cond:
                     self._running = False
                     self._cond.notify_all()
+                    more = not self._pause_requests and self._oldest_pool() is not None
         finally:
             self._exec_lock.release()
-        with self._cond:
-            return not self._pause_requests and self._oldest_pool() is not None
+        return more
 
     def _on_loop_exit(self) -> None:
         with self._cond:

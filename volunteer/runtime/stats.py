@@ -7,6 +7,7 @@ is plain JSON-serialisable data.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import Counter, deque
@@ -24,11 +25,11 @@ def _percentile(values: list[float], q: float) -> float:
     return values[idx]
 
 
+_LABELS = [f"<={b}" for b in HISTOGRAM_BOUNDS] + [f">{HISTOGRAM_BOUNDS[-1]}"]
+
+
 def _bucket(size: int) -> str:
-    for bound in HISTOGRAM_BOUNDS:
-        if size <= bound:
-            return f"<={bound}"
-    return f">{HISTOGRAM_BOUNDS[-1]}"
+    return _LABELS[bisect.bisect_left(HISTOGRAM_BOUNDS, size)]
 
 
 class ExpertStats:

@@ -14,7 +14,7 @@ import torch
 ReplyFn = Callable[[list], None]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Task:
     """One forward or backward request of ``rows`` samples."""
 

@@ -23,6 +23,11 @@ PEER_HWM = 256  # messages libzmq buffers per peer while a batch computes (beyon
 # Frames below this size are copied on send: pyzmq's zero-copy path costs ~25-85 us per frame
 # (a free-callback via its GC thread) while memcpy of 128 KiB costs ~5 us; above it, zero-copy wins.
 COPY_THRESHOLD = 512 * 1024
+# plain ints: pyzmq's flag enums cost an enum construction per ``|`` / ``&`` on the hot path
+_NOBLOCK = int(zmq.NOBLOCK)
+_SEND_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 class ZmqFrontend:
@@ -76,15 +81,23 @@ class ZmqFrontend:
         sock.close(linger=0)
 
     def _on_readable(self, sock: zmq.Socket) -> None:
+        submit = self.runtime.submit
         for _ in range(RECV_BURST):
+            # frames one by one (``Frame.more``) and ``EVENTS`` to see whether another message
+            # waits: cheaper than recv_multipart's option reads and than raising zmq.Again
             try:
-                msg = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                part = sock.recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            msg = [part]
+            while part.more:
+                part = sock.recv(copy=False)
+                msg.append(part)
             # ROUTER prepends the peer identity; REQ peers add an empty delimiter frame.
             cut = 2 if len(msg) > 1 and len(msg[1]) == 0 else 1
-            envelope, payload = msg[:cut], [f.buffer for f in msg[cut:]]
-            self.runtime.submit(payload, self._reply_to(sock, envelope))
+            submit([f.buffer for f in msg[cut:]], self._reply_to(sock, msg[:cut]))
+            if not sock.get(_EVENTS) & _POLLIN:
+                return
 
     def _reply_to(self, sock: zmq.Socket, envelope: list) -> object:
         loop = self.runtime.loop
@@ -101,9 +114,12 @@ class ZmqFrontend:
 def _send(sock: zmq.Socket, envelope: list, frames: list) -> None:
     if sock.closed:
         return
-    try:
-        sock.send_multipart([*envelope, *frames], flags=zmq.NOBLOCK, copy=False)
-    except zmq.Again:
+    parts = [*envelope, *frames]
+    last = len(parts) - 1
+    try:  # part by part: send_multipart re-validates every part in Python first
+        for i, part in enumerate(parts):
+            sock.send(part, _SEND_MORE if i < last else _NOBLOCK, copy=False)
+    except zmq.Again:  # only the first part can be refused (multipart messages are atomic)
         log.debug("dropping a reply: peer is not reading")
     except zmq.ZMQError as e:
         log.debug("dropping a reply: %s", e)

@@ -20,6 +20,7 @@ carries the request id (when it could be read) in ``.request_id`` so the reply c
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,7 +41,7 @@ MAX_REQUEST_ID = 2**64 - 1
 Frame = bytes | memoryview
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     """A decoded request; tensors wrap the received frames (no copy)."""
 
@@ -55,7 +56,7 @@ class Request:
     inputs_included: bool = True
 
 
-@dataclass
+@dataclass(slots=True)
 class Reply:
     """A decoded reply (``op`` "result" or "info"; errors are raised instead)."""
 
@@ -66,8 +67,16 @@ class Reply:
     cached: bool = False
 
 
+_packers = threading.local()
+
+
 def _pack(header: dict) -> bytes:
-    return msgpack.packb(header, use_bin_type=True)
+    # one Packer per thread: msgpack.packb builds (and mallocs a buffer for) a new one per call
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(header)
 
 
 def _unpack_header(frame: Frame, limits: WireLimits) -> dict:

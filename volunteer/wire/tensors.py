@@ -5,8 +5,9 @@ header plus one raw little-endian frame holding exactly ``numel * itemsize`` byt
 Supported dtypes: float32, float16, bfloat16. With ``compression="fp16"`` float32 tensors
 travel as float16 and are restored to float32 on arrival (half the bytes, ~3 decimal digits).
 Decoding validates every spec against :class:`WireLimits` before touching the payload and
-wraps the received buffer with ``torch.frombuffer``: zero-copy for writable buffers (zmq
-frames); read-only ones (``bytes``) are copied once so a tensor never aliases immutable memory.
+wraps the received buffer as a tensor (a numpy view + ``torch.from_numpy``, cheaper than
+``torch.frombuffer().view()``): zero-copy for writable buffers (zmq frames); read-only ones
+(``bytes``) are copied once so a tensor never aliases immutable memory.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from volunteer.wire.errors import BadRequestError, TooLargeError
@@ -26,6 +28,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 ITEMSIZE: dict[torch.dtype, int] = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16)}
 COMPRESSIONS = (None, "fp16")
 MAX_NDIM = 8
 
@@ -47,7 +50,7 @@ def tensor_to_frame(
     """The header spec and a zero-copy buffer for one tensor (copies only to cast/contiguate/CPU)."""
     if compression not in COMPRESSIONS:
         raise ValueError(f"unknown compression {compression!r}; use None or 'fp16'")
-    t = tensor.detach()
+    t = tensor.detach() if tensor.requires_grad else tensor
     name = dtype_name(t.dtype)
     restore = None
     if compression == "fp16" and t.dtype == torch.float32:
@@ -55,7 +58,8 @@ def tensor_to_frame(
         restore, name = name, "float16"
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous()
+    if not t.is_contiguous():
+        t = t.contiguous()
     if t.numel() == 0:
         buf = memoryview(b"")
     elif t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the same bytes
@@ -69,18 +73,20 @@ def _validate_spec(spec: object) -> tuple[torch.dtype, tuple[int, ...], torch.dt
     if not isinstance(spec, (list, tuple)) or len(spec) != 3:
         raise BadRequestError("tensor spec must be [dtype, shape, restore_dtype]")
     name, shape, restore = spec
-    if not isinstance(name, str) or name not in DTYPES:
+    dtype = DTYPES.get(name) if type(name) is str else None
+    if dtype is None:
         raise BadRequestError(f"unsupported dtype {name!r}; use one of {sorted(DTYPES)}")
-    if restore is not None and (not isinstance(restore, str) or restore not in DTYPES):
-        raise BadRequestError(f"unsupported restore dtype {restore!r}")
+    restore_dtype = None
+    if restore is not None:
+        restore_dtype = DTYPES.get(restore) if type(restore) is str else None
+        if restore_dtype is None:
+            raise BadRequestError(f"unsupported restore dtype {restore!r}")
     if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM:
         raise BadRequestError(f"shape must be a list of at most {MAX_NDIM} ints")
-    dims = []
     for d in shape:
-        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+        if type(d) is not int or d < 0:  # exact type: rejects bools and floats
             raise BadRequestError(f"bad shape {shape!r}: dimensions must be non-negative ints")
-        dims.append(d)
-    return DTYPES[name], tuple(dims), (DTYPES[restore] if restore else None)
+    return dtype, tuple(shape), restore_dtype
 
 
 def frames_to_tensors(
@@ -97,47 +103,51 @@ def frames_to_tensors(
         raise BadRequestError(
             f"header describes {len(specs)} tensors but {len(frames)} frames came"
         )
-    parsed = [_validate_spec(s) for s in specs]
+    max_elements = limits.max_elements
+    parsed = []
     total_elements = 0
     total_bytes = 0
-    for (dtype, shape, _), frame in zip(parsed, frames, strict=True):
-        if any(d > limits.max_elements for d in shape):
-            raise TooLargeError(f"dimension of {max(shape)} > max_elements {limits.max_elements}")
+    for spec, frame in zip(specs, frames, strict=True):
+        dtype, shape, restore = _validate_spec(spec)
         numel = 1
         for d in shape:
-            numel *= d
-            if numel > limits.max_elements:
-                break
+            if d > max_elements:
+                raise TooLargeError(f"dimension of {d} > max_elements {max_elements}")
+            numel *= d  # each factor <= max_elements and at most MAX_NDIM of them: bounded
         total_elements += numel
-        if total_elements > limits.max_elements:
-            raise TooLargeError(f"too many elements: > {limits.max_elements}")
+        if total_elements > max_elements:
+            raise TooLargeError(f"too many elements: > {max_elements}")
         nbytes = numel * ITEMSIZE[dtype]
         total_bytes += nbytes
         if total_bytes > limits.max_bytes:
             raise TooLargeError(f"payload too large: > {limits.max_bytes} bytes")
-        if memoryview(frame).nbytes != nbytes:
+        mv = frame if type(frame) is memoryview else memoryview(frame)
+        if mv.nbytes != nbytes:
             raise BadRequestError(
-                f"frame of {memoryview(frame).nbytes} bytes does not match shape {list(shape)} of {DTYPE_NAMES[dtype]}"
+                f"frame of {mv.nbytes} bytes does not match shape {list(shape)} of {DTYPE_NAMES[dtype]}"
             )
-    out = []
-    for (dtype, shape, restore), frame in zip(parsed, frames, strict=True):
-        out.append(_wrap(frame, dtype, shape, restore))
-    return out
+        parsed.append((mv, dtype, shape, restore))
+    return [_wrap(mv, dtype, shape, restore) for mv, dtype, shape, restore in parsed]
 
 
 def _wrap(
-    frame: bytes | memoryview,
+    mv: memoryview,
     dtype: torch.dtype,
     shape: tuple[int, ...],
     restore: torch.dtype | None,
 ) -> torch.Tensor:
-    mv = memoryview(frame).cast("B")
     if mv.nbytes == 0:
         t = torch.empty(shape, dtype=dtype)
     else:
         if mv.readonly:  # e.g. bytes: torch would alias immutable memory; take a private copy
             mv = memoryview(bytearray(mv))
-        t = torch.frombuffer(mv, dtype=dtype).view(shape)
+        elif mv.ndim != 1 or mv.format != "B":
+            mv = mv.cast("B")
+        np_dtype = _NUMPY_DTYPES.get(dtype)
+        if np_dtype is not None:  # numpy wraps a buffer with a shape in one cheap call
+            t = torch.from_numpy(np.ndarray(shape, dtype=np_dtype, buffer=mv))
+        else:  # bfloat16: numpy has none
+            t = torch.frombuffer(mv, dtype=dtype).view(shape)
     if restore is not None and restore != dtype:
         t = t.to(restore)
     return t
