@@ -3,15 +3,20 @@
     python -m tests.netlab.dmoe_trainer --ip IP --bootstrap ADDR --prefix lab.ffn \\
         --grid 2 2 --steps 30
 
-Trainer side of the full NAT proof: a ``ClientNode`` (DHT client) joined through the
-bootstrap/relay node, plus ``NatTraversal`` on the same host so that it can dial relayed
-volunteers and answer/initiate DCUtR hole punches. ``DhtDirectory`` finds experts;
-before a Libp2pTransport is first used, ``NatAwareDirectory`` connects to that server via
-``NatTraversal.connect`` (direct address, else the relay circuit; DCUtR upgrades it).
-Model: Linear -> ReLU -> RemoteMixtureOfExperts -> Linear on a fixed synthetic regression.
+The product's trainer path, nothing lab-specific: a ``ClientNode`` (DHT client) joined
+through the bootstrap/relay node, its ``DhtDirectory`` and ``RemoteMixtureOfExperts``.
+``ClientNode`` reaches NATed volunteers by itself: the first RPC to a server dials its
+direct addresses, else its relay circuit, then waits up to ``--upgrade-timeout`` s for a
+DCUtR hole punch (so that connection time counts against ``--timeout``). ``nat=True``
+runs the reachability check at start, so ``joined`` reports it (the lazy default would
+still say ``unknown`` then). Model: Linear -> ReLU -> RemoteMixtureOfExperts -> Linear on a
+fixed synthetic regression.
 
-Stdout JSON lines: ``joined``, ``step`` (every few steps: loss, experts answered),
-``done`` (first/last loss, per-volunteer connection kinds, counts), or ``error``.
+Stdout JSON lines: ``joined`` (peer id, reachability, seconds since start),
+``discovered`` (first grid coordinates found, seconds since start), ``step`` (every few
+steps: loss, experts answered), ``done`` (first/last loss, per-volunteer connection
+kinds, NAT snapshot, RPC stats), or ``error``. Then stdin ``{"cmd": "kinds"}`` answers
+``kinds``; ``{"cmd": "quit"}`` (or EOF) exits.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Sequence
+from typing import Any
+
+STARTED = time.monotonic()
+KIND_ORDER = ("hole_punched", "direct", "relayed")
 
 
 def _debug_logging() -> None:
@@ -42,42 +49,11 @@ def emit(event: str, **fields: object) -> None:
     sys.stdout.flush()
 
 
-class NatAwareDirectory:
-    """ExpertDirectory: ``DhtDirectory`` + a NatTraversal connect before first use."""
-
-    def __init__(self, inner, client, nat, upgrade_timeout: float) -> None:
-        self.inner, self.client, self.nat = inner, client, nat
-        self.upgrade_timeout = upgrade_timeout
-        self._connected: set[str] = set()
-        self._lock = threading.Lock()
-        self.connect_kinds: dict[str, str] = {}
-
-    def children(self, prefixes: Sequence[str]) -> dict[str, list[int]]:
-        return self.inner.children(prefixes)
-
-    def resolve(self, uids: Sequence[str]) -> dict:
-        out = self.inner.resolve(uids)
-        for transport in out.values():
-            pid = getattr(transport, "peer_id", None)
-            addrs = list(getattr(transport, "addrs", []) or [])
-            if pid is None or not addrs:
-                continue
-            key = pid.to_base58()
-            with self._lock:
-                if key in self._connected:
-                    continue
-                self._connected.add(key)
-            conn = self.client._thread.call(self.nat.connect, addrs, 20.0, 3.0, self.upgrade_timeout)
-            self.connect_kinds[key] = self.nat.connection_kind(conn) if conn else "failed"
-        return out
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def kinds_by_peer(client, nat) -> dict[str, list[list]]:
+def kinds_by_peer(client: Any) -> dict[str, list[list]]:
     """peer id -> [[kind, open streams, remote ip:port], ...] for each open connection."""
     from volunteer.net.nat.connections import remote_ip_port
+
+    nat = client.nat
 
     async def collect() -> dict[str, list[list]]:
         out: dict[str, list[list]] = {}
@@ -85,11 +61,26 @@ def kinds_by_peer(client, nat) -> dict[str, list[list]]:
             for conn in conns if isinstance(conns, list) else [conns]:
                 if not conn.is_closed:
                     remote = remote_ip_port(conn)
+                    kind = nat.connection_kind(conn) if nat is not None else "direct"
                     out.setdefault(pid.to_base58(), []).append(
-                        [nat.connection_kind(conn), len(conn.get_streams()),
+                        [kind, len(conn.get_streams()),
                          f"{remote[0]}:{remote[1]}" if remote else None])
         return out
-    return client._thread.call(collect)
+    return client.call(collect)
+
+
+def connect_kinds(kinds: dict[str, list[list]]) -> dict[str, str]:
+    """peer id -> the kind of connection its RPC streams run on (the one with the most
+    open streams; a hole-punched one with streams wins, since new calls move onto it)."""
+    out: dict[str, str] = {}
+    for pid, conns in kinds.items():
+        used = [c for c in conns if c[1] > 0] or conns
+        if any(c[0] == "hole_punched" for c in used):
+            out[pid] = "hole_punched"
+            continue
+        best = max(used, key=lambda c: (c[1], -KIND_ORDER.index(c[0]) if c[0] in KIND_ORDER else -9))
+        out[pid] = best[0]
+    return out
 
 
 def main(args: argparse.Namespace) -> None:
@@ -100,31 +91,24 @@ def main(args: argparse.Namespace) -> None:
     from volunteer.client.moe import NotEnoughExpertsError, RemoteMixtureOfExperts
     from volunteer.net.client_node import ClientNode
     from volunteer.net.host import quiet_libp2p_logging
-    from volunteer.net.nat.traversal import NatTraversal
 
     quiet_libp2p_logging()
     _debug_logging()
     client = ClientNode(args.experiment, args.bootstrap,
-                        listen_addrs=(f"/ip4/{args.ip}/tcp/{args.port}",)).start()
-    nat = NatTraversal(client.node.host, relays=list(args.bootstrap), allow_hop=False)
-
-    async def start_nat() -> None:
-        assert client.rpc is not None
-        await client.rpc.nursery.start(nat.run)
-
-    client._thread.call(start_nat)
-    directory = NatAwareDirectory(client.directory(), client, nat, args.upgrade_timeout)
-    emit("joined", peer_id=client.peer_id, reachability=nat.reachability,
-         relay_addrs=nat.relay_addrs)
+                        listen_addrs=(f"/ip4/{args.ip}/tcp/{args.port}",), nat=True,
+                        upgrade_timeout=args.upgrade_timeout).start()
+    directory = client.directory()
+    emit("joined", peer_id=client.peer_id, reachability=client.reachability,
+         nat_error=client.nat_error, seconds=round(time.monotonic() - STARTED, 3))
     # Wait (bounded) until the DHT shows experts under every first coordinate.
     deadline = time.monotonic() + args.discover_timeout
     while True:
         found = directory.children([args.prefix + "."])[args.prefix + "."]
         if len(found) >= args.grid[0] or time.monotonic() > deadline:
             break
-        directory.inner.invalidate()
+        directory.invalidate()
         time.sleep(0.5)
-    emit("discovered", first_dim=found)
+    emit("discovered", first_dim=found, seconds=round(time.monotonic() - STARTED, 3))
 
     torch.manual_seed(args.seed)
     hidden = args.hidden_dim
@@ -138,6 +122,7 @@ def main(args: argparse.Namespace) -> None:
     losses: list[float] = []
     answered: set[str] = set()
     skipped = 0
+    first_step_s = None
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(x), (args.batch_size,))
         try:
@@ -152,6 +137,8 @@ def main(args: argparse.Namespace) -> None:
             continue
         opt.step()
         losses.append(loss.item())
+        if first_step_s is None:
+            first_step_s = round(time.monotonic() - STARTED, 3)
         report = moe.last_report
         if report is not None:
             answered.update(report.answered)
@@ -159,15 +146,18 @@ def main(args: argparse.Namespace) -> None:
             emit("step", step=step, loss=round(losses[-1], 5), answered=sorted(answered))
     moe.close()
     window = max(1, min(5, len(losses) // 3))
+    kinds = kinds_by_peer(client)
     emit("done", steps=len(losses), skipped=skipped,
          first_loss=sum(losses[:window]) / window, last_loss=sum(losses[-window:]) / window,
-         answered=sorted(answered), connect_kinds=directory.connect_kinds,
-         kinds=kinds_by_peer(client, nat), nat=nat.snapshot())
+         answered=sorted(answered), connect_kinds=connect_kinds(kinds), kinds=kinds,
+         nat=client.nat.snapshot() if client.nat is not None else {},
+         rpc=vars(client.rpc.stats) if client.rpc is not None else {},
+         first_step_s=first_step_s, seconds=round(time.monotonic() - STARTED, 3))
     for line in sys.stdin:  # stay up for the test's last questions, until quit/EOF
         if line.strip() == '{"cmd": "quit"}':
             break
         if '"kinds"' in line:
-            emit("kinds", kinds=kinds_by_peer(client, nat))
+            emit("kinds", kinds=kinds_by_peer(client))
     directory.close()
     client.stop()
 
@@ -184,11 +174,13 @@ if __name__ == "__main__":
     parser.add_argument("--k-best", type=int, default=4)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--timeout", type=float, default=20.0)
+    parser.add_argument("--timeout", type=float, default=20.0,
+                        help="per-call RPC timeout; the first call to a server also connects")
     parser.add_argument("--discover-timeout", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--upgrade-timeout", type=float, default=25.0,
-                        help="wait this long for a hole punch before using a relayed peer")
+    parser.add_argument("--upgrade-timeout", type=float, default=8.0,
+                        help="wait this long for a hole punch before using a relayed peer "
+                             "(part of the first call's --timeout: keep it <= ~10 s)")
     try:
         main(parser.parse_args())
     except KeyboardInterrupt:

@@ -9,7 +9,8 @@ announces them in the DHT with its relay addresses when it is behind a NAT. This
 daemon's network path without the CLI: the same ``Runtime.submit`` behind the same
 ``NetworkService`` (which runs ``NatTraversal``).
 
-Stdout: JSON lines ``ready`` (peer id, addrs, reachability, relay addrs, announce result),
+Stdout: JSON lines ``ready`` (peer id, addrs, reachability, relay addrs, announce result,
+seconds since the module started),
 then answers to stdin commands ``{"cmd": "stats"}`` (per-uid ``updates_applied`` and
 ``requests``) and ``{"cmd": "snapshot"}`` (NetworkService.snapshot()); ``quit`` exits.
 """
@@ -19,9 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
+
+STARTED = time.monotonic()
 
 
 def _debug_logging() -> None:
@@ -67,7 +71,8 @@ def main(args: argparse.Namespace) -> None:
         report = svc.announce(list(args.uid), "serving", 0.0)
     snap = svc.snapshot()
     emit("ready", peer_id=svc.peer_id, addrs=svc.multiaddrs, reachability=svc.reachability,
-         relay_addrs=snap.get("relay_addrs", []), announced=bool(report and report.ok))
+         relay_addrs=snap.get("relay_addrs", []), announced=bool(report and report.ok),
+         seconds=round(time.monotonic() - STARTED, 3))
     try:
         for line in sys.stdin:
             try:

@@ -67,13 +67,14 @@ def test_trainer_trains_through_two_natted_volunteers() -> None:
         v1_id, v2_id = ready["v1"]["peer_id"], ready["v2"]["peer_id"]
         # V1: reached through the relay, then upgraded to a direct hole-punched connection
         # whose remote end is V1's NAT, and the expert RPC streams run over it.
-        assert done["connect_kinds"][v1_id] == "hole_punched", done["connect_kinds"]
+        why = {k: done.get(k) for k in ("connect_kinds", "kinds", "nat", "rpc")}
+        assert done["connect_kinds"][v1_id] == "hole_punched", why
         v1_conns = done["kinds"][v1_id]
         punched = [c for c in v1_conns if c[0] == "hole_punched"]
         assert punched and punched[0][2] == f"{lab.routers[0].wan_ip}:4001", v1_conns
         assert punched[0][1] >= 1  # open RPC streams on the direct connection
         # V2: hole punching impossible, so every connection (and its RPC traffic) is relayed.
-        assert done["connect_kinds"][v2_id] == "relayed"
+        assert done["connect_kinds"][v2_id] == "relayed", why
         v2_conns = done["kinds"][v2_id]
         assert all(c[0] == "relayed" for c in v2_conns) and sum(c[1] for c in v2_conns) >= 1
         assert done["nat"]["hole_punches"] >= 1
