@@ -22,31 +22,15 @@ kinds, NAT snapshot, RPC stats), or ``error``. Then stdin ``{"cmd": "kinds"}`` a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
 from typing import Any
 
+from tests.netlab.events import debug_logging, emit
+
 STARTED = time.monotonic()
 KIND_ORDER = ("hole_punched", "direct", "relayed")
-
-
-def _debug_logging() -> None:
-    """NATLAB_DEBUG=logger1,logger2 turns those loggers to DEBUG on stderr."""
-    import logging
-    import os
-
-    names = [n for n in os.environ.get("NATLAB_DEBUG", "").split(",") if n]
-    if names:
-        logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    for name in names:
-        logging.getLogger(name).setLevel(logging.DEBUG)
-
-
-def emit(event: str, **fields: object) -> None:
-    sys.stdout.write(json.dumps({"event": event, **fields}, default=str) + "\n")
-    sys.stdout.flush()
 
 
 def kinds_by_peer(client: Any) -> dict[str, list[list]]:
@@ -93,7 +77,7 @@ def main(args: argparse.Namespace) -> None:
     from volunteer.net.host import quiet_libp2p_logging
 
     quiet_libp2p_logging()
-    _debug_logging()
+    debug_logging()
     client = ClientNode(args.experiment, args.bootstrap,
                         listen_addrs=(f"/ip4/{args.ip}/tcp/{args.port}",), nat=True,
                         upgrade_timeout=args.upgrade_timeout).start()

@@ -25,24 +25,9 @@ import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
+from tests.netlab.events import debug_logging, emit
+
 STARTED = time.monotonic()
-
-
-def _debug_logging() -> None:
-    """NATLAB_DEBUG=logger1,logger2 turns those loggers to DEBUG on stderr."""
-    import logging
-    import os
-
-    names = [n for n in os.environ.get("NATLAB_DEBUG", "").split(",") if n]
-    if names:
-        logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    for name in names:
-        logging.getLogger(name).setLevel(logging.DEBUG)
-
-
-def emit(event: str, **fields: object) -> None:
-    sys.stdout.write(json.dumps({"event": event, **fields}, default=str) + "\n")
-    sys.stdout.flush()
 
 
 def main(args: argparse.Namespace) -> None:
@@ -53,7 +38,7 @@ def main(args: argparse.Namespace) -> None:
     from volunteer.runtime.runtime import Runtime
 
     quiet_libp2p_logging()
-    _debug_logging()
+    debug_logging()
     runtime = None
     if args.uid:
         backends = {uid: ExpertBackend(uid, "ffn", args.hidden_dim, OptimizerSpec(lr=1e-3))

@@ -32,6 +32,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from tests.netlab.events import emit
 from volunteer.net.host import build_host, full_multiaddrs, quiet_libp2p_logging, run_host
 from volunteer.net.nat.connections import ConnectionLedger, is_relayed
 from volunteer.net.nat.reachability import PUBLIC
@@ -39,11 +40,6 @@ from volunteer.net.nat.traversal import NatTraversal
 
 ECHO_PROTOCOL = TProtocol("/volunteer/lab-echo/1.0.0")
 MAX_ECHO = 16 << 20
-
-
-def emit(event: str, **fields: object) -> None:
-    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
-    sys.stdout.flush()
 
 
 async def read_exactly(stream, n: int) -> bytes:
