@@ -24,10 +24,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import traceback
 from typing import Any
 
-from tests.netlab.events import debug_logging, emit
+from tests.netlab.events import debug_logging, emit, run_program
 
 STARTED = time.monotonic()
 KIND_ORDER = ("hole_punched", "direct", "relayed")
@@ -165,10 +164,4 @@ if __name__ == "__main__":
     parser.add_argument("--upgrade-timeout", type=float, default=8.0,
                         help="wait this long for a hole punch before using a relayed peer "
                              "(part of the first call's --timeout: keep it <= ~10 s)")
-    try:
-        main(parser.parse_args())
-    except KeyboardInterrupt:
-        pass
-    except Exception as e:
-        emit("error", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:])
-        sys.exit(1)
+    run_program(lambda: main(parser.parse_args()))

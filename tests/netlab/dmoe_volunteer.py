@@ -21,11 +21,10 @@ import argparse
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
-from tests.netlab.events import debug_logging, emit
+from tests.netlab.events import debug_logging, emit, run_program
 
 STARTED = time.monotonic()
 
@@ -92,10 +91,4 @@ if __name__ == "__main__":
     parser.add_argument("--uid", action="append", default=[])
     parser.add_argument("--hidden-dim", type=int, default=16)
     parser.add_argument("--public", default="auto", choices=["auto", "yes", "no"])
-    try:
-        main(parser.parse_args())
-    except KeyboardInterrupt:
-        pass
-    except Exception as e:
-        emit("error", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:])
-        sys.exit(1)
+    run_program(lambda: main(parser.parse_args()))

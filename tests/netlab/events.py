@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import sys
+import traceback
+from collections.abc import Callable
 
 
 def emit(event: str, **fields: object) -> None:
@@ -25,3 +27,15 @@ def debug_logging() -> None:
         logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     for name in names:
         logging.getLogger(name).setLevel(logging.DEBUG)
+
+
+def run_program(main: Callable[[], object]) -> None:
+    """Run a lab program's ``main``; a crash becomes one ``error`` event and exit status 1,
+    so the test waiting on this program's output sees why instead of timing out."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:
+        emit("error", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:])
+        sys.exit(1)

@@ -25,14 +25,13 @@ import statistics
 import struct
 import sys
 import time
-import traceback
 
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from tests.netlab.events import emit
+from tests.netlab.events import emit, run_program
 from volunteer.net.host import build_host, full_multiaddrs, quiet_libp2p_logging, run_host
 from volunteer.net.nat.connections import ConnectionLedger, is_relayed
 from volunteer.net.nat.reachability import PUBLIC
@@ -187,10 +186,4 @@ if __name__ == "__main__":
     parser.add_argument("--allow-hop", action="store_true")
     parser.add_argument("--no-holepunch", action="store_true")
     parser.add_argument("--assume-public", action="store_true")
-    try:
-        trio.run(main, parser.parse_args())
-    except KeyboardInterrupt:
-        pass
-    except Exception as e:
-        emit("error", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:])
-        sys.exit(1)
+    run_program(lambda: trio.run(main, parser.parse_args()))
