@@ -21,7 +21,7 @@ recomputed forward arriving after other updates.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -69,7 +69,7 @@ class OptimizerSpec:
             return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
 
 
-@dataclass
+@dataclass(slots=True)
 class ForwardGraph:
     """A recorded forward: leaf inputs, parameter aliases and the outputs built from them."""
 
@@ -77,7 +77,6 @@ class ForwardGraph:
     params: list[torch.Tensor]
     output: torch.Tensor
     nbytes: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class ExpertBackend:
@@ -96,6 +95,7 @@ class ExpertBackend:
         self.kind = kind
         self.hidden_dim = hidden_dim
         self.device = torch.device(device)
+        self.on_cpu = self.device.type == "cpu"  # read per batch on the hot path
         self.optimizer_spec = optimizer or OptimizerSpec()
         self.module = build_expert(kind, hidden_dim, **expert_options).to(self.device)
         self.module.eval()  # no dropout / batch statistics: forward is deterministic

@@ -62,24 +62,26 @@ class BatchExecutor:
 
     def run(self, backend: ExpertBackend, op: str, tasks: list[Task], stats: ExpertStats) -> None:
         started = time.monotonic()
+        sent = 0
         try:
             if op == "forward":
                 results = self._forward(backend, tasks, stats)
             else:
                 results = self._backward(backend, tasks, stats)
-            frames = [
-                r
-                if isinstance(r, RemoteError)
-                else encode_result(t.request_id, r, t.compression, t.cached)
-                for t, r in zip(tasks, results, strict=True)
-            ]
+            done = time.monotonic()
+            # replies first: statistics are bookkeeping the waiting clients need not wait for
+            for t, r in zip(tasks, results, strict=True):
+                if isinstance(r, RemoteError):
+                    send_error(t, r, stats)
+                else:
+                    sent += send_reply(t, encode_result(t.request_id, r, t.compression, t.cached))
         except Exception as e:
             log.exception("batch of %d %s tasks failed on %s", len(tasks), op, backend.uid)
             err = InternalError(f"{type(e).__name__}: {e}")
-            for t in tasks:
+            for t in tasks:  # tasks already answered are skipped by send_reply
                 send_error(t, err, stats)
+            self._on_success(sent)
             return
-        done = time.monotonic()
         stats.record_batch(
             op,
             len(tasks),
@@ -87,37 +89,31 @@ class BatchExecutor:
             [(started - t.enqueued) * 1e3 for t in tasks],
             (done - started) * 1e3,
         )
-        sent = 0
-        for t, f in zip(tasks, frames, strict=True):
-            if isinstance(f, RemoteError):
-                send_error(t, f, stats)
-            else:
-                sent += send_reply(t, f)
         self._on_success(sent)
 
     # -- device helpers --
 
     def _gather(self, backend: ExpertBackend, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """Concatenate per-task tensors into one batch tensor on the backend's device."""
-        if len(parts) == 1 and backend.device.type == "cpu":  # the common small-batch case
-            p = parts[0]
-            if p.dtype == backend.dtype and p.device.type == "cpu":
-                return p
+        if backend.on_cpu:
+            if len(parts) == 1:  # the common small-batch case: no copy at all
+                p = parts[0]
+                return p if p.dtype == backend.dtype else p.to(backend.dtype)
+            return torch.cat([p if p.dtype == backend.dtype else p.to(backend.dtype) for p in parts])
         parts = [p if p.dtype == backend.dtype else p.to(backend.dtype) for p in parts]
-        if backend.device.type == "cuda" and any(p.device.type != "cpu" for p in parts):
+        if any(p.device.type != "cpu" for p in parts):
             parts = [p.to(backend.device, non_blocking=True) for p in parts]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
-        if backend.device.type == "cuda":
-            rows = sum(p.shape[0] for p in parts)
-            pinned = torch.empty((rows, *parts[0].shape[1:]), dtype=backend.dtype, pin_memory=True)
-            torch.cat(parts, out=pinned)
-            return pinned.to(backend.device, non_blocking=True)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        rows = sum(p.shape[0] for p in parts)
+        pinned = torch.empty((rows, *parts[0].shape[1:]), dtype=backend.dtype, pin_memory=True)
+        torch.cat(parts, out=pinned)
+        return pinned.to(backend.device, non_blocking=True)
 
     def _to_host(self, backend: ExpertBackend, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Bring results to pinned host memory with one synchronisation (CUDA) or as is (CPU)."""
-        if backend.device.type != "cuda":
-            return [t.detach() for t in tensors]
+        """Bring results to pinned host memory with one synchronisation (CUDA) or as is (CPU:
+        callers pass tensors that carry no autograd graph)."""
+        if backend.on_cpu:
+            return tensors
         host = []
         for t in tensors:
             h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -218,7 +214,8 @@ class BatchExecutor:
         recompute: list[tuple[Task, list[torch.Tensor]]] = []
         for gid, group in by_graph.items():
             entry = hits[group[0]][0]
-            if {t.forward_id for t in group} >= set(entry.members):
+            fids = entry.members.keys()  # every task of group is one of them
+            if len(fids) == 1 or fids <= {t.forward_id for t in group}:
                 self.cache.pop(gid)
                 self._backward_graph(backend, entry, group, hits, grads_for, param_grads)
             else:  # siblings still to come: recompute these rows, keep the graph for them

@@ -83,6 +83,7 @@ class Runtime:
         self._running = False
         self._stop = False
         self._completed = 0
+        self._queued = 0  # tasks in all pools
         self._queued_bytes = 0
         self.loop = ServingLoop(self._step, self._on_loop_exit)
 
@@ -184,6 +185,7 @@ class Runtime:
                         f"node has {self._queued_bytes} bytes of requests queued (max {self.limits.max_queued_bytes}); retry later or elsewhere"
                     )
                 pool.tasks.append(task)
+                self._queued += 1
                 self._queued_bytes += task.nbytes
         except RemoteError as e:
             (stats or self.rejected).record_error(e.code)
@@ -246,27 +248,30 @@ class Runtime:
         self._completed += n
 
     def _busy(self) -> bool:
-        return self._running or any(len(p) for p in self._pools.values())
+        return self._running or self._queued > 0
 
     def _take_all(self) -> list[Task]:
         tasks: list[Task] = []
         for pool in self._pools.values():
             tasks.extend(pool.tasks)
             pool.tasks.clear()
+        self._queued = 0
         self._queued_bytes = 0
         return tasks
 
     def _oldest_pool(self) -> TaskPool | None:
-        best, best_t = None, None
+        best, best_t = None, 0.0
         for pool in self._pools.values():
-            t = pool.oldest()
-            if t is not None and (best_t is None or t < best_t):
-                best, best_t = pool, t
+            tasks = pool.tasks
+            if tasks and (best is None or tasks[0].enqueued < best_t):
+                best, best_t = pool, tasks[0].enqueued
         return best
 
     def _step(self) -> bool:
         """Run at most one batch (loop thread); True when more work is ready right away."""
-        if self._pause_requests or self._stop:  # racy peek (loop thread): rechecked below
+        # racy peeks (loop thread): rechecked under the lock; a task queued from another
+        # thread after this peek wakes the loop, which steps again
+        if self._pause_requests or self._stop or not self._queued:
             return False
         if not self._exec_lock.acquire(blocking=False):  # exclusive() holds it; it wakes us after
             return False
@@ -276,6 +281,7 @@ class Runtime:
                 if pool is None:
                     return False
                 batch = pool.take_batch(self.limits.max_batch_size)
+                self._queued -= len(batch)
                 self._queued_bytes -= sum(t.nbytes for t in batch)
                 self._running = True
             try:
@@ -283,8 +289,9 @@ class Runtime:
             finally:
                 with self._cond:
                     self._running = False
-                    self._cond.notify_all()
-                    more = not self._pause_requests and self._oldest_pool() is not None
+                    if self.state != "serving":  # drain() may be waiting for the queues to empty
+                        self._cond.notify_all()
+                    more = self._queued > 0 and not self._pause_requests
         finally:
             self._exec_lock.release()
         return more

@@ -50,10 +50,6 @@ class TaskPool:
     def full(self) -> bool:
         return len(self.tasks) >= self.max_size
 
-    def oldest(self) -> float | None:
-        """Enqueue time of the oldest waiting task, or None when empty."""
-        return self.tasks[0].enqueued if self.tasks else None
-
     def take_batch(self, max_rows: int) -> list[Task]:
         """Pop tasks in FIFO order while their rows fit in ``max_rows`` (at least one task)."""
         batch: list[Task] = []
