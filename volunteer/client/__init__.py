@@ -4,7 +4,8 @@ the expert grid. Needs only ``volunteer.net`` and ``volunteer.wire``; never impo
 Files:
 
 - ``remote_expert.py``: ``RemoteExpert``, one remote expert as a torch module (autograd).
-- ``zmq_transport.py``: ``ZmqTransport``, the direct TCP ``Transport``.
+- ``zmq_transport.py``: ``ZmqTransport``, the direct TCP ``Transport`` (a pool of ZMTP
+  connections to a ZeroMQ ROUTER frontend).
 - ``directory.py``: the ``ExpertDirectory`` protocol (children/resolve) and
   ``StaticDirectory`` (fixed mapping, or built from endpoints with the ``info`` op).
 - ``beam_search.py``: ``beam_search``, the best alive experts per sample over the grid.

@@ -9,6 +9,8 @@ Files:
 - ``ops.py``: the ``info`` op (which experts a server hosts).
 - ``framing.py``: length-prefixed frame lists for byte streams (libp2p).
 - ``transport.py``: the ``Transport`` protocol clients call through.
+- ``zmtp.py``: ``ZmtpConnection``, ZeroMQ's wire protocol (ZMTP 3.0, NULL security) spoken
+  from the calling thread to a ROUTER; bounded, deadline-checked reads.
 
 No pickle anywhere: headers are msgpack, tensors are raw little-endian buffers.
 """
