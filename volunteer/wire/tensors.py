@@ -48,19 +48,22 @@ def tensor_to_frame(
     tensor: torch.Tensor, compression: str | None = None
 ) -> tuple[list, memoryview]:
     """The header spec and a zero-copy buffer for one tensor (copies only to cast/contiguate/CPU)."""
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"unknown compression {compression!r}; use None or 'fp16'")
     t = tensor.detach() if tensor.requires_grad else tensor
-    name = dtype_name(t.dtype)
+    name = DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        raise ValueError(f"unsupported dtype {t.dtype}; use one of {sorted(DTYPES)}")
     restore = None
-    if compression == "fp16" and t.dtype == torch.float32:
-        t = t.to(torch.float16)
-        restore, name = name, "float16"
-    if t.device.type != "cpu":
+    if compression is not None:
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {compression!r}; use None or 'fp16'")
+        if t.dtype == torch.float32:
+            t = t.to(torch.float16)
+            restore, name = name, "float16"
+    if not t.is_cpu:
         t = t.cpu()
     if not t.is_contiguous():
         t = t.contiguous()
-    if t.numel() == 0:
+    if not t.numel():
         buf = memoryview(b"")
     elif t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the same bytes
         buf = memoryview(t.view(torch.int16).numpy())
