@@ -46,7 +46,7 @@ PRESETS = {
         clients=4,
         seconds=3.0,
         rounds=5,
-        rtt_iters=500,
+        rtt_iters=2000,
         sweep=(1, 4, 16, 64),
         sweep_batch=32,
     ),
@@ -57,7 +57,7 @@ PRESETS = {
         clients=4,
         seconds=10.0,
         rounds=5,
-        rtt_iters=1000,
+        rtt_iters=4000,
         sweep=(1, 4, 16, 64),
         sweep_batch=32,
     ),
@@ -230,15 +230,24 @@ def _cpu_s(pid: int) -> float:
 
 
 def round_trip(
-    endpoint: str, uid: str, hidden: int, batch: int, iters: int, server_pid: int
+    endpoint: str,
+    uid: str,
+    hidden: int,
+    batch: int,
+    iters: int,
+    server_pid: int,
+    spin_s: float | None = None,
 ) -> dict:
     """Median/p90 ms of one forward+backward through the nop expert, one client, and the CPU
-    time both processes spent per round trip (robust to other load on the machine)."""
+    time both processes spent per round trip (robust to other load on the machine).
+    ``spin_s``: the transport's reply polling before it sleeps (None: its default)."""
     import os
 
     from volunteer.client.remote_expert import RemoteExpert
+    from volunteer.client.zmq_transport import ZmqTransport
 
-    expert = RemoteExpert(uid, endpoint, timeout=30)
+    transport = ZmqTransport(endpoint) if spin_s is None else ZmqTransport(endpoint, spin_s=spin_s)
+    expert = RemoteExpert(uid, transport, timeout=30)
     x = torch.randn(batch, hidden, requires_grad=True)
     g = torch.randn(batch, hidden)
     for _ in range(10):
@@ -323,9 +332,17 @@ def main(argv: list[str] | None = None) -> int:
 
     nop = Server(ServerConfig("nop", h, 1, threads=args.threads, uids=["bench.nop.0"]))
     try:
-        results["nop_round_trip"] = round_trip(
-            nop.endpoint, "bench.nop.0", h, 32, p["rtt_iters"], nop.proc.pid
-        )
+        # alternating halves, so that both variants see the same drift in machine load
+        runs: dict[str, list[dict]] = {"nop_round_trip": [], "nop_round_trip_no_spin": []}
+        for _ in range(2):
+            for key, spin in (("nop_round_trip", None), ("nop_round_trip_no_spin", 0.0)):
+                runs[key].append(
+                    round_trip(
+                        nop.endpoint, "bench.nop.0", h, 32, p["rtt_iters"] // 2, nop.proc.pid, spin
+                    )
+                )
+        for key, halves in runs.items():
+            results[key] = {k: statistics.mean(r[k] for r in halves) for k in halves[0]}
     finally:
         nop.close()
 
@@ -378,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         (
             "nop fwd+bwd CPU ms (client+server)",
             f"{results['nop_round_trip']['cpu_ms_both_processes']:.3f}",
+        ),
+        (
+            "nop median ms / CPU ms, client never polls",
+            f"{results['nop_round_trip_no_spin']['median_ms']:.3f} / "
+            f"{results['nop_round_trip_no_spin']['cpu_ms_both_processes']:.3f}",
         ),
     ]
     rows += [
