@@ -16,7 +16,7 @@ SNAPSHOT = {
     "state": "serving",
     "endpoint": "tcp://127.0.0.1:5555",
     "device": {"name": "cpu", "description": "cpu (test)", "utilization_pct": 37.0, "memory_used_bytes": 2**30,
-               "memory_total_bytes": 8 * 2**30},
+               "memory_total_bytes": 8 * 2**30, "torch_threads": 1},
     "system": {"cpu_pct": 50.0, "cpu_count": 2, "ram_used_bytes": 2**31, "ram_total_bytes": 2**33},
     "experts": {
         "demo.ffn.1.0": {"requests_per_s": 12.5, "samples_per_s": 400.0, "mean_batch_size": 32.0, "queue_depth": 3,
@@ -33,7 +33,7 @@ SNAPSHOT = {
 def test_plain_has_every_section() -> None:
     text = render_plain(SNAPSHOT)
     for fragment in ("demo v1", "serving", "uptime 1h02m", "tcp://127.0.0.1:5555", "util 37%",
-                     "1.0 GiB / 8.0 GiB", "cpu 50% of 2", "last 12s ago", "health      idle: no trainer",
+                     "1.0 GiB / 8.0 GiB", "torch threads 1", "cpu 50% of 2", "last 12s ago", "health      idle: no trainer",
                      "network     not connected", "overloaded=2"):
         assert fragment in text, fragment
     lines = text.splitlines()
@@ -92,6 +92,7 @@ def test_dashboard_renders_without_colour_codes_when_asked() -> None:
     Console(file=out, width=120, force_terminal=True, no_color=True).print(render_dashboard(SNAPSHOT))
     text = out.getvalue()
     assert "demo.ffn.1.0" in text and "not connected" in text and "health: idle" in text
+    assert "torch threads 1" in text
     assert "\x1b[" in text and not colour_codes(text)
     out = io.StringIO()
     Console(file=out, width=120, force_terminal=True, color_system="standard").print(render_dashboard(SNAPSHOT))

@@ -33,7 +33,8 @@ def render_dashboard(snapshot: dict[str, Any]) -> Group:
     overview.add_row(
         "device",
         f"{dev.get('description') or dev.get('name', 'n/a')}\n"
-        f"util {fmt.pct(dev.get('utilization_pct'))}   mem {fmt.used_of(dev.get('memory_used_bytes'), dev.get('memory_total_bytes'))}",
+        f"util {fmt.pct(dev.get('utilization_pct'))}   mem {fmt.used_of(dev.get('memory_used_bytes'), dev.get('memory_total_bytes'))}"
+        + (f"   torch threads {dev['torch_threads']}" if dev.get("torch_threads") else ""),
     )
     overview.add_row(
         "machine",

@@ -46,7 +46,8 @@ def render_plain(snapshot: dict[str, Any]) -> str:
         f"state       {snapshot.get('state', 'n/a')}   uptime {fmt.duration(node.get('uptime_s'))}",
         f"endpoint    {snapshot.get('endpoint') or 'n/a'}",
         f"device      {dev.get('description') or dev.get('name', 'n/a')}   util {fmt.pct(dev.get('utilization_pct'))}"
-        f"   mem {fmt.used_of(dev.get('memory_used_bytes'), dev.get('memory_total_bytes'))}",
+        f"   mem {fmt.used_of(dev.get('memory_used_bytes'), dev.get('memory_total_bytes'))}"
+        + (f"   torch threads {dev['torch_threads']}" if dev.get("torch_threads") else ""),
         f"system      cpu {fmt.pct(system.get('cpu_pct'))} of {system.get('cpu_count', 'n/a')}   ram "
         f"{fmt.used_of(system.get('ram_used_bytes'), system.get('ram_total_bytes'))}",
         f"checkpoints every {fmt.duration(ckpt.get('interval_s'))}, last {_ago(ckpt.get('last_age_s'))}"
