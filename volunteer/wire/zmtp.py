@@ -5,8 +5,8 @@ way, a READY command each way, then messages as frames of ``flags, size, body``.
 it from the calling thread, instead of through libzmq, takes libzmq's IO thread out of the
 client's path: a request is one ``sendmsg`` of the caller's buffers (no copy into a libzmq
 message, no hand-off to an IO thread) and a reply is read by the thread that waits for it,
-straight into the buffers it returns. On a 2-core machine that cuts about a fifth off a
-forward+backward round trip to a ZeroMQ ROUTER (the server side stays libzmq).
+straight into the buffers it returns (on 2 cores, a bare loop of forward+backward request
+pairs to a ZeroMQ ROUTER went from 0.83 to 0.60 ms per pair). The server side stays libzmq.
 
 Everything read from the peer is untrusted: the greeting, commands and frame headers are
 checked, every size is bounded (``max_reply_bytes``, ``max_frames``) before a buffer is
@@ -176,7 +176,7 @@ class ZmtpConnection:
 
     def _handshake(self, deadline: float) -> dict[str, bytes]:
         self._send_all([GREETING], deadline)
-        greeting = self._read(64, deadline)
+        greeting = self._body(64, deadline)
         if greeting[0] != 0xFF or not greeting[9] & 0x01:
             raise ZmtpError("peer is not a ZeroMQ socket (bad ZMTP signature)")
         if greeting[10] < 3:
@@ -252,12 +252,6 @@ class ZmtpConnection:
         while got < size:
             got += self._recv_into(view[got:], deadline)
         return body
-
-    def _read(self, n: int, deadline: float) -> bytearray:
-        self._fill(n, deadline)
-        out = self._buf[self._start : self._start + n]
-        self._start += n
-        return out
 
     def _fill(self, n: int, deadline: float) -> None:
         """Make at least ``n`` (<= RECV_BUFFER) bytes available from ``_start``."""
