@@ -62,26 +62,25 @@ class BatchExecutor:
 
     def run(self, backend: ExpertBackend, op: str, tasks: list[Task], stats: ExpertStats) -> None:
         started = time.monotonic()
-        sent = 0
         try:
             if op == "forward":
                 results = self._forward(backend, tasks, stats)
             else:
                 results = self._backward(backend, tasks, stats)
             done = time.monotonic()
-            # replies first: statistics are bookkeeping the waiting clients need not wait for
-            for t, r in zip(tasks, results, strict=True):
-                if isinstance(r, RemoteError):
-                    send_error(t, r, stats)
-                else:
-                    sent += send_reply(t, encode_result(t.request_id, r, t.compression, t.cached))
+            frames = [
+                r
+                if isinstance(r, RemoteError)
+                else encode_result(t.request_id, r, t.compression, t.cached)
+                for t, r in zip(tasks, results, strict=True)
+            ]
         except Exception as e:
             log.exception("batch of %d %s tasks failed on %s", len(tasks), op, backend.uid)
             err = InternalError(f"{type(e).__name__}: {e}")
-            for t in tasks:  # tasks already answered are skipped by send_reply
+            for t in tasks:
                 send_error(t, err, stats)
-            self._on_success(sent)
             return
+        # recorded before the replies go out: a client that got its answer finds it counted
         stats.record_batch(
             op,
             len(tasks),
@@ -89,6 +88,12 @@ class BatchExecutor:
             [(started - t.enqueued) * 1e3 for t in tasks],
             (done - started) * 1e3,
         )
+        sent = 0
+        for t, f in zip(tasks, frames, strict=True):
+            if isinstance(f, RemoteError):
+                send_error(t, f, stats)
+            else:
+                sent += send_reply(t, f)
         self._on_success(sent)
 
     # -- device helpers --
