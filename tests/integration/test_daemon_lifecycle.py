@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import DaemonFactory, cli_env, run_cli
+from tests.runtime.servers import wait_for
 from tests.status.test_render import colour_codes
 from volunteer.client.remote_expert import RemoteExpert
 from volunteer.daemon.control_client import call
@@ -38,16 +39,6 @@ def train(uid: str, endpoint: str, steps: int) -> None:
             expert(x).pow(2).mean().backward()
     finally:
         expert.transport.close()
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_join_status_leave_round_trip(tmp_path: Path, volunteer_daemon: DaemonFactory) -> None:
@@ -161,7 +152,7 @@ def test_kill_9_loses_at_most_one_checkpoint_interval(tmp_path: Path, volunteer_
     train(uid, daemon.endpoint, steps=4)
     # a periodic checkpoint (no leave involved) picks the updates up within one interval
     wait_for(lambda: ((call(home, "status")["checkpoints"]["last"] or {}).get("updates_applied") or {}).get(uid) == 4,
-             what="a periodic checkpoint with 4 updates")
+             timeout=30, what="a periodic checkpoint with 4 updates")
     daemon.kill()
     assert (home / "control.json").exists()  # left behind by the killed daemon
     assert run_cli("status", "--home", str(home)).returncode == 3  # ... and recognised as stale

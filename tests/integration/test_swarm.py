@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import DaemonFactory, DaemonProc, cli_env, run_cli
+from tests.runtime.servers import wait_for
 from volunteer.client.moe import NotEnoughExpertsError, RemoteMixtureOfExperts
 from volunteer.manifest import load_manifest
 from volunteer.net.client_node import ClientNode
@@ -34,16 +34,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 TRAINER = Path(__file__).resolve().parents[2] / "scripts" / "demo_trainer.py"
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def status(daemon: DaemonProc) -> dict[str, Any]:
@@ -73,7 +63,7 @@ def test_two_volunteers_and_trainers_through_the_dht(tmp_path: Path, volunteer_d
     assert net["new_swarm"] is False and net["bootstrap"]["successes"] >= 1
     assert net["peer_id"] != a["network"]["peer_id"] and net["records_announced"] >= 1
     wait_for(lambda: status(first)["network"]["connected_peers"] >= 1 and status(second)["network"]["peers"]["direct"] >= 1,
-             what="the two volunteers to be connected")
+             timeout=30, what="the two volunteers to be connected")
     assert status(second)["health"]["level"] in ("ok", "idle")
 
     # 1. The bundled demo trainer joins through the DHT (client mode) and learns.
