@@ -33,11 +33,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import multiaddr
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.peer.peerinfo import PeerInfo
 
+from volunteer.net.dialing import dial
 from volunteer.net.host import default_listen_host, load_or_create_identity
 from volunteer.net.node import NodeConfig, SwarmNode
 from volunteer.net.records import ServerEntry
@@ -143,17 +142,11 @@ class ClientNode:
     async def _nat_connect(self, peer_id: Any, addrs: list[str]) -> None:
         """Reach a server by its announced addresses: direct, else through its relay,
         then give DCUtR ``upgrade_timeout`` s to turn a relayed connection direct."""
-        full = [a if "/p2p/" in a else f"{a}/p2p/{peer_id.to_base58()}" for a in addrs]
-        if any("/p2p-circuit" in a for a in full):
+        if any("/p2p-circuit" in a for a in addrs):
             await self._ensure_nat()  # starts it once; later callers wait for readiness
-        nat_up = self._nat_ready is not None and self._nat_ready.is_set()
-        if not nat_up or self.nat_error is not None or self.nat.relay_node is None:
-            await self.node.host.connect(PeerInfo(peer_id, _dialable(full)))
-            return
-        conn = await self.nat.connect(full, timeout=self.connect_timeout,
-                                      upgrade_timeout=self.upgrade_timeout)
-        if conn is None:
-            raise ConnectionError(f"no direct or relayed route to {peer_id}")
+        nat_up = self._nat_ready is not None and self._nat_ready.is_set() and self.nat_error is None
+        await dial(self.node.host, self.nat if nat_up else None, peer_id, addrs,
+                   timeout=self.connect_timeout, upgrade_timeout=self.upgrade_timeout)
 
     def call(self, async_fn: Any, *args: Any) -> Any:
         """Run ``async_fn(*args)`` in the node's trio loop and return its result."""
@@ -207,11 +200,6 @@ class ClientNode:
         from volunteer.net.dht_directory import DhtDirectory
 
         return DhtDirectory(self, **options)
-
-
-def _dialable(addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:
-    """Transport parts of the direct addresses (the swarm's dialer cannot use circuits)."""
-    return [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in addrs if "/p2p-circuit" not in a]
 
 
 def _sync_async(fn: Any) -> Any:

@@ -6,7 +6,11 @@ Schema (pure functions, no I/O; the DHT plumbing is in ``dht_store.py``):
   ``ServerEntry``: who it is (peer id), which next coordinates it hosts under that prefix
   (``children``), its state (serving / draining), load, addresses (libp2p multiaddrs, relay
   addresses included), its direct ZeroMQ endpoint and reachability, a sequence number and an
-  absolute expiry. Uid ``demo.ffn.3.7`` (grid prefix ``demo.ffn.``) is indexed under
+  absolute expiry. Under the prefix that lists a uid itself, the entry also says which expert
+  *shard* the server can hand out for that child (``shards``: child, version = updates
+  applied, root hash of the shard; see ``volunteer.experts.shard``), and every entry carries
+  how many more experts the server would take (``free``), which a leaving node reads to pick
+  who adopts its experts. Uid ``demo.ffn.3.7`` (grid prefix ``demo.ffn.``) is indexed under
   ``demo.ffn.`` with child ``3`` and under ``demo.ffn.3.`` with child ``7``; a beam search
   needs one lookup per beam entry per dimension, and ``resolve("demo.ffn.3.7")`` reads the
   same value as ``children(["demo.ffn.3."])`` (a cache hit right after beam search).
@@ -44,12 +48,15 @@ NAMESPACE = "volunteer"
 DOMAIN = b"volunteer/registry-entry/v1\x00"
 VALUE_VERSION = 1
 MAX_TTL = 3600.0
-MAX_ENTRY_BYTES = 4096
+MAX_ENTRY_BYTES = 8192
 MAX_ENTRIES_PER_VALUE = 256
 MAX_VALUE_BYTES = MAX_ENTRIES_PER_VALUE * (MAX_ENTRY_BYTES + 16) + 64
 MAX_CHILDREN = 512
 MAX_ADDRS = 16
 MAX_STR = 512
+MAX_FREE_SLOTS = 4096
+MAX_SHARD_VERSION = 2**53
+ROOT_BYTES = 32
 STATES = ("serving", "draining")
 REACHABILITY = ("public", "private", "unknown")
 
@@ -82,6 +89,15 @@ class WrongKeyError(RecordError):
 
 
 @dataclass(frozen=True)
+class ShardInfo:
+    """A shard a server can hand out: the expert ``child`` at ``version``, by root hash."""
+
+    child: str
+    version: int
+    root: bytes
+
+
+@dataclass(frozen=True)
 class ServerEntry:
     """One server's announcement under one prefix query."""
 
@@ -96,6 +112,15 @@ class ServerEntry:
     addrs: tuple[str, ...] = ()
     zmq: str | None = None
     reachability: str = "unknown"
+    shards: tuple[ShardInfo, ...] = ()
+    free: int = 0
+
+    def shard(self, child: str) -> ShardInfo | None:
+        """The shard this server announces for ``child`` (None when it announces none)."""
+        for info in self.shards:
+            if info.child == child:
+                return info
+        return None
 
     def alive(self, now: float | None = None) -> bool:
         return self.expires >= (time.time() if now is None else now)
@@ -155,6 +180,8 @@ def sign_entry(entry: ServerEntry, private_key: PrivateKey) -> bytes:
             "a": list(entry.addrs),
             "z": entry.zmq,
             "r": entry.reachability,
+            "h": [[i.child, i.version, i.root] for i in entry.shards],
+            "f": entry.free,
         },
         use_bin_type=True,
     )
@@ -182,6 +209,29 @@ def _str_list(obj: dict, key: str, limit: int) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _shard_list(obj: dict, children: tuple[str, ...]) -> tuple[ShardInfo, ...]:
+    """Field ``h``: [[child, version, root], ...], each child listed in ``c`` at most once."""
+    v = obj.get("h", [])
+    if not isinstance(v, list) or len(v) > MAX_CHILDREN:
+        raise MalformedRecordError(f"field 'h' must be a list of <= {MAX_CHILDREN} items")
+    out: list[ShardInfo] = []
+    seen: set[str] = set()
+    listed = set(children)
+    for item in v:
+        if not isinstance(item, list) or len(item) != 3:
+            raise MalformedRecordError("field 'h' must hold [child, version, root] triples")
+        child, version, root = item
+        if not isinstance(child, str) or child not in listed or child in seen:
+            raise MalformedRecordError("field 'h' names a child not listed in 'c' (or twice)")
+        if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= MAX_SHARD_VERSION:
+            raise MalformedRecordError(f"shard version must be an int in [0, {MAX_SHARD_VERSION}]")
+        if not isinstance(root, bytes) or len(root) != ROOT_BYTES:
+            raise MalformedRecordError(f"shard root must be {ROOT_BYTES} bytes")
+        seen.add(child)
+        out.append(ShardInfo(child, version, root))
+    return tuple(out)
+
+
 def _decode_payload(payload: bytes) -> ServerEntry:
     try:
         obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
@@ -201,18 +251,24 @@ def _decode_payload(payload: bytes) -> ServerEntry:
     reach = _s(obj, "r")
     if reach not in REACHABILITY:
         raise MalformedRecordError(f"field 'r' must be one of {REACHABILITY}")
+    free = obj.get("f", 0)
+    if not isinstance(free, int) or isinstance(free, bool) or not 0 <= free <= MAX_FREE_SLOTS:
+        raise MalformedRecordError(f"field 'f' must be an int in [0, {MAX_FREE_SLOTS}]")
+    children = _str_list(obj, "c", MAX_CHILDREN)
     return ServerEntry(
         experiment=_s(obj, "x"),  # type: ignore[arg-type]
         prefix=_s(obj, "p"),  # type: ignore[arg-type]
         peer_id=_s(obj, "id"),  # type: ignore[arg-type]
         seq=seq,
         expires=float(expires),
-        children=_str_list(obj, "c", MAX_CHILDREN),
+        children=children,
         state=state,  # type: ignore[arg-type]
         load=float(load),
         addrs=_str_list(obj, "a", MAX_ADDRS),
         zmq=_s(obj, "z", optional=True),
         reachability=reach,  # type: ignore[arg-type]
+        shards=_shard_list(obj, children),
+        free=free,
     )
 
 

@@ -13,7 +13,7 @@ choice of the best server and the transports live in ``dht_directory.py``.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -21,9 +21,10 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.kad_dht import KadDHT
 
 from volunteer.net import dht_store, records
-from volunteer.net.records import ServerEntry
+from volunteer.net.records import ServerEntry, ShardInfo
 
 DEFAULT_TTL = 60.0
+HOLDER_LOOKUPS_AT_ONCE = 16
 
 
 @dataclass
@@ -73,32 +74,45 @@ class ExpertRegistry:
 
     def make_entry(self, prefix: str, children: Sequence[str], *, state: str, load: float,
                    addrs: Sequence[str], zmq: str | None, reachability: str,
-                   expires: float | None = None) -> bytes:
+                   expires: float | None = None, shards: Sequence[ShardInfo] = (),
+                   free: int = 0) -> bytes:
         entry = ServerEntry(
             experiment=self.experiment, prefix=prefix, peer_id=self.peer_id,
             seq=self._next_seq(),
             expires=time.time() + self.ttl if expires is None else expires,
             children=tuple(children), state=state, load=float(load),
             addrs=tuple(addrs)[: records.MAX_ADDRS], zmq=zmq, reachability=reachability,
+            shards=tuple(shards), free=max(0, min(int(free), records.MAX_FREE_SLOTS)),
         )
         return records.sign_entry(entry, self.key_pair.private_key)
 
     async def announce(self, uids: Sequence[str], *, state: str = "serving", load: float = 0.0,
                        addrs: Sequence[str] = (), zmq: str | None = None,
                        reachability: str = "unknown",
-                       report: AnnounceReport | None = None) -> AnnounceReport:
+                       report: AnnounceReport | None = None,
+                       shards: Mapping[str, tuple[int, bytes]] | None = None,
+                       free: int = 0) -> AnnounceReport:
         """Publish (or refresh) this node's entries for ``uids``; withdraw dropped prefixes.
 
-        ``report`` (optional) is filled in place, so a caller that times the announce out
-        still sees which prefixes were stored (0 = not yet).
+        ``shards`` maps a hosted uid to the (version, root) of the shard this node hands out
+        for it; it is filed in the entry of the uid's parent prefix. ``free`` is how many
+        more experts this node would take. ``report`` (optional) is filled in place, so a
+        caller that times the announce out still sees which prefixes were stored (0 = not yet).
         """
         if state not in records.STATES:
             raise ValueError(f"state must be one of {records.STATES}")
         groups = group_children(uids)
+        by_prefix: dict[str, list[ShardInfo]] = {}
+        for uid, (version, root) in (shards or {}).items():
+            if uid in uids:
+                prefix, child = records.parent_pair(uid)
+                by_prefix.setdefault(prefix, []).append(ShardInfo(child, int(version), bytes(root)))
         jobs: list[tuple[str, bytes]] = []
         for prefix, children in groups.items():
             blob = self.make_entry(prefix, children, state=state, load=load, addrs=addrs,
-                                   zmq=zmq, reachability=reachability)
+                                   zmq=zmq, reachability=reachability,
+                                   shards=sorted(by_prefix.get(prefix, []), key=lambda i: i.child),
+                                   free=free)
             jobs.append((prefix, blob))
         for prefix in sorted(self._announced - set(groups)):
             # Withdrawal: no children, draining, expires in a second (readers drop it).
@@ -139,6 +153,26 @@ class ExpertRegistry:
         async with trio.open_nursery() as nursery:
             for p in dict.fromkeys(prefixes):
                 nursery.start_soon(one, p)
+        return out
+
+    async def holders(self, uids: Sequence[str]) -> dict[str, list[ServerEntry]]:
+        """uid -> live entries (serving or draining) that list it, one lookup per parent prefix."""
+        parents: dict[str, list[tuple[str, str]]] = {}
+        for uid in dict.fromkeys(uids):
+            prefix, child = records.parent_pair(uid)
+            parents.setdefault(prefix, []).append((uid, child))
+        out: dict[str, list[ServerEntry]] = {uid: [] for uid in dict.fromkeys(uids)}
+        limiter = trio.CapacityLimiter(HOLDER_LOOKUPS_AT_ONCE)
+
+        async def one(prefix: str) -> None:
+            async with limiter:
+                entries = await self.lookup(prefix)
+            for uid, child in parents[prefix]:
+                out[uid] = [e for e in entries if child in e.children]
+
+        async with trio.open_nursery() as nursery:
+            for prefix in parents:
+                nursery.start_soon(one, prefix)
         return out
 
     async def servers(self, uid: str) -> list[ServerEntry]:

@@ -1,6 +1,7 @@
 """Expert RPC client over libp2p streams: ``RpcClient`` (trio) and ``Libp2pTransport`` (sync).
 
-``RpcClient`` keeps, per peer, a small pool of long-lived streams (``max_streams``, default
+``RpcClient`` (one per protocol: expert RPC by default, ``protocol=`` e.g. the shard
+protocol) keeps, per peer, a small pool of long-lived streams (``max_streams``, default
 2). Each stream carries many requests at once: a request gets a call id, is written under
 the stream's write lock, and a reader task hands each reply to the waiting caller by call
 id (replies may come back in any order). A call picks the stream with the fewest requests
@@ -99,8 +100,9 @@ class RpcClient:
 
     def __init__(self, host: IHost, nursery: trio.Nursery, limits: WireLimits = REPLY_LIMITS,
                  max_streams: int = 2, connect_timeout: float = 10.0,
-                 connector: Connector | None = None) -> None:
+                 connector: Connector | None = None, protocol: str = PROTOCOL_ID) -> None:
         self.host = host
+        self.protocol = protocol
         self.connector = connector
         self.nursery = nursery
         self.limits = limits
@@ -208,7 +210,7 @@ class RpcClient:
                                                       if a.count("/p2p/") == 1 else a)
                                   for a in addrs]
                         await self.host.connect(PeerInfo(peer_id, maddrs))
-                return await self.host.new_stream(peer_id, [TProtocol(PROTOCOL_ID)])
+                return await self.host.new_stream(peer_id, [TProtocol(self.protocol)])
         except trio.TooSlowError:
             raise UnreachableError(f"could not open a stream to {peer_id} in time") from None
         except Exception as e:

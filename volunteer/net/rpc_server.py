@@ -1,6 +1,7 @@
 """Serve expert RPC over libp2p streams through the runtime's in-process entry point.
 
-``RpcServer(host, submit)`` registers ``/volunteer/expert-rpc/1.0.0``. Each inbound stream
+``RpcServer(host, submit)`` registers ``/volunteer/expert-rpc/1.0.0`` (``protocol=`` another
+id: the shard protocol of ``shard_rpc.py`` runs on the same machinery). Each inbound stream
 is long-lived: a reader task takes messages (``stream_io``: call id + wire frames), hands
 the frames to ``submit(frames, reply)`` without waiting for compute, and a writer task
 sends replies as they come. ``reply`` is called from a runtime thread; it hops back into
@@ -70,15 +71,16 @@ class RpcServer:
     """Stream handler that feeds the runtime (see module docstring)."""
 
     def __init__(self, host: IHost, submit: SubmitFn, limits: WireLimits = DEFAULT_LIMITS,
-                 max_inflight: int = 64) -> None:
+                 max_inflight: int = 64, protocol: str = PROTOCOL_ID) -> None:
         self.host = host
+        self.protocol = protocol
         self.submit = submit
         self.limits = limits
         self.max_inflight = max_inflight
         self.stats = RpcServerStats()
 
     def install(self) -> None:
-        self.host.set_stream_handler(TProtocol(PROTOCOL_ID), self.handle_stream)
+        self.host.set_stream_handler(TProtocol(self.protocol), self.handle_stream)
 
     async def handle_stream(self, stream: INetStream) -> None:
         self.stats.streams_opened += 1

@@ -5,6 +5,7 @@
     svc.start()                         # listening, bootstrapped (or a new swarm), NAT ready
     svc.announce(uids, "serving", load) # published before it returns; heartbeats follow
     svc.set_draining()                  # re-announced as draining before it returns
+    svc.shards.holders(uids)            # who holds which shard (``shard_network.py``)
     svc.stop()                          # withdraws the records (best effort), stops
 
 Inside the thread: ``SwarmNode`` (host with the persistent identity from
@@ -46,18 +47,21 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from volunteer.net.dialing import dial
 from volunteer.net.host import default_listen_host, load_or_create_identity, peer_id_of
 from volunteer.net.nat import reachability as rb
 from volunteer.net.nat.traversal import NatTraversal
 from volunteer.net.node import NodeConfig, SwarmNode
 from volunteer.net.registry import DEFAULT_TTL, AnnounceReport, ExpertRegistry
 from volunteer.net.rpc_server import RpcServer
+from volunteer.net.shard_network import ShardNetwork
+from volunteer.net.shard_rpc import ShardServer
 from volunteer.net.trio_thread import TrioThread
 from volunteer.wire.limits import DEFAULT_LIMITS, WireLimits
 
@@ -86,7 +90,7 @@ class NetworkService:
                  zmq_endpoint: str | None = None, *, listen_host: str | None = None,
                  ttl: float = DEFAULT_TTL, heartbeat_interval: float | None = None,
                  limits: WireLimits = DEFAULT_LIMITS, enable_nat: bool = True,
-                 dht_mode_interval: float = 5.0) -> None:
+                 dht_mode_interval: float = 5.0, shard_server: ShardServer | None = None) -> None:
         self.home = Path(home)
         self.experiment = experiment
         self.network = network
@@ -115,8 +119,12 @@ class NetworkService:
         self.registry: ExpertRegistry | None = None
         self.rpc: RpcServer | None = None
         self.nat: Any = None
+        self.shard_server = shard_server
+        self.shards: ShardNetwork | None = None
         self._thread = TrioThread(name="volunteer-net")
         self._uids: list[str] = []
+        self._shards: dict[str, tuple[int, bytes]] = {}
+        self._free = 0
         self._state = "serving"
         self._load = 0.0
         self._announce_lock: trio.Lock | None = None
@@ -153,6 +161,8 @@ class NetworkService:
             if self.enable_nat:
                 self.nat = _make_nat(self.node, self.relays, self.bootstrap, self.public)
                 await nursery.start(self.nat.run)
+            self.shards = ShardNetwork(self._thread, self.node.host, nursery, self.registry, self._connect,
+                                       self.shard_server)
             await self._apply_dht_mode()
             nursery.start_soon(self._dht_mode_watch)
             nursery.start_soon(self._heartbeat)
@@ -218,12 +228,26 @@ class NetworkService:
             return "private"
         return getattr(self.nat, "reachability", "unknown") if self.nat is not None else "unknown"
 
-    def announce(self, uids: Sequence[str], state: str = "serving", load: float = 0.0) -> AnnounceReport:
-        """Publish the hosted uids now (returns when stored) and keep them alive."""
+    def announce(self, uids: Sequence[str], state: str = "serving", load: float = 0.0,
+                 shards: Mapping[str, tuple[int, bytes]] | None = None, free: int | None = None) -> AnnounceReport:
+        """Publish the hosted uids now (returns when stored) and keep them alive.
+
+        ``shards``: uid -> (version, root) of the shard this node hands out for it (kept
+        when None); ``free``: how many more experts it would take (kept when None).
+        """
         self._uids = list(uids)
         self._state = state
         self._load = float(load)
+        if shards is not None:
+            self._shards = dict(shards)
+        if free is not None:
+            self._free = int(free)
         return self._thread.call(self._announce_now)
+
+    async def _connect(self, peer_id: Any, addrs: list[str]) -> None:
+        """Connector for shard traffic: direct, else relayed and then hole-punched."""
+        await dial(self.node.host if self.node is not None else None, self.nat, peer_id, addrs,
+                   timeout=20.0, upgrade_timeout=5.0)
 
     def set_load(self, load: float) -> None:
         """Update the load carried by the next heartbeat (no network round trip)."""
@@ -243,7 +267,8 @@ class NetworkService:
             with trio.move_on_after(ANNOUNCE_TIMEOUT):
                 await self.registry.announce(
                     self._uids, state=self._state, load=self._load, addrs=self._addrs(),
-                    zmq=self.zmq_endpoint, reachability=self.reachability, report=report)
+                    zmq=self.zmq_endpoint, reachability=self.reachability, report=report,
+                    shards=self._shards, free=self._free)
         self.last_announce = report
         return report
 
@@ -308,6 +333,7 @@ class NetworkService:
             "heartbeats": self.heartbeats,
             "zmq_endpoint": self.zmq_endpoint,
             "rpc": self.rpc.stats.as_dict() if self.rpc is not None else None,
+            "shard_server": self.shard_server.stats.as_dict() if self.shard_server is not None else None,
             "nat": {k: v for k, v in nat_snap.items() if k not in ("connections",)},
         }
 
