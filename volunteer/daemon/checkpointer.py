@@ -66,29 +66,47 @@ class Checkpointer:
     def restore(self) -> None:
         """Load each backend's checkpoint if one exists; set aside unusable files loudly."""
         for uid, backend in self.backends.items():
-            try:
-                state = self.store.load(uid)
-            except CheckpointMismatchError as exc:
-                moved = self.store.set_aside(uid, "mismatch")
-                self.set_aside.append(str(moved))
-                log.warning("not loading %s: %s; kept it as %s and starting this expert fresh", uid, exc, moved)
-                continue
-            except CheckpointError as exc:
-                moved = self.store.set_aside(uid, "corrupt")
-                self.set_aside.append(str(moved))
-                log.warning("not loading %s: %s; kept it as %s and starting this expert fresh", uid, exc, moved)
-                continue
-            if state is None:
-                continue
-            try:
-                backend.load_state_dict(state)
-            except (KeyError, RuntimeError, ValueError) as exc:
-                moved = self.store.set_aside(uid, "incompatible")
-                self.set_aside.append(str(moved))
-                log.warning("checkpoint of %s does not fit the expert (%s); kept it as %s", uid, exc, moved)
-                continue
-            self.resumed[uid] = int(backend.updates_applied)
-            self._saved_updates[uid] = int(backend.updates_applied)
+            self.restore_one(uid, backend)
+
+    def restore_one(self, uid: str, backend: Any) -> int | None:
+        """Load ``uid``'s checkpoint into ``backend``; its version (updates applied) or None.
+
+        An unusable file (another architecture, corrupt, not fitting) is set aside loudly and
+        the backend keeps its fresh weights.
+        """
+        try:
+            state = self.store.load(uid)
+        except CheckpointMismatchError as exc:
+            self._set_aside(uid, "mismatch", str(exc))
+            return None
+        except CheckpointError as exc:
+            self._set_aside(uid, "corrupt", str(exc))
+            return None
+        if state is None:
+            return None
+        try:
+            backend.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            self._set_aside(uid, "incompatible", f"does not fit the expert ({exc})")
+            return None
+        self.resumed[uid] = int(backend.updates_applied)
+        self._saved_updates[uid] = int(backend.updates_applied)
+        return int(backend.updates_applied)
+
+    def _set_aside(self, uid: str, reason: str, why: str) -> None:
+        moved = self.store.set_aside(uid, reason)
+        self.set_aside.append(str(moved))
+        log.warning("not loading %s: %s; kept it as %s and starting this expert fresh", uid, why, moved)
+
+    def add(self, uid: str, backend: Any) -> None:
+        """Checkpoint ``uid`` from now on (a shard moved in)."""
+        with self._lock:
+            self.backends = {**self.backends, uid: backend}
+
+    def remove(self, uid: str) -> None:
+        """Stop checkpointing ``uid`` (it moved out; its last file stays on disk)."""
+        with self._lock:
+            self.backends = {k: v for k, v in self.backends.items() if k != uid}
 
     def checkpoint(
         self,

@@ -111,6 +111,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("torch_threads", int, AUTO, "torch intra-op threads; auto = logical CPUs - 1 (at least 1), leaving a "
             "core to the network and IO threads", 1, 1024, auto=True),
     Setting("max_gpu_memory_fraction", float, 0.9, "largest share of the GPU's memory this node may use", 0.05, 1.0),
+    Setting("shard_cache_bytes", int, 4 * 2**30, "disk cap of the expert shard cache (downloads and the shards this "
+            "node hands out); least recently used shards go first", 64 * 2**20, 2**50),
     Setting("selfbench", bool, True, "measure expert throughput on first join (cached per device and expert)"),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

@@ -20,6 +20,7 @@ recomputed forward arriving after other updates.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,12 @@ OPTIMIZERS = ("adam", "sgd")
 # Calling it directly saves ~20-60 us of Python argument handling per backward batch, which
 # is most of the server's cost for small batches; shapes/dtypes are checked by the caller.
 _run_backward = getattr(getattr(torch.autograd, "graph", None), "_engine_run_backward", None)
+
+
+def expert_seed(experiment_seed: int, uid: str) -> int:
+    """The init seed of ``uid``: two nodes that start the same fresh expert start it bitwise equal."""
+    digest = hashlib.sha256(f"{int(experiment_seed)}\x00{uid}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,7 @@ class ExpertBackend:
         hidden_dim: int,
         optimizer: OptimizerSpec | None = None,
         device: str = "cpu",
+        seed: int | None = None,
         **expert_options: object,
     ) -> None:
         self.uid = uid
@@ -97,7 +105,13 @@ class ExpertBackend:
         self.device = torch.device(device)
         self.on_cpu = self.device.type == "cpu"  # read per batch on the hot path
         self.optimizer_spec = optimizer or OptimizerSpec()
-        self.module = build_expert(kind, hidden_dim, **expert_options).to(self.device)
+        if seed is None:
+            module = build_expert(kind, hidden_dim, **expert_options)
+        else:  # deterministic init: the same bits on every node (built on the CPU's generator)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                module = build_expert(kind, hidden_dim, **expert_options)
+        self.module = module.to(self.device)
         self.module.eval()  # no dropout / batch statistics: forward is deterministic
         self.input_shapes: list[tuple[int, ...]] = [tuple(s) for s in self.module.input_shapes]
         self.dtype = torch.float32

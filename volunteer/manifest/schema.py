@@ -25,6 +25,7 @@ class ExperimentInfo:
     name: str
     version: str
     description: str = ""
+    seed: int = 0  # fresh experts start from a deterministic init of (seed, uid)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,18 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class ShardConfig:
+    """How the swarm keeps its weights (``volunteer.daemon.shards``): how many volunteers
+    should serve each uid, how often a node reconsiders what it hosts, how often it refreshes
+    the shard it hands out, and the chunk size of shards on the wire."""
+
+    replication: int = 2
+    rebalance_interval_s: float = 60.0
+    snapshot_interval_s: float = 30.0
+    chunk_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A validated experiment manifest; ``source`` is where it was read from."""
 
@@ -102,6 +115,7 @@ class Manifest:
     serving: ServingConfig
     network: NetworkConfig
     source: str = ""
+    shards: ShardConfig = ShardConfig()
 
     def fingerprint(self) -> str:
         """Hash of everything a checkpoint's tensors depend on.

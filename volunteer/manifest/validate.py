@@ -22,6 +22,7 @@ from volunteer.manifest.schema import (
     NetworkConfig,
     OptimizerConfig,
     ServingConfig,
+    ShardConfig,
 )
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -128,9 +129,9 @@ def _multiaddr_problem(value: Any, need_peer_id: bool) -> str | None:
 
 def validate_document(doc: Any, file: str, known_kinds: Collection[str] | None = None) -> Manifest:
     """Turn a parsed YAML document into a ``Manifest`` or raise ``ManifestError``."""
-    top = _Section(doc, "", file, ("experiment", "expert", "grid", "optimizer", "serving", "network"))
+    top = _Section(doc, "", file, ("experiment", "expert", "grid", "optimizer", "serving", "network", "shards"))
 
-    exp = top.section("experiment", ("name", "version", "description"))
+    exp = top.section("experiment", ("name", "version", "description", "seed"))
     description = exp.data.get("description", "")
     if not isinstance(description, str) or len(description) > 500:
         raise exp.fail("description", "a string of at most 500 characters", description)
@@ -138,6 +139,7 @@ def validate_document(doc: Any, file: str, known_kinds: Collection[str] | None =
         name=exp.string("name", NAME_RE, "a lowercase name of letters, digits, '-' or '_' (at most 64)"),
         version=exp.string("version", VERSION_RE, "a version such as 1 or 0.3.1"),
         description=description,
+        seed=exp.integer("seed", 0, 0, 2**63 - 1),
     )
 
     ex = top.section("expert", ("kind", "hidden_dim", "options"))
@@ -217,4 +219,13 @@ def validate_document(doc: Any, file: str, known_kinds: Collection[str] | None =
         announce_addrs=nw.string_list("announce_addrs", lambda v: _multiaddr_problem(v, need_peer_id=False)),
         public=public,
     )
-    return Manifest(experiment, expert, grid, optimizer, serving, network, source=file)
+    sh = top.section("shards", ("replication", "rebalance_interval_s", "snapshot_interval_s", "chunk_bytes"),
+                     required=False)
+    ds = ShardConfig()
+    shards = ShardConfig(
+        replication=sh.integer("replication", ds.replication, 1, 64),
+        rebalance_interval_s=sh.number("rebalance_interval_s", ds.rebalance_interval_s, 1.0, 86400.0),
+        snapshot_interval_s=sh.number("snapshot_interval_s", ds.snapshot_interval_s, 1.0, 86400.0),
+        chunk_bytes=sh.integer("chunk_bytes", ds.chunk_bytes, 1 << 16, 1 << 26),
+    )
+    return Manifest(experiment, expert, grid, optimizer, serving, network, source=file, shards=shards)

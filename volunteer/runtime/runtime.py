@@ -55,7 +55,7 @@ class DrainReport:
 
 
 class Runtime:
-    """Batching runtime over a fixed set of expert backends."""
+    """Batching runtime over the hosted expert backends (``add_expert`` / ``remove_expert``)."""
 
     def __init__(
         self, backends: Mapping[str, ExpertBackend], limits: ServingLimits | None = None
@@ -175,7 +175,9 @@ class Runtime:
             with self._cond:
                 if self.state != "serving":
                     raise DrainingError(f"node is {self.state}; not accepting new requests")
-                pool = self._pools[(task.uid, task.op)]
+                pool = self._pools.get((task.uid, task.op))
+                if pool is None:  # removed since the lookup above (moved to another node)
+                    raise UnknownExpertError(f"this node no longer hosts {request.uid!r}")
                 if pool.full():
                     raise OverloadedError(
                         f"{task.op} queue of {task.uid} is full ({pool.max_size} tasks); retry later or elsewhere"
@@ -201,6 +203,37 @@ class Runtime:
         if not self.loop.in_loop():
             self.loop.wake()
 
+    # -- hosted experts (shards move in and out while serving) --
+
+    def add_expert(self, uid: str, backend: ExpertBackend) -> None:
+        """Start serving ``uid`` (thread-safe; the node adopted or downloaded it)."""
+        with self._cond:
+            if uid in self.backends:
+                raise ValueError(f"expert {uid!r} is already hosted")
+            for op in ("forward", "backward"):
+                self._pools[(uid, op)] = TaskPool(uid, op, self.limits.max_queue_size)
+            # copy-on-write: readers iterate these dicts without the lock
+            self._stats = {**self._stats, uid: ExpertStats()}
+            self.backends = {**self.backends, uid: backend}
+
+    def remove_expert(self, uid: str) -> ExpertBackend:
+        """Stop serving ``uid``: waits for a running batch, answers its queued work with "draining"
+        (trainers retry on another server) and returns the backend (for a last checkpoint)."""
+        with self.exclusive(), self._cond:
+            backend = self.backends[uid]
+            self.backends = {k: v for k, v in self.backends.items() if k != uid}
+            tasks: list[Task] = []
+            for op in ("forward", "backward"):
+                pool = self._pools.pop((uid, op))
+                tasks.extend(pool.tasks)
+            self._queued -= len(tasks)
+            self._queued_bytes -= sum(t.nbytes for t in tasks)
+            stats = self._stats.get(uid)
+            self._stats = {k: v for k, v in self._stats.items() if k != uid}
+        for task in tasks:
+            self._answer_with(task, DrainingError(f"expert {uid} moved to another volunteer; retry elsewhere"), stats)
+        return backend
+
     # -- introspection --
 
     def info(self) -> dict[str, dict]:
@@ -211,14 +244,12 @@ class Runtime:
     def stats(self) -> dict[str, dict]:
         """Per-uid statistics (JSON-serialisable)."""
         with self._cond:
-            depth = {
-                uid: len(self._pools[(uid, "forward")]) + len(self._pools[(uid, "backward")])
-                for uid in self.backends
-            }
-        return {
-            uid: s.snapshot(depth[uid], self.backends[uid].updates_applied)
-            for uid, s in self._stats.items()
-        }
+            rows = [
+                (uid, self._stats[uid], len(self._pools[(uid, "forward")]) + len(self._pools[(uid, "backward")]),
+                 backend.updates_applied)
+                for uid, backend in self.backends.items()
+            ]
+        return {uid: s.snapshot(depth, updates) for uid, s, depth, updates in rows}
 
     def cache_info(self) -> dict:
         """Activation cache occupancy (entries, estimated bytes, evictions)."""
@@ -238,10 +269,13 @@ class Runtime:
             self.loop.call_soon(_call, reply, frames)
 
     def _answer(self, task: Task, err: RemoteError) -> None:
+        self._answer_with(task, err, self._stats.get(task.uid))
+
+    def _answer_with(self, task: Task, err: RemoteError, stats: ExpertStats | None) -> None:
         if self.loop.in_loop() or not self.loop.alive:
-            send_error(task, err, self._stats.get(task.uid))
+            send_error(task, err, stats)
         else:
-            self.loop.call_soon(send_error, task, err, self._stats.get(task.uid))
+            self.loop.call_soon(send_error, task, err, stats)
 
     def _count_completed(self, n: int) -> None:
         # loop thread only; published to drain() by the locked section that ends the batch
