@@ -122,13 +122,16 @@ def test_two_volunteers_and_trainers_through_the_dht(tmp_path: Path, volunteer_d
         losses = [v for v in before + after if v is not None]
         assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
 
-        # The leaver's records are withdrawn (or say draining): no serving entry points at it.
+        # The leaver's records are withdrawn (or say draining): no serving entry points at it,
+        # and the uids only it served were handed to the other volunteer before it exited.
         only_b = sorted(set(b["experts"]) - set(a["experts"]))
+        a_peer = a["network"]["peer_id"]
         for uid in b["experts"]:
             assert not [e for e in client.servers(uid) if e.peer_id == b_peer and e.state == "serving"], uid
-        if only_b:
-            prefix = only_b[0].rsplit(".", 1)[0] + "."
-            assert int(only_b[0].rsplit(".", 1)[1]) not in client.children([prefix])[prefix]
+        for uid in only_b:
+            assert f"handed off {uid} " in second.output() and a_peer in second.output()
+            assert [e for e in client.servers(uid) if e.peer_id == a_peer and e.state == "serving"], uid
+        assert set(only_b) <= set(status(first)["experts"])
     finally:
         moe.close()
         directory.close()

@@ -17,6 +17,8 @@ class LeaveReport:
     cut_short: int = 0
     checkpoint: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    handoffs: list[dict[str, Any]] = field(default_factory=list)
+    handoff_lines: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -31,6 +33,7 @@ class LeaveReport:
             "cut_short": self.cut_short,
             "checkpoint": self.checkpoint,
             "problems": self.problems,
+            "handoffs": self.handoffs,
             "clean": self.clean,
         }
 
@@ -43,5 +46,6 @@ class LeaveReport:
             f"cut short {self.cut_short}",
             f"checkpointed {written} expert(s) to {ck.get('directory', 'the home')}",
         ]
+        lines += self.handoff_lines
         lines += [f"cut short: {p}" for p in self.problems]
         return lines

@@ -73,14 +73,18 @@ def effective_network(network: Any, extra_bootstrap: Sequence[str] = (), new_swa
 def start_network(
     home: Path, experiment: str, network: Any, submit: Callable[..., None], zmq_endpoint: str | None,
     listen_host: str, uids: Sequence[str], load: float, timeout: float = NETWORK_START_TIMEOUT_S,
+    shard_server: Any = None,
 ) -> Any:
-    """Start the ``NetworkService`` and announce ``uids``; NetworkStartError on failure."""
+    """Start the ``NetworkService`` and announce ``uids``; NetworkStartError on failure.
+
+    ``shard_server`` (a ``ShardServer``) answers other volunteers' shard and adoption requests.
+    """
     from volunteer.net.host import IdentityError
     from volunteer.net.service import NetworkService
 
     try:
         service = NetworkService(home, experiment, network, submit=submit, zmq_endpoint=zmq_endpoint,
-                                 listen_host=listen_host)
+                                 listen_host=listen_host, shard_server=shard_server)
     except IdentityError as exc:
         raise NetworkStartError(str(exc)) from None
     try:

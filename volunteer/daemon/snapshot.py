@@ -22,6 +22,9 @@ Shape (all JSON; every section present, values may be null)::
     network       the network service's snapshot() (peer_id, addrs, reachability, relay,
                   peers {direct, relayed, hole_punched}, connected_peers, records_announced,
                   bootstrap, state, ...), or null when the network is disabled
+    shards        replication, capacity, free, hosted {uid: state, version, root, weights_from, reason,
+                  other_replicas, replica_versions, version_spread}, dropped {uid: why}, moves,
+                  downloads {uid: progress}, cache {directory, bytes, max_bytes}
     health        level (ok|idle|degraded|starting|draining), why (one line or null)
 """
 
@@ -104,6 +107,7 @@ def build_snapshot(sup: Supervisor, stats: dict[str, dict[str, Any]], include_us
         "selfbench": sup.selfbench,
         "settings": sup.settings.as_dict(),
         "network": network,
+        "shards": sup.shards.status() if sup.shards is not None else None,
         "health": {"level": level, "why": why},
     }
 

@@ -38,6 +38,7 @@ from typing import Any
 from volunteer import __version__
 from volunteer.daemon.checkpointer import Checkpointer
 from volunteer.daemon.control_server import ControlRequestError, ControlServer
+from volunteer.daemon.handoff import Handoff, hand_off
 from volunteer.daemon.hardware import HardwareInfo, apply_torch_threads, describe_device
 from volunteer.daemon.health import HealthTracker
 from volunteer.daemon.home import NodeHome
@@ -45,8 +46,8 @@ from volunteer.daemon.leave_report import LeaveReport
 from volunteer.daemon.logs import LiveLine
 from volunteer.daemon.network import network_load, start_network
 from volunteer.daemon.settings import Settings
+from volunteer.daemon.shards import ShardManager
 from volunteer.daemon.snapshot import build_snapshot, live_line_text
-from volunteer.experts.assignment import choose_experts
 from volunteer.experts.checkpoint import CheckpointStore
 from volunteer.manifest import Manifest
 
@@ -75,8 +76,10 @@ class Supervisor:
         self.node_id = ""
         self.selfbench: dict[str, Any] | None = None
         self.torch_threads: int | None = None
-        self.backends: dict[str, Any] = {}
         self.runtime: Any = None
+        self.shards: ShardManager | None = None
+        self.shard_server: Any = None
+        self.handoffs: list[Handoff] = []
         self.frontend: Any = None
         self.network: Any = None
         self.network_ready_s: float | None = None
@@ -90,11 +93,16 @@ class Supervisor:
         self.leave_report: LeaveReport | None = None
         self._next_checkpoint = 0.0
 
+    @property
+    def backends(self) -> dict[str, Any]:
+        """The hosted experts (uid -> backend): the runtime's, as shards move in and out."""
+        return dict(self.runtime.backends) if self.runtime is not None else {}
+
     # ------------------------------------------------------------------ start
 
     def start(self) -> None:
         """Bring the node up; returns once trainers can reach it and control.json exists."""
-        from volunteer.experts.backend import ExpertBackend, OptimizerSpec
+        from volunteer.experts.backend import ExpertBackend, OptimizerSpec, expert_seed
         from volunteer.runtime.runtime import Runtime
         from volunteer.runtime.zmq_frontend import ZmqFrontend
 
@@ -104,28 +112,31 @@ class Supervisor:
         self.torch_threads = apply_torch_threads(s.torch_threads)
         self.node_id = self._node_id()
         store = CheckpointStore(self.home.checkpoint_dir(m.experiment.name), m.fingerprint())
-        count = min(int(s.num_experts), m.grid.size)
-        if count < s.num_experts:
-            log.warning("num_experts=%d but the grid has only %d experts: hosting all of them", s.num_experts, count)
-        uids = sorted(choose_experts(m.grid.uids(), count, self.node_id, checkpointed=store.saved_uids()))
+        if s.num_experts > m.grid.size:
+            log.warning("num_experts=%d but the grid has only %d experts: hosting at most all of them",
+                        s.num_experts, m.grid.size)
         o = m.optimizer
         spec = OptimizerSpec(name=o.name, lr=o.lr, clip_grad_norm=o.clip_grad_norm, momentum=o.momentum,
                              weight_decay=o.weight_decay)
-        self.backends = {
-            uid: ExpertBackend(uid, m.expert.kind, m.expert.hidden_dim, spec, device=self.device, **m.expert.options)
-            for uid in uids
-        }
-        self.checkpointer = Checkpointer(store, self.backends)
-        self.checkpointer.restore()
+
+        def make_backend(uid: str, seeded: bool) -> ExpertBackend:
+            seed = expert_seed(m.experiment.seed, uid) if seeded else None
+            return ExpertBackend(uid, m.expert.kind, m.expert.hidden_dim, spec, device=self.device, seed=seed,
+                                 **m.expert.options)
+
+        self.checkpointer = Checkpointer(store, {})
         if s.selfbench:
             self.selfbench = self._run_selfbench()
 
-        self.runtime = Runtime(self.backends, _serving_limits(m))
+        self.runtime = Runtime({}, _serving_limits(m))
         self.runtime.start()
         self.frontend = ZmqFrontend(self.runtime, bind=f"tcp://{s.zmq_host}:{s.zmq_port}")
         self.frontend.start()
         self.endpoint = _advertised_endpoint(self.frontend.endpoint, s.advertise_host)
+        # Joins the network first: which experts to host depends on what the swarm serves.
+        self.shards = ShardManager(self, make_backend)
         self._start_network()
+        self.shards.start()
 
         self.control = ControlServer(self.home.run_dir, {
             "status": lambda req: self.snapshot(),
@@ -154,11 +165,16 @@ class Supervisor:
             return
         m, s = self.manifest, self.settings
         started = time.monotonic()
+        from volunteer.net.shard_rpc import ShardServer
+
+        assert self.shards is not None
+        self.shard_server = ShardServer(self.shards.cache, adopt=self.shards.adopt)
         self.network = start_network(self.home.root, m.experiment.name, m.network, self.runtime.submit,
-                                     self.endpoint, s.listen_host, list(self.backends), self._network_load())
+                                     self.endpoint, s.listen_host, [], self.network_load(),
+                                     shard_server=self.shard_server)
         self.network_ready_s = time.monotonic() - started
 
-    def _network_load(self) -> float:
+    def network_load(self) -> float:
         return network_load(self._expert_stats(), self.manifest.serving.max_queue_size)
 
     def _stop_network(self) -> None:
@@ -206,7 +222,10 @@ class Supervisor:
                      f"{' (cached)' if self.selfbench.get('cached') else ''}")
         log.info("device: %s; %d torch thread(s)%s", self.device_description, self.torch_threads or 0, bench)
         hosted = [f"{u} (resumed at {ck.resumed[u]} updates)" if u in ck.resumed else u for u in self.backends]
-        log.info("hosting %d %s expert(s): %s", len(hosted), m.expert.kind, ", ".join(hosted))
+        log.info("hosting %d %s expert(s): %s", len(hosted), m.expert.kind, ", ".join(hosted) or "none yet")
+        if self.shards is not None and self.shards.pending:
+            log.info("downloading %d expert shard(s) from the swarm: %s (each is served once loaded)",
+                     len(self.shards.pending), ", ".join(sorted(self.shards.pending)))
         log.info("trainers reach this node at %s", self.endpoint)
         if self.network is not None:
             self._announce_network()
@@ -249,6 +268,8 @@ class Supervisor:
         self.health.observe(stats)
         if self.network is not None:
             self.network.set_load(network_load(stats, self.manifest.serving.max_queue_size))
+        if self.shards is not None:
+            self.shards.tick()
         if time.monotonic() >= self._next_checkpoint and self.checkpointer is not None:
             self.checkpointer.checkpoint(self.runtime.exclusive)
             self._next_checkpoint = time.monotonic() + float(self.settings.checkpoint_interval_s)
@@ -297,6 +318,7 @@ class Supervisor:
             report.checkpoint = {**ck.as_dict(), "directory": str(self.checkpointer.store.directory)}
             for uid, err in ck.failed.items():
                 report.problems.append(f"checkpoint of {uid} failed: {err}")
+        self._hand_off(report, deadline)
         late = time.monotonic() - deadline
         if late > 0 and not report.problems:
             report.problems.append(f"leave took {late:.1f}s longer than the {timeout:g}s deadline")
@@ -308,10 +330,26 @@ class Supervisor:
             (log.info if report.clean else log.warning)("%s", line)
         return report
 
+    def _hand_off(self, report: LeaveReport, deadline: float) -> None:
+        """Give every hosted uid that no other node holds to an adopter (``daemon.handoff``)."""
+        if self.shards is None or self.runtime is None:
+            return
+        self.shards.stop(max(0.0, min(10.0, deadline - time.monotonic())))
+        try:
+            self.handoffs = hand_off(self.shards, deadline)
+        except Exception as exc:  # the checkpoint is written: a failed hand-off loses no weights locally
+            log.exception("hand-off failed")
+            report.problems.append(f"hand-off failed: {exc}")
+            return
+        report.handoffs = [h.as_dict() for h in self.handoffs]
+        report.handoff_lines = [h.line() for h in self.handoffs]
+
     def _shutdown(self) -> None:
         """Stop every component that was started, in reverse order; never raises."""
         self.state = "stopped"
         self._stop_network()
+        if self.shard_server is not None:
+            self.shard_server.close()
         for name, component in (("frontend", self.frontend), ("runtime", self.runtime)):
             if component is None:
                 continue
