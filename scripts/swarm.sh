@@ -3,7 +3,9 @@
 # and one trainer that finds their experts through the DHT. The first volunteer starts a new
 # swarm; the others bootstrap from it, one after another (a burst of joins through one node
 # overflows its inbound limit). Midway, the last volunteer leaves: training goes on through
-# the others. At the end every volunteer leaves gracefully.
+# the others. Each volunteer chooses what to host from what the swarm already serves (unserved
+# uids first, then second replicas, downloaded from their holders); the leaver hands the
+# uids nobody else holds to the others. At the end every volunteer leaves gracefully.
 #
 #   scripts/swarm.sh [N] [STEPS]
 #
@@ -44,9 +46,14 @@ field() {  # field JSON_FILE PYTHON_EXPR_ON_d
   "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2"
 }
 
+serving_all() {  # serving_all INDEX: ready, hosting experts, and no shard download left
+  "${VOLUNTEER[@]}" status --json --home "$DIR/v$1" >"$DIR/v$1.status.json" 2>/dev/null &&
+    [ "$(field "$DIR/v$1.status.json" 'int(bool(d["experts"]) and all(h["state"] == "serving" for h in (d["shards"] or {}).get("hosted", {}).values()))')" = 1 ]
+}
+
 wait_ready() {  # wait_ready INDEX
   local i=$1 deadline=$((SECONDS + 120))
-  until "${VOLUNTEER[@]}" status --json --home "$DIR/v$i" >"$DIR/v$i.status.json" 2>/dev/null; do
+  until serving_all "$i"; do
     if ! kill -0 "${PIDS[$i]}" 2>/dev/null; then cat "$DIR/v$i.log" >&2; say "volunteer $i exited"; exit 1; fi
     if [ "$SECONDS" -ge "$deadline" ]; then cat "$DIR/v$i.log" >&2; say "volunteer $i not ready in 120 s"; exit 1; fi
     sleep 0.2

@@ -59,5 +59,11 @@ CASES: list[tuple[str, str, str, str]] = [
     ("listen-port-range", mutate("network.listen_port", 70000), "network.listen_port", "an integer in [0, 65535]"),
     ("public-choice", mutate("network.public", "maybe"), "network.public", "one of auto, yes, no"),
     ("network-unknown", mutate("network.ports", [1]), "network.ports", "unknown key"),
+    ("seed-negative", mutate("experiment.seed", -1), "experiment.seed", "an integer in [0, "),
+    ("replication-zero", mutate("shards", {"replication": 0}), "shards.replication", "an integer in [1, 64]"),
+    ("chunk-too-small", mutate("shards", {"chunk_bytes": 1024}), "shards.chunk_bytes", "an integer in [65536,"),
+    ("rebalance-zero", mutate("shards", {"rebalance_interval_s": 0}), "shards.rebalance_interval_s",
+     "a number in [1, 86400]"),
+    ("shards-typo", mutate("shards", {"replicas": 2}), "shards.replicas", "unknown key"),
 ]
 VALID_BOOTSTRAP = f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}"

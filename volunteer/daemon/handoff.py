@@ -12,8 +12,10 @@ After the drain and the final checkpoint, ``hand_off(manager, deadline)``:
    adopter downloads the shard from this node (and any other holder), serves it, announces
    it, and only then answers; a refusal or failure moves on to the next best peer while the
    deadline allows;
-4. returns one ``Handoff`` per uid: who took it over, or that it stayed only in the local
-   checkpoint and why. The node's network stays up (serving chunks) until this returns.
+4. returns one ``Handoff`` per uid: who took it over; or, when every other peer already
+   serves its own replica of it (trained apart: replicas are not averaged yet), that the uid
+   lives on there and this copy stays in the local checkpoint; or that it stayed only in the
+   local checkpoint and why. The node's network stays up (serving chunks) until this returns.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class Handoff:
     uid: str
     version: int
     root: str
-    outcome: str  # adopted | held | local_only
+    outcome: str  # adopted | held | replicated | local_only
     peer: str | None = None
     detail: str = ""
     seconds: float = 0.0
@@ -51,6 +53,8 @@ class Handoff:
             return f"handed off {self.uid} v{self.version} to {self.peer} in {self.seconds:.1f}s ({self.detail})"
         if self.outcome == "held":
             return f"{self.uid} v{self.version}: {self.peer} already serves these exact weights"
+        if self.outcome == "replicated":
+            return f"{self.uid} v{self.version}: {self.detail}; this copy stays in the local checkpoint"
         return f"{self.uid} v{self.version} stayed only in the local checkpoint: {self.detail}"
 
 
@@ -77,6 +81,7 @@ def hand_off(manager: Any, deadline: float) -> list[Handoff]:
 
     def offer(uid: str, version: int, root: bytes) -> None:
         tried: set[str] = set()
+        replicas = view.replicas(uid)
         why = "no other serving volunteer in the swarm"
         start = time.monotonic()
         while deadline - time.monotonic() > MIN_OFFER_S:
@@ -100,6 +105,11 @@ def hand_off(manager: Any, deadline: float) -> list[Handoff]:
             return
         if deadline - time.monotonic() <= MIN_OFFER_S and not tried:
             why = "the leave deadline left no time to hand it off"
+        if replicas and not tried:  # every other peer already serves its own (drifted) replica
+            versions = ", ".join(f"v{v}" for v in sorted(replicas.values()))
+            results[uid] = Handoff(uid, version, root.hex()[:16], "replicated", peer=min(replicas),
+                                   detail=f"still served by {len(replicas)} other replica(s) at {versions}")
+            return
         results[uid] = Handoff(uid, version, root.hex()[:16], "local_only", detail=why)
 
     threads = [threading.Thread(target=offer, args=job, daemon=True, name=f"volunteer-handoff-{job[0]}")

@@ -40,6 +40,7 @@ from volunteer import __version__
 from volunteer.daemon.hardware import live_usage
 from volunteer.daemon.health import assess, totals
 from volunteer.daemon.network import network_problem
+from volunteer.status.shards_view import download_line
 
 if TYPE_CHECKING:
     from volunteer.daemon.supervisor import Supervisor
@@ -125,4 +126,7 @@ def live_line_text(snap: dict[str, Any]) -> str:
         line += f" | {int(net.get('connected_peers') or 0)} peers"
     if health.get("why"):
         line += f" | {health['level']}: {health['why']}"
+    downloading = download_line(snap)
+    if downloading:
+        line += f" | {downloading}"
     return line[:200]

@@ -1,7 +1,9 @@
 """The supervisor: one volunteer node's lifecycle (start, ready, serve, drain, stop).
 
-``start()`` builds the hosted experts (assignment, checkpoint restore, self-benchmark),
-starts the runtime and its ZeroMQ frontend, then the control API, and only then publishes
+``start()`` runs the self-benchmark, starts the runtime (empty) and its ZeroMQ frontend, joins
+the peer network, lets the ``ShardManager`` (``volunteer.daemon.shards``) choose and load the
+hosted experts from the swarm's view (downloads continue in the background; a uid is served
+and announced once loaded), then starts the control API and only then publishes
 ``control.json`` (readiness). ``run()`` is the main loop of the ``join`` process: it feeds
 the health tracker, writes periodic checkpoints, refreshes the live line, and performs the
 leave once one is requested (control ``leave`` op, SIGTERM/SIGINT):
@@ -12,7 +14,10 @@ leave once one is requested (control ``leave`` op, SIGTERM/SIGINT):
 2. ``runtime.drain(remaining)`` finishes in-flight requests;
 3. a final checkpoint under ``runtime.exclusive()`` (always taken, even past the deadline:
    losing trained weights is worse than a late exit);
-4. the network service (records withdrawn), frontend, runtime and control API stop,
+4. the hand-off (``volunteer.daemon.handoff``): every uid no serving peer holds at the same
+   weights goes to an adopter, within the deadline; the network keeps serving shard chunks
+   until then;
+5. the network service (records withdrawn), frontend, runtime and control API stop,
    ``control.json`` is removed.
 
 The peer network (``volunteer.daemon.network``) starts in ``_start_network`` right after the
@@ -45,6 +50,7 @@ from volunteer.daemon.home import NodeHome
 from volunteer.daemon.leave_report import LeaveReport
 from volunteer.daemon.logs import LiveLine
 from volunteer.daemon.network import network_load, start_network
+from volunteer.daemon.ready_log import log_ready
 from volunteer.daemon.settings import Settings
 from volunteer.daemon.shards import ShardManager
 from volunteer.daemon.snapshot import build_snapshot, live_line_text
@@ -147,7 +153,7 @@ class Supervisor:
         self.control.start()
         self.state = "serving"
         self._next_checkpoint = time.monotonic() + float(s.checkpoint_interval_s)
-        self._announce_ready()  # before control.json: whoever sees the node ready finds these lines logged
+        log_ready(self)  # before control.json: whoever sees the node ready finds these lines logged
         self.home.write_control_file({
             "socket": self.control.path, "pid": os.getpid(), "version": __version__,
             "endpoint": self.endpoint, "experiment": m.experiment.name, "started_at": self.started_at,
@@ -210,47 +216,6 @@ class Supervisor:
         except Exception as exc:  # a benchmark failure must not keep the node from serving
             log.warning("self-benchmark failed: %s", exc)
             return None
-
-    def _announce_ready(self) -> None:
-        m, ck = self.manifest, self.checkpointer
-        assert ck is not None
-        log.info("volunteer %s joined experiment %s v%s (%s)", __version__, m.experiment.name,
-                 m.experiment.version, m.source)
-        bench = ""
-        if self.selfbench:
-            bench = (f"; self-benchmark {self.selfbench['train_samples_per_s']:.0f} train samples/s"
-                     f"{' (cached)' if self.selfbench.get('cached') else ''}")
-        log.info("device: %s; %d torch thread(s)%s", self.device_description, self.torch_threads or 0, bench)
-        hosted = [f"{u} (resumed at {ck.resumed[u]} updates)" if u in ck.resumed else u for u in self.backends]
-        log.info("hosting %d %s expert(s): %s", len(hosted), m.expert.kind, ", ".join(hosted) or "none yet")
-        if self.shards is not None and self.shards.pending:
-            log.info("downloading %d expert shard(s) from the swarm: %s (each is served once loaded)",
-                     len(self.shards.pending), ", ".join(sorted(self.shards.pending)))
-        log.info("trainers reach this node at %s", self.endpoint)
-        if self.network is not None:
-            self._announce_network()
-        log.info("status: volunteer status --home %s | leave: volunteer leave --home %s (or Ctrl-C)",
-                 self.home.root, self.home.root)
-
-    def _announce_network(self) -> None:
-        net = self.network
-        full = list(net.multiaddrs)
-        boot = list(self.manifest.network.bootstrap)
-        log.info("peer id %s; experts announced in the DHT of experiment %s (network ready in %.1fs)",
-                 net.peer_id, self.manifest.experiment.name, self.network_ready_s or 0.0)
-        for addr in full:
-            log.info("  listening on %s", addr)
-        if boot:
-            peers = int(net.snapshot().get("connected_peers", 0) or 0)
-            if peers:
-                log.info("joined the swarm through %d bootstrap peer(s): connected to %d peer(s)", len(boot), peers)
-            else:
-                log.warning("none of the %d bootstrap peer(s) answered yet (retrying): trainers cannot find this "
-                            "node through the DHT until one does", len(boot))
-        elif full:
-            log.info("started a new swarm: other volunteers join it with `volunteer join %s --bootstrap %s`"
-                     " (or list it under network.bootstrap in their manifest)", self.manifest.experiment.name,
-                     full[0])
 
     # ------------------------------------------------------------------ run
 

@@ -79,11 +79,14 @@ class DownloadProgress:
     bad_sources: list[str] = field(default_factory=list)
     failed_sources: dict[str, str] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
+    transfer_started_at: float | None = None  # header in hand: chunks start to move
     finished_at: float | None = None
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        elapsed = (self.finished_at or time.time()) - self.started_at
+        end = self.finished_at or time.time()
+        elapsed = end - self.started_at
+        transfer = end - self.transfer_started_at if self.transfer_started_at is not None else 0.0
         return {
             "uid": self.uid, "root": self.root_hex[:16], "version": self.version, "state": self.state,
             "total_bytes": self.total_bytes, "have_bytes": self.have_bytes,
@@ -92,7 +95,9 @@ class DownloadProgress:
             "fraction": round(self.have_bytes / self.total_bytes, 4) if self.total_bytes else 0.0,
             "sources": dict(self.by_source), "bad_sources": list(self.bad_sources),
             "failed_sources": dict(self.failed_sources), "elapsed_s": round(elapsed, 3),
-            "mb_per_s": round(self.fetched_bytes / elapsed / 1e6, 2) if elapsed > 0 else 0.0,
+            # connecting (a relayed peer: a hole punch is awaited) and the header, before any chunk
+            "setup_s": round((self.transfer_started_at or end) - self.started_at, 3),
+            "mb_per_s": round(self.fetched_bytes / transfer / 1e6, 2) if transfer > 0 else 0.0,
             "error": self.error,
         }
 
@@ -123,6 +128,7 @@ async def download_shard(client: Any, cache: Any, uid: str, fingerprint: str, ro
     header = await fetch_header(client, uid, fingerprint, root, sources, progress)
     sources = [s for s in sources if s.name not in progress.bad_sources]
     partial = await trio.to_thread.run_sync(cache.open_partial, header)
+    progress.transfer_started_at = time.time()
     try:
         progress.version = header.version
         progress.total_bytes = header.total_bytes

@@ -12,6 +12,7 @@ from rich.text import Text
 from volunteer.status import fmt
 from volunteer.status.network_view import network_rows
 from volunteer.status.plain import expert_rows
+from volunteer.status.shards_view import shard_rows
 
 STATE_STYLE = {"serving": "green", "starting": "yellow", "draining": "yellow", "stopped": "red"}
 LEVEL_STYLE = {"ok": "green", "idle": "yellow", "starting": "yellow", "draining": "yellow", "degraded": "red"}
@@ -64,9 +65,17 @@ def render_dashboard(snapshot: dict[str, Any]) -> Group:
     if not net:
         network.add_row("network", Text("not connected (network disabled)", style="dim"))
 
+    parts: list[Any] = [Panel(overview, title=title, title_align="left"), experts]
+    srows = shard_rows(snapshot)
+    if srows:
+        shards = Table.grid(padding=(0, 2))
+        shards.add_column(style="bold", no_wrap=True)
+        shards.add_column()
+        for key, value in srows:
+            shards.add_row(key, Text(value))  # plain text: bars look like markup
+        parts.append(Panel(shards, title="shards", title_align="left"))
     level = str(health.get("level", "n/a"))
     why = Text(f"health: {level}", style=LEVEL_STYLE.get(level, ""))
     if health.get("why"):
         why.append(f"  {health['why']}")
-    return Group(Panel(overview, title=title, title_align="left"), experts,
-                 Panel(network, title="network", title_align="left"), why)
+    return Group(*parts, Panel(network, title="network", title_align="left"), why)

@@ -6,6 +6,7 @@ from typing import Any
 
 from volunteer.status import fmt
 from volunteer.status.network_view import network_rows
+from volunteer.status.shards_view import shard_rows
 
 
 def expert_rows(snapshot: dict[str, Any]) -> list[dict[str, str]]:
@@ -65,17 +66,26 @@ def render_plain(snapshot: dict[str, Any]) -> str:
     else:
         lines.append("experts     none hosted")
     lines.append("")
+    srows = shard_rows(snapshot)
+    if srows:
+        lines += [*_block("shards", srows), ""]
     net = network_rows(snapshot)
     if net:
-        lines.append("network")
-        width = max(len(k) for k, _ in net)
-        for key, value in net:
-            first, *rest = value.split("\n")
-            lines.append(f"  {key.ljust(width)}  {first}")
-            lines += [f"  {'':{width}}  {more}" for more in rest]
+        lines += _block("network", net)
     else:
         lines.append("network     not connected (network disabled)")
     return "\n".join(lines)
+
+
+def _block(title: str, rows: list[tuple[str, str]]) -> list[str]:
+    """A titled block of labelled rows; multi-line values continue under their value column."""
+    out = [title]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        first, *rest = value.split("\n")
+        out.append(f"  {key.ljust(width)}  {first}")
+        out += [f"  {'':{width}}  {more}" for more in rest]
+    return out
 
 
 def _ago(age: Any) -> str:
