@@ -39,7 +39,7 @@ def join(
 ) -> None:
     """Join an experiment: host experts on this machine until `volunteer leave` or Ctrl-C.
 
-    Detects the hardware, validates the manifest, resumes any checkpoints in the home, joins the experiment's peer network (DHT) and announces the hosted experts there, serves trainers, and prints where they reach this node (ZeroMQ endpoint, peer id, multiaddrs). A manifest without bootstrap peers (or --new-swarm) starts a new swarm. Logs go to stderr and to <home>/logs/volunteer.log. SIGTERM/SIGINT leave gracefully; a second one forces.
+    Detects the hardware, validates the manifest, joins the experiment's peer network (DHT), chooses which experts to host from what the swarm already serves (unserved ones first, then those below the manifest's replication target), downloads their newest weights from the volunteers that hold them (or resumes this home's checkpoints, or starts fresh experts from the experiment's seed), announces each once loaded, serves trainers, and prints where they reach this node (ZeroMQ endpoint, peer id, multiaddrs). A manifest without bootstrap peers (or --new-swarm) starts a new swarm. Logs go to stderr and to <home>/logs/volunteer.log. SIGTERM/SIGINT leave gracefully (in-flight work finishes, and each expert no other volunteer serves is handed to one that takes it over); a second one forces.
     """
     with domain_errors():
         code = _join(experiment, home, set_, bootstrap, new_swarm, device=device, num_experts=num_experts,

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from volunteer.daemon.capacity import expert_state_bytes, host_capacity
 from volunteer.experts.assignment import choose_experts, plan_assignment
 from volunteer.experts.checkpoint import clone_state
 from volunteer.experts.shard import decode_shard, encode_shard
@@ -65,7 +66,9 @@ class ShardManager:
         self.fingerprint = m.fingerprint()
         self.grid = list(m.grid.uids())
         self.grid_set = set(self.grid)
-        self.capacity = min(int(sup.settings.num_experts), len(self.grid))
+        self.capacity, self.capacity_reason = host_capacity(
+            int(sup.settings.num_experts), len(self.grid), expert_state_bytes(m), sup.device, sup.hardware,
+            float(sup.settings.max_gpu_memory_fraction))
         self.make_backend = make_backend  # (uid, seeded) -> ExpertBackend
         self.cache = ShardCache(sup.home.cache_dir / "shards" / m.experiment.name,
                                 int(sup.settings.shard_cache_bytes))
@@ -392,7 +395,8 @@ class ShardManager:
                 "version_spread": (max(versions) - min(versions)) if versions else 0,
             }
         return {
-            "replication": self.manifest.shards.replication, "capacity": self.capacity, "free": self.free,
+            "replication": self.manifest.shards.replication, "capacity": self.capacity,
+            "capacity_reason": self.capacity_reason, "free": self.free,
             "hosted": per_uid, "dropped": dict(self.dropped), "moves": self.moves,
             "downloads": {u: p.as_dict() for u, p in self.downloads.items()},
             "view_age_s": round(time.time() - self.view_at, 1) if self.view_at else None,

@@ -60,7 +60,8 @@ def shard_rows(snapshot: dict[str, Any]) -> list[tuple[str, str]]:
     if not isinstance(sh, dict) or not sh:
         return []
     rows = [("replication", f"target {sh.get('replication', 'n/a')} per uid; this node hosts up to "
-                            f"{sh.get('capacity', 'n/a')} ({sh.get('free', 'n/a')} free), {sh.get('moves', 0)} move(s)")]
+                            f"{sh.get('capacity', 'n/a')} ({sh.get('free', 'n/a')} free; bound: "
+                            f"{sh.get('capacity_reason') or 'n/a'}), {sh.get('moves', 0)} move(s)")]
     hosted = sh.get("hosted") if isinstance(sh.get("hosted"), dict) else {}
     for uid in sorted(hosted):
         h = hosted[uid] if isinstance(hosted[uid], dict) else {}
