@@ -71,6 +71,11 @@ def test_newcomer_downloads_from_two_holders_and_serves_equal_weights(
     assert len(download["sources"]) == 2 and all(n > 0 for n in download["sources"].values()), download
     assert sum(download["sources"].values()) == download["chunks_total"]
     assert download["fetched_bytes"] == download["total_bytes"] and not download["bad_sources"]
+    # A holder whose record says it is publicly reachable serves over ZeroMQ (plain TCP), the
+    # others over libp2p streams; here v1 passed the dial-back check, v0 (the first) could not.
+    for holder in (v0, v1):
+        net = status(holder)["network"]
+        assert download["via"][net["peer_id"]] == ("zmq" if net["reachability"] == "public" else "libp2p")
     # And bitwise, tensor by tensor: the newcomer's shard equals the first holder's.
     assert_states_equal(load_shard_state(v2.home, "twoholders", h["root"], uid),
                         load_shard_state(v0.home, "twoholders", first[uid]["root"], uid))

@@ -34,7 +34,7 @@ def snapshot(**shards: Any) -> dict[str, Any]:
 
 def test_rows_say_why_where_from_and_how_far_replicas_are_apart() -> None:
     rows = dict(shard_rows(snapshot()))
-    assert "target 2 per uid" in rows["replication"] and "(1 free)" in rows["replication"]
+    assert "target 2 per uid" in rows["replication"] and "(1 free; bound: n/a)" in rows["replication"]
     assert "weights downloaded v10 from 2 holder(s)" in rows["d.ffn.0.1"]
     assert "why: 1 of 2 replicas" in rows["d.ffn.0.1"] and "spread 3" in rows["d.ffn.0.1"]
     assert "no other replica" in rows["d.ffn.0.2"]

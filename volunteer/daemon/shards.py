@@ -133,7 +133,7 @@ class ShardManager:
         for uid in plan.host:
             reason = plan.reasons.get(uid, "")
             offer = view.newest(uid)
-            if offer is None:  # nobody else holds it: no download, load now
+            if offer is None and not view.replicas(uid):  # nobody else holds it: no download, load now
                 self._host(uid, self._load_local(uid)[0], reason)
             else:
                 self.pending.add(uid)
@@ -209,6 +209,9 @@ class ShardManager:
             else:
                 offer = view.newest(uid)
                 version, root, sources = (offer.version, offer.root, offer.sources) if offer else (-1, None, ())
+            if root is None and view.replicas(uid):
+                raise RuntimeError(f"{len(view.replicas(uid))} volunteer(s) serve {uid} but announce no shard of "
+                                   "it: not starting a different copy; retrying at the next rebalance")
             backend, local = self._load_local(uid)
             if root is not None and (offered is not None or local is None or version > local):
                 if not sources:

@@ -178,6 +178,12 @@ class Supervisor:
         self.network = start_network(self.home.root, m.experiment.name, m.network, self.runtime.submit,
                                      self.endpoint, s.listen_host, [], self.network_load(),
                                      shard_server=self.shard_server)
+        # Shards also travel over ZeroMQ: served from the runtime's socket, fetched from
+        # publicly reachable holders over plain TCP (chunks are verified whatever the path).
+        from volunteer.client.zmq_transport import ZmqTransport
+
+        self.runtime.side = (self.shard_server.accepts, self.shard_server.submit)
+        self.network.shards.direct_transport = ZmqTransport
         self.network_ready_s = time.monotonic() - started
 
     def network_load(self) -> float:
@@ -185,6 +191,8 @@ class Supervisor:
 
     def _stop_network(self) -> None:
         if self.network is not None:
+            if self.network.shards is not None:
+                self.network.shards.close()  # pooled direct transports
             try:
                 self.network.stop()
             except Exception:

@@ -91,7 +91,7 @@ class SwarmView:
             if info is None or e.peer_id in exclude:
                 continue
             version, srcs = by_root.get(info.root, (info.version, []))
-            srcs.append(Source(e.peer_id, e.addrs))
+            srcs.append(_source(e))
             by_root[info.root] = (version, srcs)
         if not by_root:
             return None
@@ -101,7 +101,7 @@ class SwarmView:
     def sources(self, uid: str, root: bytes) -> tuple[Source, ...]:
         """Every other holder announcing exactly ``root`` for ``uid``."""
         child = self._leaf(uid)
-        return tuple(Source(e.peer_id, e.addrs) for e in self.others(uid)
+        return tuple(_source(e) for e in self.others(uid)
                      if (info := e.shard(child)) is not None and info.root == root)
 
     def replicas(self, uid: str) -> dict[str, int]:
@@ -109,3 +109,9 @@ class SwarmView:
         child = self._leaf(uid)
         return {e.peer_id: (info.version if (info := e.shard(child)) else 0)
                 for e in self.others(uid) if e.state == "serving"}
+
+
+def _source(e: ServerEntry) -> Source:
+    """A download source; its ZeroMQ endpoint only when it says it is publicly reachable (as
+    trainers decide; the download falls back to libp2p when the endpoint does not answer)."""
+    return Source(e.peer_id, e.addrs, e.zmq if e.reachability == "public" else None)

@@ -12,6 +12,7 @@ choice of the best server and the transports live in ``dht_directory.py``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from libp2p.kad_dht.kad_dht import KadDHT
 
 from volunteer.net import dht_store, records
 from volunteer.net.records import ServerEntry, ShardInfo
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 60.0
 HOLDER_LOOKUPS_AT_ONCE = 16
@@ -67,6 +70,7 @@ class ExpertRegistry:
         self._seq = 0
         self._announced: set[str] = set()
         self.records_announced = 0
+        self.shards_left_out: dict[str, int] = {}  # prefix -> shards that did not fit its entry
 
     def _next_seq(self) -> int:
         self._seq = max(self._seq + 1, time.time_ns())
@@ -109,10 +113,25 @@ class ExpertRegistry:
                 by_prefix.setdefault(prefix, []).append(ShardInfo(child, int(version), bytes(root)))
         jobs: list[tuple[str, bytes]] = []
         for prefix, children in groups.items():
-            blob = self.make_entry(prefix, children, state=state, load=load, addrs=addrs,
-                                   zmq=zmq, reachability=reachability,
-                                   shards=sorted(by_prefix.get(prefix, []), key=lambda i: i.child),
-                                   free=free)
+            infos = sorted(by_prefix.get(prefix, []), key=lambda i: i.child)
+            while True:  # an entry is bounded in bytes: many shards under one prefix may not fit
+                try:
+                    blob = self.make_entry(prefix, children, state=state, load=load, addrs=addrs, zmq=zmq,
+                                           reachability=reachability, shards=infos, free=free)
+                    break
+                except ValueError:
+                    if not infos:
+                        raise
+                    infos = infos[: len(infos) * 3 // 4]
+            left_out = len(by_prefix.get(prefix, [])) - len(infos)
+            if left_out and left_out != self.shards_left_out.get(prefix):  # said once per change
+                log.warning("the DHT entry of %s holds the shards of %d of this node's %d experts there; the "
+                            "others are served but not downloadable from this node", prefix, len(infos),
+                            len(by_prefix[prefix]))
+            if left_out:
+                self.shards_left_out[prefix] = left_out
+            else:
+                self.shards_left_out.pop(prefix, None)
             jobs.append((prefix, blob))
         for prefix in sorted(self._announced - set(groups)):
             # Withdrawal: no children, draining, expires in a second (readers drop it).

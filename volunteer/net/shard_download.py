@@ -12,7 +12,8 @@
    in worker threads, not in the event loop); a holder that sends a bad chunk is dropped for
    this shard (``progress.bad_sources``) and the chunk goes back to the queue for another;
    a holder that fails ``MAX_FAILURES`` times (unreachable, timeout, "unknown shard") is
-   dropped too;
+   dropped too; a chunk this node cannot write (disk full) ends the download at once and
+   blames no holder;
 5. ``finish()`` makes the shard complete in the cache; the header is returned.
 
 When every source is gone before the last chunk, ``ShardDownloadError`` says why and the
@@ -54,6 +55,7 @@ class Source:
 
     peer_id: Any
     addrs: tuple[str, ...] = ()
+    zmq: str | None = None  # its ZeroMQ endpoint, when its record says it is publicly reachable
 
     @property
     def name(self) -> str:
@@ -78,6 +80,7 @@ class DownloadProgress:
     by_source: dict[str, int] = field(default_factory=dict)  # peer id -> chunks delivered
     bad_sources: list[str] = field(default_factory=list)
     failed_sources: dict[str, str] = field(default_factory=dict)
+    via: dict[str, str] = field(default_factory=dict)  # peer id -> "zmq" | "libp2p" (last chunk's path)
     started_at: float = field(default_factory=time.time)
     transfer_started_at: float | None = None  # header in hand: chunks start to move
     finished_at: float | None = None
@@ -93,7 +96,7 @@ class DownloadProgress:
             "resumed_bytes": self.resumed_bytes, "fetched_bytes": self.fetched_bytes,
             "chunks_total": self.chunks_total, "chunks_done": self.chunks_done,
             "fraction": round(self.have_bytes / self.total_bytes, 4) if self.total_bytes else 0.0,
-            "sources": dict(self.by_source), "bad_sources": list(self.bad_sources),
+            "sources": dict(self.by_source), "via": dict(self.via), "bad_sources": list(self.bad_sources),
             "failed_sources": dict(self.failed_sources), "elapsed_s": round(elapsed, 3),
             # connecting (a relayed peer: a hole punch is awaited) and the header, before any chunk
             "setup_s": round((self.transfer_started_at or end) - self.started_at, 3),
@@ -169,7 +172,12 @@ async def _fetch_all(client: Any, partial: Any, header: ShardHeader, uid: str, r
             try:
                 data = await client.chunk(src.peer_id, src.addrs, uid, root, index, CHUNK_TIMEOUT_S)
                 progress.fetched_bytes += len(data)
-                await trio.to_thread.run_sync(partial.write_chunk, index, data)
+                try:
+                    await trio.to_thread.run_sync(partial.write_chunk, index, data)
+                except OSError as e:  # this node's disk, not the holder's fault: stop, blame nobody
+                    state.fatal = ShardDownloadError(f"cannot write the shard of {uid} to the cache: {e}")
+                    nursery.cancel_scope.cancel()
+                    return
             except (ShardHashError, ShardError) as e:
                 log.warning("holder %s sent a bad chunk %d of %s (%s): not asking it again", src.name, index,
                             uid, e)
@@ -197,6 +205,8 @@ async def _fetch_all(client: Any, partial: Any, header: ShardHeader, uid: str, r
         for src in sources:
             for _ in range(PER_SOURCE):
                 nursery.start_soon(worker, src)
+    if state.fatal is not None:
+        raise state.fatal
     if state.queue or state.inflight:
         raise ShardDownloadError(
             f"every holder of {uid} failed with {len(state.queue)} chunk(s) left "
@@ -210,6 +220,7 @@ class _Shared:
         self.queue = queue
         self.inflight = 0
         self.failures: dict[str, int] = {}
+        self.fatal: ShardDownloadError | None = None
         self._changed = trio.Event()
 
     async def next_index(self) -> int | None:

@@ -7,8 +7,9 @@ gives the daemon a synchronous API, each call bounded by a timeout:
   with the shard (version, root) each holder announces for it; one DHT lookup per parent
   prefix, bounded in concurrency;
 - ``download(uid, fingerprint, root, sources, cache, progress)``: ``shard_download`` from
-  every source at once over the shard protocol (direct, hole-punched or relayed: the same
-  ``dialing.dial`` as expert calls);
+  every source at once over the shard protocol: a publicly reachable holder over its ZeroMQ
+  endpoint (plain TCP) when the daemon set ``direct_transport``, the others over libp2p
+  streams (direct, hole-punched or relayed: the same ``dialing.dial`` as expert calls);
 - ``offer(peer_id, addrs, uid, version, root, timeout)``: ask a peer to adopt a uid before
   this node leaves; returns the adopter's message once it serves the uid.
 
@@ -34,9 +35,12 @@ from volunteer.net.shard_rpc import (
     REQUEST_LIMITS,
     SHARD_PROTOCOL_ID,
     ShardClient,
+    ShardRequestError,
     ShardServer,
+    decode_reply,
 )
 from volunteer.net.trio_thread import TrioThread
+from volunteer.wire.errors import UnreachableError
 
 HOLDERS_TIMEOUT_S = 20.0
 MAX_STREAMS_PER_PEER = 2
@@ -53,6 +57,10 @@ class ShardNetwork:
                              connect_timeout=30.0, connector=connector, protocol=SHARD_PROTOCOL_ID)
         self.client = ShardClient(self.rpc)
         self.server = server
+        # endpoint -> sync Transport (``request(frames, timeout)``), e.g. the client library's
+        # ZmqTransport; set by the daemon. None: shards travel over libp2p only.
+        self.direct_transport: Callable[[str], Any] | None = None
+        self._transports: dict[str, Any] = {}
         if server is not None:
             RpcServer(host, server.submit, REQUEST_LIMITS, max_inflight=16, protocol=SHARD_PROTOCOL_ID).install()
 
@@ -68,14 +76,28 @@ class ShardNetwork:
     def download(self, uid: str, fingerprint: str, root: bytes, sources: Sequence[Source], cache: Any,
                  progress: DownloadProgress, timeout: float) -> Any:
         """Download ``root`` into ``cache``; returns the verified ``ShardHeader``."""
-        srcs = [Source(ID.from_base58(s.peer_id) if isinstance(s.peer_id, str) else s.peer_id, tuple(s.addrs))
-                for s in sources]
+        srcs = [Source(ID.from_base58(s.peer_id) if isinstance(s.peer_id, str) else s.peer_id, tuple(s.addrs),
+                       s.zmq) for s in sources]
+        direct = {s.name: s.zmq for s in srcs if s.zmq} if self.direct_transport is not None else {}
+        client = ShardClient(_Router(self, direct, progress))
 
         async def run() -> Any:
             with trio.fail_after(timeout):
-                return await download_shard(self.client, cache, uid, fingerprint, root, srcs, progress)
+                return await download_shard(client, cache, uid, fingerprint, root, srcs, progress)
 
         return self._thread.call(run)
+
+    def transport(self, endpoint: str) -> Any:
+        """The pooled direct transport to ``endpoint`` (one per endpoint, reused)."""
+        assert self.direct_transport is not None
+        if endpoint not in self._transports:
+            self._transports[endpoint] = self.direct_transport(endpoint)
+        return self._transports[endpoint]
+
+    def close(self) -> None:
+        for transport in self._transports.values():
+            transport.close()
+        self._transports.clear()
 
     def offer(self, peer_id: str, addrs: Sequence[str], uid: str, version: int, root: bytes,
               timeout: float) -> str:
@@ -86,3 +108,35 @@ class ShardNetwork:
             return await self.client.adopt(pid, list(addrs), uid, version, root, timeout)
 
         return self._thread.call(run)
+
+
+class _Router:
+    """``call`` for ``ShardClient``: a holder's ZeroMQ endpoint when it has one (plain TCP, in a
+    worker thread), its libp2p streams otherwise, and from the first failure to reach the
+    endpoint on (a firewalled port) libp2p for that holder."""
+
+    def __init__(self, net: ShardNetwork, direct: dict[str, str], progress: DownloadProgress) -> None:
+        self.net = net
+        self.direct = direct
+        self.progress = progress
+
+    async def call(self, peer_id: ID, addrs: Sequence[str], frames: list, timeout: float) -> list:
+        name = peer_id.to_base58()
+        endpoint = self.direct.get(name)
+        if endpoint is not None:
+            transport = self.net.transport(endpoint)
+            try:
+                reply = await trio.to_thread.run_sync(transport.request, frames, timeout, abandon_on_cancel=True)
+                decode_reply(reply)
+                self.progress.via[name] = "zmq"
+                return reply
+            except UnreachableError:  # firewalled or not listening there: libp2p from now on
+                self.direct.pop(name, None)
+            except ShardRequestError as e:
+                if e.code != "unknown_shard":  # the holder's own answer: the downloader handles it
+                    self.progress.via[name] = "zmq"
+                    return reply
+                self.direct.pop(name, None)  # somebody else answers at that endpoint
+        reply = await self.net.rpc.call(peer_id, addrs, frames, timeout)
+        self.progress.via[name] = "libp2p"
+        return reply

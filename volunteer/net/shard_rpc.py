@@ -14,6 +14,12 @@ Requests are one msgpack frame (at most ``REQUEST_LIMITS``):
 - ``{"op": "adopt", "uid", "root", "version", "timeout"}`` -> "please take over this uid"
   from a leaving node; answered once the adopter serves it (or refuses).
 
+The same requests also reach a holder over its ZeroMQ endpoint: the runtime hands frames its
+wire decoder does not know to ``ShardServer.accepts`` / ``submit`` (``Runtime.side``), so a
+publicly reachable holder serves chunks over plain TCP (no Noise, no yamux: several times the
+libp2p stream's rate). Nothing is lost by skipping the encryption: every chunk is verified
+against the root from the holder's signed record, whatever path it took.
+
 Replies are ``[status, payload]``: ``status`` a msgpack map ``{"ok": True}`` or
 ``{"ok": False, "code", "msg"}``; ``payload`` the header / chunk bytes (empty otherwise).
 Errors become ``ShardRequestError`` (with the holder's code) on the asking side.
@@ -171,6 +177,17 @@ class ShardServer:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    @staticmethod
+    def accepts(frames: Sequence[Any]) -> bool:
+        """True when ``frames`` look like a shard request (to route it from a shared socket)."""
+        if len(frames) != 1 or len(frames[0]) > REQUEST_LIMITS.max_header_bytes:
+            return False
+        try:
+            obj = msgpack.unpackb(frames[0], raw=False, strict_map_key=True)
+        except Exception:
+            return False
+        return isinstance(obj, dict) and obj.get("op") in OPS
+
     def submit(self, frames: list, reply: ReplyFn) -> None:
         """``RpcServer`` entry point (trio thread): bound the request, then work elsewhere."""
         try:
@@ -197,14 +214,15 @@ class ShardServer:
 
     def _read(self, req: ShardRequest, reply: ReplyFn) -> None:
         try:
-            if req.op == "header":
+            if req.op == "header":  # complete shards only: a holder hands out what it can serve whole
                 header = self.cache.header(req.root)
-                if header is None or header.uid != req.uid:
+                if header is None or header.uid != req.uid or not self.cache.has_complete(req.root):
                     raise KeyError(req.root)
                 self._count("headers", len(header.raw))
                 reply(ok_reply(header.raw))
             else:
-                if not self.cache.has_complete(req.root):
+                header = self.cache.header(req.root)
+                if header is None or header.uid != req.uid or not self.cache.has_complete(req.root):
                     raise KeyError(req.root)
                 data = self.cache.read_chunk(req.root, req.index)
                 self._count("chunks", len(data))
@@ -238,7 +256,8 @@ class ShardServer:
 
 
 class ShardClient:
-    """The asking side (trio): header, chunk and adopt calls over an ``RpcClient``."""
+    """The asking side (trio): header, chunk and adopt calls over an ``RpcClient`` (or any
+    object with the same async ``call(peer_id, addrs, frames, timeout)``)."""
 
     def __init__(self, rpc: Any) -> None:
         self.rpc = rpc

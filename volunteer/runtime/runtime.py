@@ -86,6 +86,10 @@ class Runtime:
         self._queued = 0  # tasks in all pools
         self._queued_bytes = 0
         self.loop = ServingLoop(self._step, self._on_loop_exit)
+        # (accepts(frames), submit(frames, reply)): requests the wire decoder does not know
+        # (e.g. shard chunks, ``volunteer.net.shard_rpc``) go there; costs nothing on the hot
+        # path, it is only consulted after a decode failure. Its replies go out on the loop.
+        self.side: tuple[Callable[[list], bool], Callable[[list, ReplyFn], None]] | None = None
 
     # -- lifecycle --
 
@@ -151,6 +155,10 @@ class Runtime:
         try:
             request = decode_request(frames, self._wire_limits)
         except RemoteError as e:
+            side = self.side
+            if side is not None and side[0](frames):  # another protocol on the same socket
+                side[1](frames, lambda out: self._respond(reply, out))
+                return
             self.rejected.record_error(e.code)
             self._respond(reply, encode_error(getattr(e, "request_id", None), e.code, e.message))
             return
