@@ -17,10 +17,9 @@ Measured, for an ``ffn`` expert whose fresh shard is ``--mib`` MiB (hidden size 
 - ratios: ``download / stream`` (target >= 0.5) and the adoption time (target <= 10 s for
   64 MiB on loopback).
 
-The NAT paths (hole-punched, relayed) are measured in the NAT lab by
-``tests/netlab/test_shards_through_nat.py`` (as root).
+With ``--netlab`` the same download is also measured through real NATs (``shard_lab.py``).
 
-Usage: ``python scripts/bench_shards.py --preset smoke|default|full [--json]``.
+Usage: ``python scripts/bench_shards.py --preset smoke|default|full [--json] [--netlab]``.
 """
 
 from __future__ import annotations
@@ -38,11 +37,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 PRESETS = {
-    "smoke": {"mib": 2, "trials": 1},
-    "default": {"mib": 64, "trials": 1},
-    "full": {"mib": 64, "trials": 3},
+    "smoke": {"mib": 2, "trials": 1, "netlab_mib": 2},
+    "default": {"mib": 64, "trials": 1, "netlab_mib": 16},
+    "full": {"mib": 64, "trials": 3, "netlab_mib": 16},
 }
 BULK_PROTOCOL = "/volunteer/bench-bulk/1.0.0"
 
@@ -58,13 +58,15 @@ def env() -> dict[str, str]:
     return out
 
 
-def write_manifest(path: Path, name: str, dims: list[int], hidden: int, replication: int) -> Path:
+def write_manifest(path: Path, name: str, dims: list[int], hidden: int, replication: int,
+                   public: str = "auto") -> Path:
     path.write_text(f"""
 experiment: {{name: {name}, version: "1"}}
 expert: {{kind: ffn, hidden_dim: {hidden}}}
 grid: {{prefix: {name}.ffn, dims: {dims}}}
 serving: {{max_bytes: 1073741824, max_elements: 268435456}}
 shards: {{replication: {replication}}}
+network: {{public: "{public}"}}
 """)
     return path
 
@@ -121,8 +123,13 @@ def serving(snap: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {u: h for u, h in (snap.get("shards") or {}).get("hosted", {}).items() if h["state"] == "serving"}
 
 
-def bench_download(tmp: Path, mib: float) -> dict[str, Any]:
-    manifest = write_manifest(tmp / "dl.yaml", "benchdl", [1], hidden_for(mib), replication=2)
+def bench_download(tmp: Path, mib: float, public: str = "auto") -> dict[str, Any]:
+    """A newcomer downloads the holder's shard. ``public: auto``: the first node of a new swarm
+    cannot learn its reachability, so its shard travels over libp2p; ``public: yes``: the
+    holder says it is publicly reachable, so chunks come from its ZeroMQ endpoint (plain TCP)."""
+    tmp = tmp / f"dl-{public}"
+    tmp.mkdir()
+    manifest = write_manifest(tmp / "dl.yaml", "benchdl", [1], hidden_for(mib), replication=2, public=public)
     holder = Daemon(tmp / "holder", manifest, "--new-swarm", "--num-experts", "1", "--set", "selfbench=false")
     newcomer = None
     try:
@@ -135,7 +142,7 @@ def bench_download(tmp: Path, mib: float) -> dict[str, Any]:
         d = got["shards"]["downloads"][uid]
         return {"shard_mib": round(d["total_bytes"] / 2**20, 2), "download_mb_s": d["mb_per_s"],
                 "download_s": d["elapsed_s"], "join_to_serving_s": round(time.monotonic() - newcomer.started, 2),
-                "chunks": d["chunks_total"], "same_root": h["root"] == root}
+                "chunks": d["chunks_total"], "same_root": h["root"] == root, "via": sorted(set(d["via"].values()))}
     finally:
         for daemon in (newcomer, holder):
             if daemon is not None:
@@ -237,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     ap.add_argument("--json", action="store_true", help="print only the JSON figures")
+    ap.add_argument("--netlab", action="store_true",
+                    help="also measure the relayed and hole-punched paths in the NAT lab (root, ip, iptables)")
     ap.add_argument("--bulk-serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.bulk_serve:
@@ -249,25 +258,42 @@ def main(argv: list[str] | None = None) -> int:
             trial = Path(tmp) / f"t{t}"
             trial.mkdir()
             dl = bench_download(trial, cfg["mib"])
+            zmq = bench_download(trial, cfg["mib"], public="yes")
             stream = bench_stream(int(dl["shard_mib"] * 2**20))
-            rows.append({"libp2p_stream_mb_s": round(stream, 1), "download": dl,
+            rows.append({"libp2p_stream_mb_s": round(stream, 1), "download": dl, "download_zmq": zmq,
                          "handoff": bench_handoff(trial, cfg["mib"]),
-                         "download_over_stream": round(dl["download_mb_s"] / stream, 3) if stream else None})
-    out = {"preset": args.preset, "mib": cfg["mib"], "trials": rows}
+                         "download_over_stream": round(dl["download_mb_s"] / stream, 3) if stream else None,
+                         "zmq_over_stream": round(zmq["download_mb_s"] / stream, 3) if stream else None})
+        netlab = None
+        if args.netlab:
+            from shard_lab import run_netlab
+
+            netlab = run_netlab(Path(tmp), cfg["netlab_mib"], quiet=args.json)
+    out: dict[str, Any] = {"preset": args.preset, "mib": cfg["mib"], "trials": rows}
+    if netlab is not None:
+        out["netlab"] = netlab
+    rc = 1 if netlab is not None and "error" in netlab else 0
     if args.json:
         print(json.dumps(out))
-        return 0
+        return rc
     for i, r in enumerate(rows):
         dl, ho = r["download"], r["handoff"]
         print(f"trial {i}: shard {dl['shard_mib']} MiB in {dl['chunks']} chunks")
         print(f"  libp2p stream (baseline)    {r['libp2p_stream_mb_s']:8.1f} MB/s")
         print(f"  shard download (libp2p)     {dl['download_mb_s']:8.1f} MB/s  = {r['download_over_stream']:.2f}x "
-              f"the stream; {dl['download_s']:.2f}s; same root: {dl['same_root']}")
+              f"the stream; {dl['download_s']:.2f}s; same root: {dl['same_root']}; via {dl['via']}")
+        zq = r["download_zmq"]
+        print(f"  shard download (ZeroMQ)     {zq['download_mb_s']:8.1f} MB/s  = {r['zmq_over_stream']:.2f}x "
+              f"the stream; {zq['download_s']:.2f}s; same root: {zq['same_root']}; via {zq['via']}")
         print(f"  join -> serving the uid     {dl['join_to_serving_s']:8.2f} s")
         print(f"  leave -> adopter serving    {ho['catch_up_s']:8.2f} s  ({ho['outcome']}, root equal: "
               f"{ho['adopted_root_equal']})")
+    if netlab is not None:
+        from shard_lab import print_netlab
+
+        print_netlab(netlab)
     print(json.dumps(out))
-    return 0
+    return rc
 
 
 if __name__ == "__main__":
