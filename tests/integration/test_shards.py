@@ -15,9 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from tests.conftest import DaemonFactory, DaemonProc, cli_env
 from tests.integration.shard_helpers import (
@@ -30,7 +27,8 @@ from tests.integration.shard_helpers import (
     status,
     write_manifest,
 )
-from volunteer.client.moe import NotEnoughExpertsError, RemoteMixtureOfExperts
+from tests.integration.toy_trainer import ToyTrainer
+from volunteer.client.moe import RemoteMixtureOfExperts
 from volunteer.manifest import load_manifest
 from volunteer.net.client_node import ClientNode
 
@@ -135,28 +133,19 @@ def test_leave_hands_each_uid_to_an_adopter_while_a_trainer_trains(
                                  forward_timeout=10, backward_timeout=10, timeout_after_k_min=1.0)
     leaver = daemons[2]
     try:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), moe, nn.Linear(64, 4))
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        x = torch.randn(256, 16)
-        y = (x[:, :2].sum(1) > 0).long() + 2 * (x[:, 2] > 0).long()
+        trainer = ToyTrainer(moe)
         losses: list[float] = []
         failed_since: float | None = None
         longest_gap = 0.0
 
-        def step() -> None:
+        def step() -> None:  # one step; tracks the longest stretch with fewer than k_min experts
             nonlocal failed_since, longest_gap
-            idx = torch.randint(0, len(x), (64,))
-            try:
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-            except NotEnoughExpertsError:
+            loss = trainer.step()
+            if loss is None:
                 failed_since = failed_since or time.monotonic()
                 longest_gap = max(longest_gap, time.monotonic() - failed_since)
                 return
-            opt.step()
-            losses.append(loss.item())
+            losses.append(loss)
             failed_since = None
 
         for _ in range(30):

@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from tests.conftest import DaemonFactory, DaemonProc, cli_env, run_cli
+from tests.integration.toy_trainer import ToyTrainer
 from tests.runtime.servers import wait_for
-from volunteer.client.moe import NotEnoughExpertsError, RemoteMixtureOfExperts
+from volunteer.client.moe import RemoteMixtureOfExperts
 from volunteer.manifest import load_manifest
 from volunteer.net.client_node import ClientNode
 from volunteer.net.host import load_or_create_identity, peer_id_of
@@ -85,23 +83,7 @@ def test_two_volunteers_and_trainers_through_the_dht(tmp_path: Path, volunteer_d
     moe = RemoteMixtureOfExperts(64, manifest.grid.dims, manifest.grid.prefix, directory, k_best=2, k_min=1,
                                  forward_timeout=10, backward_timeout=10, timeout_after_k_min=1.0)
     try:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), moe, nn.Linear(64, 4))
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        x = torch.randn(256, 16)
-        y = (x[:, :2].sum(1) > 0).long() + 2 * (x[:, 2] > 0).long()
-
-        def step() -> float | None:
-            idx = torch.randint(0, len(x), (64,))
-            try:
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-            except NotEnoughExpertsError:
-                return None
-            opt.step()
-            return loss.item()
-
+        step = ToyTrainer(moe).step
         before = [step() for _ in range(30)]
         assert all(v is not None for v in before)
         b_peer = b["network"]["peer_id"]

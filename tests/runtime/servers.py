@@ -85,3 +85,11 @@ class Replies:
         with self._lock:
             frames = next(f for t, f in self.frames if t == tag)
         return decode_reply(frames)
+
+
+def submit_sync(rt, frames: list) -> list:
+    """Submit one request to ``rt`` in-process and return its reply frames (waits for it)."""
+    replies = Replies()
+    rt.submit(frames, replies.callback("r"))
+    replies.wait(1)
+    return replies.frames[0][1]

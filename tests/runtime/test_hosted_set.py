@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from tests.runtime.servers import Replies, make_backends, running, wait_for
+from tests.runtime.servers import Replies, make_backends, running, submit_sync, wait_for
 from volunteer.wire.errors import DrainingError, UnknownExpertError
 from volunteer.wire.messages import decode_reply, encode_request
 from volunteer.wire.ops import decode_info_reply, encode_info_request
@@ -19,12 +19,6 @@ pytestmark = pytest.mark.timeout(60)
 def fwd(uid: str, rows: int, rid: int) -> list:
     return encode_request("forward", uid, [torch.randn(rows, H)], request_id=rid, timeout=30.0)
 
-
-def submit_sync(rt, frames) -> list:
-    replies = Replies()
-    rt.submit(frames, replies.callback("r"))
-    replies.wait(1)
-    return replies.frames[0][1]
 
 
 def test_expert_added_to_an_empty_runtime_is_served():

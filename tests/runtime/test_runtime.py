@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.runtime.servers import Replies, make_backends, running, wait_for
+from tests.runtime.servers import Replies, make_backends, running, submit_sync, wait_for
 from volunteer.runtime.limits import ServingLimits
 from volunteer.wire.errors import (
     DeadlineExpiredError,
@@ -130,7 +130,7 @@ def test_drain_answers_in_flight_and_refuses_new_work():
             replies.decoded("late")
         for i in range(3):
             assert replies.decoded(f"queued-{i}").tensors[0].shape == (2, H)
-        info = decode_info_reply(_submit_sync(rt, encode_info_request(5)))
+        info = decode_info_reply(submit_sync(rt, encode_info_request(5)))
         assert info["e.0"]["state"] == "draining"
 
 
@@ -161,17 +161,11 @@ def test_exclusive_pauses_execution():
     replies.wait(1)
 
 
-def _submit_sync(rt, frames) -> list:
-    replies = Replies()
-    rt.submit(frames, replies.callback("r"))
-    replies.wait(1)
-    return replies.frames[0][1]
-
 
 def test_info_unknown_expert_and_stats_shape():
     backends = make_backends({"demo.ffn.0.1": ("ffn", H), "demo.nop.0": ("nop", H)})
     with running(backends, zmq=False) as (rt, _):
-        info = decode_info_reply(_submit_sync(rt, encode_info_request(3)))
+        info = decode_info_reply(submit_sync(rt, encode_info_request(3)))
         assert info == {
             "demo.ffn.0.1": {
                 "kind": "ffn",
@@ -187,8 +181,8 @@ def test_info_unknown_expert_and_stats_shape():
             },
         }
         with pytest.raises(UnknownExpertError, match="nope"):
-            decode_reply(_submit_sync(rt, fwd("nope", 1, 1)))
-        decode_reply(_submit_sync(rt, fwd("demo.nop.0", 2, 2)))
+            decode_reply(submit_sync(rt, fwd("nope", 1, 1)))
+        decode_reply(submit_sync(rt, fwd("demo.nop.0", 2, 2)))
         stats = rt.stats()
     s = stats["demo.nop.0"]
     assert set(s) >= {
@@ -222,8 +216,8 @@ def test_internal_error_is_reported_and_server_keeps_serving(monkeypatch):
     monkeypatch.setattr(backends["e.0"], "forward", flaky)
     with running(backends, zmq=False) as (rt, _):
         with pytest.raises(InternalError, match="boom in expert"):
-            decode_reply(_submit_sync(rt, fwd("e.0", 2, 1)))
-        assert decode_reply(_submit_sync(rt, fwd("e.0", 2, 2))).tensors[0].shape == (2, H)
+            decode_reply(submit_sync(rt, fwd("e.0", 2, 1)))
+        assert decode_reply(submit_sync(rt, fwd("e.0", 2, 2))).tensors[0].shape == (2, H)
         assert rt.stats()["e.0"]["errors"] == {"internal": 1}
 
 
