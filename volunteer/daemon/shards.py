@@ -15,10 +15,9 @@ A uid is announced as serving only once its weights are loaded. Downloads, adopt
 snapshots and rebalances run one after another on the manager's worker thread, so the
 supervisor's loop and the network's event loop never wait on them.
 
-Snapshots: every ``shards.snapshot_interval_s`` the experts whose version (updates applied)
-changed are copied under ``runtime.exclusive()`` and encoded into shards in the cache; the
-(version, root) of each is announced, and the last ``KEEP_ROOTS`` roots per uid stay pinned
-so a download that started on an older root can finish. Every ``shards.rebalance_interval_s``
+Snapshots (``Handouts``): every ``shards.snapshot_interval_s`` the experts whose version
+changed are encoded into fresh shards in the cache, and the (version, root) of each is
+announced. Every ``shards.rebalance_interval_s``
 the plan is made again with the hosted set as the starting point (hysteresis lives in the
 assignment); a dropped uid gets a last checkpoint and its queued requests a "draining" reply.
 
@@ -34,15 +33,15 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from volunteer.daemon.capacity import expert_state_bytes, host_capacity
+from volunteer.daemon.handouts import Handouts
 from volunteer.experts.assignment import choose_experts, plan_assignment
 from volunteer.experts.checkpoint import clone_state
-from volunteer.experts.shard import decode_shard, encode_shard
+from volunteer.experts.shard import decode_shard
 from volunteer.experts.shard_cache import ShardCache
 
 if TYPE_CHECKING:  # the network modules (trio, libp2p) load only when the network is on
@@ -51,7 +50,6 @@ if TYPE_CHECKING:  # the network modules (trio, libp2p) load only when the netwo
 
 log = logging.getLogger(__name__)
 
-KEEP_ROOTS = 2
 DOWNLOAD_TIMEOUT_S = 600.0
 ADOPT_LOOKUP_TRIES = 5
 
@@ -72,8 +70,7 @@ class ShardManager:
         self.make_backend = make_backend  # (uid, seeded) -> ExpertBackend
         self.cache = ShardCache(sup.home.cache_dir / "shards" / m.experiment.name,
                                 int(sup.settings.shard_cache_bytes))
-        self.snapshots: dict[str, tuple[int, bytes]] = {}
-        self._roots: dict[str, deque[bytes]] = {}
+        self.handouts = Handouts(self.cache, self.fingerprint, m.shards.chunk_bytes)
         self.origin: dict[str, str] = {}  # uid -> where its weights came from
         self.reasons: dict[str, str] = {}  # uid -> why it is hosted
         self.dropped: dict[str, str] = {}  # uid -> why it was dropped (recent)
@@ -87,6 +84,7 @@ class ShardManager:
         self._worker: threading.Thread | None = None
         self._next_snapshot = 0.0
         self._next_rebalance = 0.0
+        self._periodic: set[str] = set()
 
     # ------------------------------------------------------------------ helpers
 
@@ -219,8 +217,7 @@ class ShardManager:
                 backend.load_state_dict(self._download(uid, root, sources))
                 self.origin[uid] = (f"downloaded v{backend.updates_applied} from "
                                     f"{len(self.downloads[uid].by_source) or 'cached'} holder(s)")
-                self.snapshots[uid] = (int(backend.updates_applied), root)
-                self._pin(uid, root)
+                self.handouts.adopt(uid, int(backend.updates_applied), root)
             self._host(uid, backend, reason)
             self.announce()
             return f"serving {uid} v{backend.updates_applied}"
@@ -232,7 +229,7 @@ class ShardManager:
 
         progress = DownloadProgress(uid=uid, root_hex=root.hex())
         self.downloads[uid] = progress
-        self._pin(uid, root)  # an eviction must not remove the partial shard under the download
+        self.handouts.pin(uid, root)  # an eviction must not remove the partial shard under the download
         log.info("downloading %s (shard %s) from %d holder(s)", uid, root.hex()[:12], len(sources))
         header = self.network.shards.download(uid, self.fingerprint, root, sources, self.cache, progress,
                                               DOWNLOAD_TIMEOUT_S)
@@ -250,39 +247,19 @@ class ShardManager:
         self.reasons[uid] = reason
         self.dropped.pop(uid, None)
         if uid not in self.snapshots and self.network is not None:
-            self._snapshot_states({uid: clone_state(backend.state_dict())})
+            self.handouts.encode({uid: clone_state(backend.state_dict())})
         log.info("hosting %s: %s; weights: %s", uid, reason or "chosen", self.origin.get(uid, "?"))
 
     # ------------------------------------------------------------------ snapshots
 
+    @property
+    def snapshots(self) -> dict[str, tuple[int, bytes]]:
+        """uid -> (version, root) of the shard this node hands out (``Handouts``)."""
+        return self.handouts.current
+
     def snapshot(self, force: bool = False) -> list[str]:
-        """Encode a fresh shard of every hosted expert whose version changed (all if ``force``)."""
-        runtime = self.sup.runtime
-        states: dict[str, Any] = {}
-        with runtime.exclusive():
-            for uid, backend in runtime.backends.items():
-                known = self.snapshots.get(uid)
-                if force or known is None or known[0] != int(backend.updates_applied):
-                    states[uid] = clone_state(backend.state_dict())
-        return self._snapshot_states(states)
-
-    def _snapshot_states(self, states: dict[str, Any]) -> list[str]:
-        for uid, state in states.items():
-            header, body = encode_shard(uid, self.fingerprint, state, self.manifest.shards.chunk_bytes)
-            self.cache.put_complete(header, body, verify=False)  # just encoded: hashes are ours
-            self.snapshots[uid] = (header.version, header.root)
-            self._pin(uid, header.root)
-        if states:
-            self.cache.evict(pinned=self.pinned())
-        return list(states)
-
-    def _pin(self, uid: str, root: bytes) -> None:
-        roots = self._roots.setdefault(uid, deque(maxlen=KEEP_ROOTS))
-        if root not in roots:
-            roots.append(root)
-
-    def pinned(self) -> set[bytes]:
-        return {r for roots in self._roots.values() for r in roots}
+        """Fresh shards of the hosted experts whose version changed (see ``Handouts.take``)."""
+        return self.handouts.take(self.sup.runtime, force)
 
     # ------------------------------------------------------------------ periodic
 
@@ -293,10 +270,23 @@ class ShardManager:
         now = time.monotonic()
         if now >= self._next_snapshot:
             self._next_snapshot = now + self.manifest.shards.snapshot_interval_s
-            self.submit(self._snapshot_and_announce)
+            self._submit_once("snapshot", self._snapshot_and_announce)
         if now >= self._next_rebalance:
             self._next_rebalance = now + self.manifest.shards.rebalance_interval_s
-            self.submit(self.rebalance)
+            self._submit_once("rebalance", self.rebalance)
+
+    def _submit_once(self, kind: str, job: Callable[[], Any]) -> None:
+        """Queue a periodic job unless one of its kind still waits (a long download must not
+        pile up snapshots and rebalances behind it)."""
+        if kind in self._periodic:
+            return
+        self._periodic.add(kind)
+
+        def run() -> Any:
+            self._periodic.discard(kind)
+            return job()
+
+        self.submit(run)
 
     def _snapshot_and_announce(self) -> None:
         if self.snapshot():
@@ -343,7 +333,7 @@ class ShardManager:
         self.sup.checkpointer.remove(uid)
         self.reasons.pop(uid, None)
         self.dropped[uid] = reason
-        self.snapshots.pop(uid, None)
+        self.handouts.drop(uid)
         self.announce()
         try:
             self.sup.checkpointer.store.save(uid, clone_state(backend.state_dict()))
@@ -384,14 +374,16 @@ class ShardManager:
     # ------------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
+        """The ``shards`` section of the status snapshot (control thread: reads copies only)."""
         view = self.view
+        snapshots, downloads, backends = dict(self.snapshots), dict(self.downloads), self.sup.runtime.backends
         per_uid: dict[str, Any] = {}
-        for uid in sorted(set(self.hosted) | self.pending):
-            snap = self.snapshots.get(uid)
+        for uid in sorted(set(backends) | set(self.pending)):
+            snap = snapshots.get(uid)
             replicas = view.replicas(uid) if view is not None else {}
             versions = [*replicas.values(), *([snap[0]] if snap else [])]
             per_uid[uid] = {
-                "state": "serving" if uid in self.sup.runtime.backends else "downloading",
+                "state": "serving" if uid in backends else "downloading",
                 "version": snap[0] if snap else None, "root": snap[1].hex()[:16] if snap else None,
                 "weights_from": self.origin.get(uid), "reason": self.reasons.get(uid),
                 "other_replicas": len(replicas), "replica_versions": replicas,
@@ -401,7 +393,7 @@ class ShardManager:
             "replication": self.manifest.shards.replication, "capacity": self.capacity,
             "capacity_reason": self.capacity_reason, "free": self.free,
             "hosted": per_uid, "dropped": dict(self.dropped), "moves": self.moves,
-            "downloads": {u: p.as_dict() for u, p in self.downloads.items()},
+            "downloads": {u: p.as_dict() for u, p in downloads.items()},
             "view_age_s": round(time.time() - self.view_at, 1) if self.view_at else None,
             "cache": {"directory": str(self.cache.directory), "bytes": self.cache.total_bytes(),
                       "max_bytes": self.cache.max_bytes},
