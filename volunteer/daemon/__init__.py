@@ -19,5 +19,12 @@ Files:
   checkpoint passes under ``Runtime.exclusive()``.
 - ``snapshot.py``: the status snapshot (schema in its docstring); ``health.py``: the
   level and one-line "why" (pure rules); ``leave_report.py``: what a leave did.
-- ``logs.py``: stderr + rotating file logging and the compact live line on a TTY.
+- ``logs.py``: stderr + rotating file logging and the compact live line on a TTY;
+  ``ready_log.py``: the lines logged once the node is ready.
+- ``shards.py``: ``ShardManager``: which experts to host (from the swarm's view), where their
+  weights come from (download, checkpoint, deterministic init), rebalancing, adoption.
+- ``handouts.py``: ``Handouts``: the shards this node hands out (snapshots, pins).
+- ``handoff.py``: ``hand_off``: on leave, every expert no one else serves goes to an adopter.
+- ``swarm_view.py``: ``SwarmView``: the DHT's holders of the grid in the shapes the
+  decisions need (pure); ``capacity.py``: how many experts fit (num_experts, grid, memory).
 """

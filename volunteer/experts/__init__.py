@@ -7,5 +7,8 @@ Files:
 - ``registry.py``: ``build_expert(kind, hidden_dim, **options)``, ``available_experts()``.
 - ``backend.py``: ``OptimizerSpec`` and ``ExpertBackend`` (forward, cached-graph backward,
   optimizer step, ``updates_applied``, state dicts).
-- ``checkpoint.py``, ``selfbench.py``, ``assignment.py``: see their docstrings.
+- ``checkpoint.py``, ``selfbench.py``: see their docstrings.
+- ``assignment.py``: which uids to host from the swarm's view, and who adopts on leave (pure).
+- ``shard.py``: the shard format (bounded header + raw tensors, sha256 per chunk, root hash);
+  ``shard_cache.py``: complete shards to serve and resumable partial downloads on disk.
 """

@@ -25,4 +25,10 @@ Files (one concept each):
 - ``client_node.py``: ``ClientNode``: the trainer's peer (DHT client, no experts) that
   reaches NATed volunteers by itself (relay circuits + DCUtR via ``NatTraversal``).
 - ``dht_directory.py``: ``DhtDirectory``: the client ``ExpertDirectory`` over the DHT.
+- ``dialing.py``: ``dial``: reach a peer by its record's addresses (direct, else relayed).
+- ``shard_rpc.py``: the shard protocol (header, chunk, adopt): ``ShardServer``, ``ShardClient``.
+- ``shard_download.py``: ``download_shard``: one shard from every holder at once, verified
+  chunk by chunk, resumable; ``DownloadProgress``.
+- ``shard_network.py``: ``ShardNetwork``: the daemon's sync API for holders, downloads
+  (libp2p, or ZeroMQ from public holders) and hand-off offers.
 """

@@ -5,6 +5,8 @@ Files:
 - ``fmt.py``: small formatters (bytes, durations, rates, percentages) shared by both views.
 - ``network_view.py``: ``network_rows(snapshot)``, the labelled network section (peer id,
   addresses, reachability, relay, peers direct/relayed/hole-punched, DHT announce state).
+- ``shards_view.py``: ``shard_rows(snapshot)``, the shards section (hosted uids, where their
+  weights came from, replicas, downloads with bars), and the live line's download text.
 - ``plain.py``: ``render_plain(snapshot) -> str``, stable line-oriented text for pipes/logs.
 - ``dashboard.py``: ``render_dashboard(snapshot)``, a rich renderable for terminals
   (``NO_COLOR`` is honoured by rich's console).
