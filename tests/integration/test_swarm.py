@@ -111,7 +111,7 @@ def test_two_volunteers_and_trainers_through_the_dht(tmp_path: Path, volunteer_d
         for uid in b["experts"]:
             assert not [e for e in client.servers(uid) if e.peer_id == b_peer and e.state == "serving"], uid
         for uid in only_b:
-            assert f"handed off {uid} " in second.output() and a_peer in second.output()
+            assert f"handed off {uid} " in left.stdout and a_peer in left.stdout  # the CLI names the adopter
             assert [e for e in client.servers(uid) if e.peer_id == a_peer and e.state == "serving"], uid
         assert set(only_b) <= set(status(first)["experts"])
     finally:

@@ -44,6 +44,8 @@ def leave(
         print(f"left in {report.get('duration_s', 0):.1f}s: finished {report.get('completed', 0)} in-flight "
               f"request(s), cut short {report.get('cut_short', 0)}; checkpointed {n} expert(s) to "
               f"{ck.get('directory', root)}")
+        for handoff in report.get("handoffs", []):  # per expert: who took it over, or why nobody
+            print(handoff.get("line", ""))
         for problem in report.get("problems", []):
             print(f"cut short: {problem}")
     if not report.get("clean", False):

@@ -46,7 +46,7 @@ class Handoff:
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "line": self.line()}
 
     def line(self) -> str:
         if self.outcome == "adopted":

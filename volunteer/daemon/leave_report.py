@@ -17,8 +17,7 @@ class LeaveReport:
     cut_short: int = 0
     checkpoint: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
-    handoffs: list[dict[str, Any]] = field(default_factory=list)
-    handoff_lines: list[str] = field(default_factory=list)
+    handoffs: list[dict[str, Any]] = field(default_factory=list)  # ``Handoff.as_dict()``, with its ``line``
 
     @property
     def clean(self) -> bool:
@@ -46,6 +45,6 @@ class LeaveReport:
             f"cut short {self.cut_short}",
             f"checkpointed {written} expert(s) to {ck.get('directory', 'the home')}",
         ]
-        lines += self.handoff_lines
+        lines += [str(h.get("line", "")) for h in self.handoffs]
         lines += [f"cut short: {p}" for p in self.problems]
         return lines

@@ -315,7 +315,6 @@ class Supervisor:
             report.problems.append(f"hand-off failed: {exc}")
             return
         report.handoffs = [h.as_dict() for h in self.handoffs]
-        report.handoff_lines = [h.line() for h in self.handoffs]
 
     def _shutdown(self) -> None:
         """Stop every component that was started, in reverse order; never raises."""
