@@ -253,3 +253,31 @@ def test_a_holder_serving_a_corrupt_chunk_is_dropped_for_that_shard(
     finally:
         liar.stop()
         server.close()
+
+
+def test_rebalance_moves_an_excess_replica_to_a_uid_orphaned_by_a_kill(
+        tmp_path: Path, volunteer_daemon: DaemonFactory) -> None:
+    manifest = write_manifest(tmp_path / "m.yaml", "rebal", [3], hidden=64, replication=1, rebalance_s=3.0)
+    v0 = volunteer_daemon.start(tmp_path / "v0", "--new-swarm", "--num-experts", "2",
+                                experiment=str(manifest), network=True)
+    boot = boot_addr(v0)
+    v1 = volunteer_daemon.start(tmp_path / "v1", "--bootstrap", boot, "--num-experts", "1",
+                                experiment=str(manifest), network=True)
+    # Every uid is served once (the target): the third volunteer adds a second replica of one.
+    v2 = volunteer_daemon.start(tmp_path / "v2", "--bootstrap", boot, "--num-experts", "1",
+                                experiment=str(manifest), network=True)
+    (extra,) = poll(lambda: hosted(status(v2)), 60, "v2 to serve a replica")
+    held = {d: set(hosted(status(d))) for d in (v0, v1)}
+    assert held[v0] | held[v1] == {"rebal.ffn.0", "rebal.ffn.1", "rebal.ffn.2"} and extra in held[v0] | held[v1]
+    # Kill (no hand-off) the volunteer whose uids have no other replica: they become unserved.
+    victim = v0 if extra in held[v1] else v1
+    orphans = held[victim]
+    victim.kill()
+    others = [d for d in (v0, v1, v2) if d is not victim]
+    # The excess holder of the replicated uid (ranked by hash, exactly one) moves to an orphan.
+    poll(lambda: orphans & set().union(*(hosted(status(d)) for d in others)), 60, "an orphan to be taken")
+    snaps = [status(d)["shards"] for d in others]
+    moved = [s for s in snaps if s["dropped"]]
+    assert len(moved) == 1 and list(moved[0]["dropped"]) == [extra], snaps
+    assert "over-covered (1 other replica) -> moved to" in moved[0]["dropped"][extra]
+    assert extra in set().union(*(s["hosted"] for s in snaps))  # the replicated uid keeps its other holder
