@@ -172,6 +172,7 @@ def test_every_error_code_maps_to_its_class():
         "timeout",
         "unreachable",
         "cache_miss",
+        "non_finite",
     }
     for code, cls in ERROR_CLASSES.items():
         err = error_from_code(code, "msg")

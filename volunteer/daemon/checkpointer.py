@@ -22,6 +22,7 @@ from volunteer.experts.checkpoint import (
     CheckpointMismatchError,
     CheckpointStore,
     clone_state,
+    non_finite_tensor,
 )
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,10 @@ class Checkpointer:
                 except Exception as exc:
                     report.failed[uid] = f"{type(exc).__name__}: {exc}"
         for uid, state in snapshots.items():
+            bad = non_finite_tensor(state)
+            if bad is not None:  # the last good checkpoint stays
+                report.failed[uid] = f"non-finite values in {bad}: kept the last good checkpoint"
+                continue
             try:
                 report.bytes_written += self.store.save(uid, state)
             except Exception as exc:  # disk full, permissions...: report, keep serving

@@ -12,13 +12,16 @@ downloading a slightly older root can finish; older ones go when the cache's LRU
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from volunteer.experts.checkpoint import clone_state
+from volunteer.experts.checkpoint import clone_state, non_finite_tensor
 from volunteer.experts.shard import encode_shard
 from volunteer.experts.shard_cache import ShardCache
+
+log = logging.getLogger(__name__)
 
 KEEP_ROOTS = 2
 
@@ -46,6 +49,10 @@ class Handouts:
     def encode(self, states: Mapping[str, Any]) -> list[str]:
         """Encode the given (already copied) states into the cache and make them the handouts."""
         for uid, state in states.items():
+            bad = non_finite_tensor(state)
+            if bad is not None:  # hand out the last good shard, never NaN weights
+                log.warning("not refreshing the shard of %s: non-finite values in %s", uid, bad)
+                continue
             header, body = encode_shard(uid, self.fingerprint, state, self.chunk_bytes)
             self.cache.put_complete(header, body, verify=False)  # just encoded: hashes are ours
             self.adopt(uid, header.version, header.root)

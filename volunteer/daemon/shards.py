@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from volunteer.daemon.capacity import expert_state_bytes, host_capacity
 from volunteer.daemon.handouts import Handouts
 from volunteer.experts.assignment import choose_experts, plan_assignment
-from volunteer.experts.checkpoint import clone_state
+from volunteer.experts.checkpoint import clone_state, non_finite_tensor
 from volunteer.experts.shard import decode_shard
 from volunteer.experts.shard_cache import ShardCache
 
@@ -238,7 +238,12 @@ class ShardManager:
         log.info("downloaded %s v%d: %.1f MB in %.1fs (%.1f MB/s, %d resumed bytes) from %s", uid, header.version,
                  header.total_bytes / 1e6, d["elapsed_s"], d["mb_per_s"], progress.resumed_bytes,
                  ", ".join(f"{p[-8:]}: {n} chunks" for p, n in progress.by_source.items()) or "cache")
-        return decode_shard(header, self.cache.read_body(root))
+        state = decode_shard(header, self.cache.read_body(root))
+        bad = non_finite_tensor(state)
+        if bad is not None:  # the holders' own weights are poisoned: its bytes are what it announced
+            self.cache.remove(root)
+            raise RuntimeError(f"the shard of {uid} its holders announce has non-finite values in {bad}; not loaded")
+        return state
 
     def _host(self, uid: str, backend: Any, reason: str) -> None:
         """Serve ``uid`` now: runtime, checkpoints, and a shard to hand out."""

@@ -61,6 +61,26 @@ def clone_state(obj: Any) -> Any:
     return obj
 
 
+def non_finite_tensor(obj: Any, path: str = "state") -> str | None:
+    """Where the first floating tensor with NaN or infinity sits in a state dict (None: none).
+
+    Checked before a checkpoint is written, a shard handed out or a downloaded one loaded:
+    non-finite weights never overwrite good ones (a sum per tensor: NaN/inf make it non-finite).
+    """
+    import math
+
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return path if obj.is_floating_point() and not math.isfinite(obj.sum().item()) else None
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = non_finite_tensor(value, f"{path}.{key}")
+        if found is not None:
+            return found
+    return None
+
+
 def save_checkpoint(path: Path, uid: str, fingerprint: str, state: Mapping[str, Any]) -> int:
     """Atomically write one expert's checkpoint; returns the file size in bytes."""
     import torch

@@ -257,7 +257,11 @@ class Runtime:
                  backend.updates_applied)
                 for uid, backend in self.backends.items()
             ]
-        return {uid: s.snapshot(depth, updates) for uid, s, depth, updates in rows}
+        out = {uid: s.snapshot(depth, updates) for uid, s, depth, updates in rows}
+        for uid, entry in out.items():  # steps refused for non-finite gradients
+            backend = self.backends.get(uid)
+            entry["steps_skipped"] = backend.steps_skipped if backend is not None else 0
+        return out
 
     def cache_info(self) -> dict:
         """Activation cache occupancy (entries, estimated bytes, evictions)."""

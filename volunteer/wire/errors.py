@@ -35,6 +35,12 @@ class BadRequestError(RemoteError):
     code = "bad_request"
 
 
+class NonFiniteError(BadRequestError):
+    """A request tensor holds NaN or infinity: refused before it reaches an expert."""
+
+    code = "non_finite"
+
+
 class TooLargeError(RemoteError):
     """The request exceeds a hard limit (header bytes, tensors, elements, bytes, batch)."""
 
@@ -89,6 +95,7 @@ ERROR_CLASSES: dict[str, type[RemoteError]] = {
     for cls in (
         UnknownExpertError,
         BadRequestError,
+        NonFiniteError,
         TooLargeError,
         DeadlineExpiredError,
         OverloadedError,
