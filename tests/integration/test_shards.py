@@ -274,9 +274,14 @@ def test_rebalance_moves_an_excess_replica_to_a_uid_orphaned_by_a_kill(
     orphans = held[victim]
     victim.kill()
     others = [d for d in (v0, v1, v2) if d is not victim]
-    # The excess holder of the replicated uid (ranked by hash, exactly one) moves to an orphan.
-    poll(lambda: orphans & set().union(*(hosted(status(d)) for d in others)), 60, "an orphan to be taken")
-    snaps = [status(d)["shards"] for d in others]
+    # The excess holder of the replicated uid (ranked by hash, exactly one) moves to an orphan:
+    # it takes the orphan first, then drops the replica (coverage never dips during a move).
+    def moved() -> list[dict] | None:
+        snaps = [status(d)["shards"] for d in others]
+        taken = orphans & set().union(*(s["hosted"] for s in snaps))
+        return snaps if taken and any(s["dropped"] for s in snaps) else None
+
+    snaps = poll(moved, 90, "an orphan to be taken and the replica dropped")
     moved = [s for s in snaps if s["dropped"]]
     assert len(moved) == 1 and list(moved[0]["dropped"]) == [extra], snaps
     assert "over-covered (1 other replica) -> moved to" in moved[0]["dropped"][extra]
