@@ -62,7 +62,7 @@ class SwarmView:
         out: dict[str, list[Holder]] = {}
         for uid in self.entries:
             child = self._leaf(uid)
-            out[uid] = [Holder(e.peer_id, e.load, (e.shard(child).version if e.shard(child) else 0), e.state)
+            out[uid] = [Holder(e.peer_id, e.load, info.version if (info := e.shard(child)) else 0, e.state)
                         for e in self.others(uid)]
         return out
 

@@ -214,16 +214,14 @@ class ShardServer:
 
     def _read(self, req: ShardRequest, reply: ReplyFn) -> None:
         try:
-            if req.op == "header":  # complete shards only: a holder hands out what it can serve whole
-                header = self.cache.header(req.root)
-                if header is None or header.uid != req.uid or not self.cache.has_complete(req.root):
-                    raise KeyError(req.root)
+            # complete shards of the named uid only: a holder hands out what it can serve whole
+            header = self.cache.header(req.root)
+            if header is None or header.uid != req.uid or not self.cache.has_complete(req.root):
+                raise KeyError(req.root)
+            if req.op == "header":
                 self._count("headers", len(header.raw))
                 reply(ok_reply(header.raw))
             else:
-                header = self.cache.header(req.root)
-                if header is None or header.uid != req.uid or not self.cache.has_complete(req.root):
-                    raise KeyError(req.root)
                 data = self.cache.read_chunk(req.root, req.index)
                 self._count("chunks", len(data))
                 reply(ok_reply(data))
