@@ -47,7 +47,9 @@ class Handouts:
         return self.encode(states)
 
     def encode(self, states: Mapping[str, Any]) -> list[str]:
-        """Encode the given (already copied) states into the cache and make them the handouts."""
+        """Encode the given (already copied) states into the cache and make them the handouts;
+        returns the uids whose handout changed."""
+        done: list[str] = []
         for uid, state in states.items():
             bad = non_finite_tensor(state)
             if bad is not None:  # hand out the last good shard, never NaN weights
@@ -56,9 +58,10 @@ class Handouts:
             header, body = encode_shard(uid, self.fingerprint, state, self.chunk_bytes)
             self.cache.put_complete(header, body, verify=False)  # just encoded: hashes are ours
             self.adopt(uid, header.version, header.root)
-        if states:
+            done.append(uid)
+        if done:
             self.cache.evict(pinned=self.pinned())
-        return list(states)
+        return done
 
     def adopt(self, uid: str, version: int, root: bytes) -> None:
         """Hand out ``root`` (complete in the cache) for ``uid`` from now on."""
