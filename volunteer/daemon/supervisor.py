@@ -134,7 +134,7 @@ class Supervisor:
         if s.selfbench:
             self.selfbench = self._run_selfbench()
 
-        self.runtime = Runtime({}, _serving_limits(m))
+        self.runtime = Runtime({}, m.serving)  # the manifest's serving section is ServingLimits
         self.runtime.start()
         self.frontend = ZmqFrontend(self.runtime, bind=f"tcp://{s.zmq_host}:{s.zmq_port}")
         self.frontend.start()
@@ -375,16 +375,6 @@ class Supervisor:
     def snapshot(self, include_usage: bool = True) -> dict[str, Any]:
         """The JSON-serialisable health snapshot served by the ``status`` control op."""
         return build_snapshot(self, self._expert_stats(), include_usage)
-
-
-def _serving_limits(m: Manifest) -> Any:
-    from volunteer.runtime.limits import ServingLimits
-
-    sv = m.serving
-    extra = {} if sv.activation_cache_size is None else {"activation_cache_size": sv.activation_cache_size}
-    return ServingLimits(max_batch_size=sv.max_batch_size, max_queue_size=sv.max_queue_size,
-                         max_header_bytes=sv.max_header_bytes, max_tensors=sv.max_tensors,
-                         max_elements=sv.max_elements, max_bytes=sv.max_bytes, **extra)
 
 
 def _advertised_endpoint(bound: str, advertise_host: str) -> str:

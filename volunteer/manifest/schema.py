@@ -1,8 +1,9 @@
 """The experiment manifest as frozen dataclasses, plus the architecture fingerprint.
 
 A manifest describes one experiment that every volunteer of it must agree on: the expert
-architecture and hyper-parameters, the expert grid, the optimizer, the serving limits and
-how to reach the peer network. Local choices (device, how many experts) are settings, not
+architecture and hyper-parameters, the expert grid, the optimizer, the serving limits
+(``volunteer.runtime.limits.ServingLimits`` itself: a pure dataclass, no torch) and how to
+reach the peer network. Local choices (device, how many experts) are settings, not
 manifest fields.
 """
 
@@ -14,6 +15,8 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from volunteer.runtime.limits import ServingLimits
 
 PUBLIC_CHOICES = ("auto", "yes", "no")
 
@@ -68,17 +71,9 @@ class OptimizerConfig:
     weight_decay: float = 0.0
 
 
-@dataclass(frozen=True)
-class ServingConfig:
-    """Serving limits (mirrors ``volunteer.runtime.limits.ServingLimits``)."""
-
-    max_batch_size: int = 256
-    max_queue_size: int = 1024
-    max_header_bytes: int = 65536
-    max_tensors: int = 16
-    max_elements: int = 2**26
-    max_bytes: int = 256 * 2**20
-    activation_cache_size: int | None = None
+ServingConfig = ServingLimits
+"""The manifest's ``serving`` section *is* ``volunteer.runtime.limits.ServingLimits`` (one
+definition of every serving limit); the old name stays for readers of this module."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +107,7 @@ class Manifest:
     expert: ExpertSpec
     grid: GridSpec
     optimizer: OptimizerConfig
-    serving: ServingConfig
+    serving: ServingLimits
     network: NetworkConfig
     source: str = ""
     shards: ShardConfig = ShardConfig()

@@ -2,7 +2,9 @@
 
 Every check raises ``ManifestError`` naming the key path (``serving.max_batch_size``,
 ``network.bootstrap[1]``) and what was expected. Unknown keys are rejected so a typo never
-silently falls back to a default.
+silently falls back to a default. The ``serving`` section parses into
+``volunteer.runtime.limits.ServingLimits``: its keys, defaults and ranges are that
+dataclass's fields, so the manifest, the runtime and the wire share one definition.
 """
 
 from __future__ import annotations
@@ -21,8 +23,14 @@ from volunteer.manifest.schema import (
     Manifest,
     NetworkConfig,
     OptimizerConfig,
-    ServingConfig,
     ShardConfig,
+)
+from volunteer.runtime.limits import (
+    LIMIT_FIELDS,
+    ServingLimits,
+    is_integer_limit,
+    limit_expectation,
+    limit_problem,
 )
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -127,6 +135,20 @@ def _multiaddr_problem(value: Any, need_peer_id: bool) -> str | None:
     return None
 
 
+def _serving(sv: _Section) -> ServingLimits:
+    """The ``serving`` section parsed into ``ServingLimits``: one key per field, the field's
+    own default and range (``volunteer.runtime.limits``), so nothing is defined twice."""
+    values: dict[str, Any] = {}
+    for name in LIMIT_FIELDS:
+        if name not in sv.data:
+            continue
+        value = sv.data[name]
+        if limit_problem(name, value) is not None:
+            raise sv.fail(name, limit_expectation(name), value)
+        values[name] = value if value is None or is_integer_limit(name) else float(value)
+    return ServingLimits(**values)
+
+
 def validate_document(doc: Any, file: str, known_kinds: Collection[str] | None = None) -> Manifest:
     """Turn a parsed YAML document into a ``Manifest`` or raise ``ManifestError``."""
     top = _Section(doc, "", file, ("experiment", "expert", "grid", "optimizer", "serving", "network", "shards"))
@@ -189,22 +211,7 @@ def validate_document(doc: Any, file: str, known_kinds: Collection[str] | None =
         weight_decay=op.number("weight_decay", 0.0, 0.0, 1.0),
     )
 
-    sv = top.section(
-        "serving",
-        ("max_batch_size", "max_queue_size", "max_header_bytes", "max_tensors", "max_elements",
-         "max_bytes", "activation_cache_size"),
-        required=False,
-    )
-    d = ServingConfig()
-    serving = ServingConfig(
-        max_batch_size=sv.integer("max_batch_size", d.max_batch_size, 1, 65536),
-        max_queue_size=sv.integer("max_queue_size", d.max_queue_size, 1, 2**20),
-        max_header_bytes=sv.integer("max_header_bytes", d.max_header_bytes, 256, 2**24),
-        max_tensors=sv.integer("max_tensors", d.max_tensors, 1, 256),
-        max_elements=sv.integer("max_elements", d.max_elements, 1, 2**31),
-        max_bytes=sv.integer("max_bytes", d.max_bytes, 1024, 2**32),
-        activation_cache_size=sv.optional_integer("activation_cache_size", 1, 2**20),
-    )
+    serving = _serving(top.section("serving", tuple(LIMIT_FIELDS), required=False))
 
     nw = top.section("network", ("bootstrap", "relays", "listen_port", "announce_addrs", "public"), required=False)
     public = nw.data.get("public", "auto")

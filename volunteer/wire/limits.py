@@ -1,12 +1,15 @@
 """Hard limits applied when decoding any message, checked before anything is allocated.
 
-The same numbers appear in ``volunteer.runtime.limits.ServingLimits`` (which a server
-configures); ``WireLimits`` is the part the decoder needs, usable by clients too.
+``WireLimits`` is the part of the node's limits that the decoder needs, usable by clients
+without the runtime. The *message* bounds are defined here once: the wire is the lowest
+layer (``volunteer.runtime.limits.ServingLimits``, the one serving definition that the
+manifest's ``serving`` section parses into, takes its message-bound defaults from
+``WireLimits`` and hands the decoder ``ServingLimits.wire()``), so no number is typed twice.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -19,9 +22,12 @@ class WireLimits:
     max_bytes: int = 256 * 2**20
 
     def __post_init__(self) -> None:
-        for name in ("max_header_bytes", "max_tensors", "max_elements", "max_bytes"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"WireLimits.{name} must be positive")
+        for name in MESSAGE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"WireLimits.{name} must be a positive integer, got {value!r}")
 
 
+MESSAGE_FIELDS = tuple(f.name for f in fields(WireLimits))
+"""The message-bound field names (shared with ``ServingLimits``)."""
 DEFAULT_LIMITS = WireLimits()
