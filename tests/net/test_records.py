@@ -54,7 +54,7 @@ def test_tampered_entry_rejected(keys):
     blob = records.sign_entry(entry(keys[0], load=0.0), keys[0].private_key)
     payload, sig = msgpack.unpackb(blob)
     obj = msgpack.unpackb(payload)
-    obj["l"] = 99.0
+    obj["l"] = 0.5
     tampered = msgpack.packb([msgpack.packb(obj), sig])
     with pytest.raises(records.ForgedRecordError):
         records.verify_entry(tampered)

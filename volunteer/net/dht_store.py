@@ -15,6 +15,14 @@ What py-libp2p's KadDHT gives and why we wrap it (read in its source):
 - ``KadDHT.put_value`` refuses to replace "newer" local values; ``publish_value`` merges
   locally and stores at the closest peers concurrently.
 
+What one signer can make a DHT server store is bounded (strangers hold free keys): at most
+``RecordPolicy.max_entries`` entries per key with a fair merge (entries held and alive win
+over newcomers), at most ``max_keys_per_signer`` keys per signing peer, and at most
+``max_store_bytes`` in all. A refused PUT raises ``StoreRefusedError`` inside the handler,
+so the putter is not acknowledged; every refusal is counted in the policy's ``RecordStats``.
+``configure_dht`` sets the policy (the experiment's TTL bound, the admission filter, the
+stats) on a DHT that ``make_dht`` built.
+
 All nodes of a swarm run this code, so the merge rule holds on every DHT server.
 """
 
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 import trio
@@ -44,26 +53,47 @@ QUERY_TIMEOUT = 3.0
 IDENTIFY_WAIT = 10.0
 REPLICATION = 10  # each entry is stored at this many closest DHT servers
 LOOKUP_FANOUT = 6  # readers ask this many of the closest (all hold every entry)
+MAX_KEYS_PER_SIGNER = 1024  # keys of one DHT server that may hold entries of one signer
+MAX_STORE_BYTES = 64 * 2**20  # registry values one DHT server holds, in all
 _PREFIX = f"/{records.NAMESPACE}/".encode()
+_UNCOUNTED = records.RecordStats()  # re-reads of what this node already holds
 
 
 class RegistryValidator(Validator):
     """Validator for the ``/volunteer/`` namespace (see module docstring)."""
 
+    def __init__(self, policy: records.RecordPolicy | None = None) -> None:
+        self.policy = policy or records.RecordPolicy()
+
     def validate(self, key: str, value: bytes) -> None:
-        records.check_value(key, value)
+        p = self.policy
+        records.check_value(key, value, max_ttl=p.max_ttl, admit=p.admit, stats=p.stats)
 
     def select(self, key: str, values: list[bytes]) -> int:
         # Called by DHT servers as select(key, [stored, incoming]): 1 = accept incoming,
         # which MergingValueStore then merges into the stored value.
+        p = self.policy
         for i in range(1, len(values)):
-            if records.has_news(values[0], values[i], key=key):
+            if records.has_news(values[0], values[i], key=key, max_ttl=p.max_ttl, admit=p.admit):
                 return i
         return 0
 
 
 class MergingValueStore(ValueStore):
-    """ValueStore whose records under ``/volunteer/`` merge instead of replacing."""
+    """ValueStore whose records under ``/volunteer/`` merge instead of replacing, within
+    the bounds of the module docstring (entries per key, keys per signer, bytes)."""
+
+    def __init__(self, host: IHost, local_peer_id: Any, *,
+                 policy: records.RecordPolicy | None = None,
+                 max_keys_per_signer: int = MAX_KEYS_PER_SIGNER,
+                 max_store_bytes: int = MAX_STORE_BYTES) -> None:
+        super().__init__(host=host, local_peer_id=local_peer_id)
+        self.policy = policy or records.RecordPolicy()
+        self.max_keys_per_signer = max_keys_per_signer
+        self.max_store_bytes = max_store_bytes
+        self._usage: dict[bytes, tuple[int, frozenset[str]]] = {}  # key -> (bytes, signers)
+        self._per_signer: Counter[str] = Counter()
+        self.bytes_stored = 0
 
     def put_record(self, key: bytes, record: Record) -> None:
         if not key.startswith(_PREFIX):
@@ -71,22 +101,80 @@ class MergingValueStore(ValueStore):
             return
         self.merge_in(key, record.value)
 
+    def signer_keys(self, peer_id: str) -> int:
+        """How many keys of this store hold an entry signed by ``peer_id``."""
+        return self._per_signer[peer_id]
+
     def merge_in(self, key: bytes, value: bytes) -> bytes | None:
-        """Merge ``value`` into the stored value for ``key``; return the result (or None)."""
-        key_str = key.decode()
+        """Merge ``value`` into the stored value for ``key``; return the result (or None).
+
+        Raises ``StoreRefusedError`` when none of the incoming entries was taken (key full,
+        signer quota, store full, or only replays of older entries).
+        """
+        p, key_str, now = self.policy, key.decode(), time.time()
         existing = self.get(key)
-        values = [existing.value, value] if existing is not None else [value]
-        merged = records.merge_values(values, key=key_str)
-        if merged is None:
+        held = records.valid_entries([existing.value if existing is not None else None],
+                                     key=key_str, now=now, max_ttl=p.max_ttl, admit=p.admit,
+                                     stats=_UNCOUNTED)
+        incoming = records.valid_entries([value], key=key_str, now=now, max_ttl=p.max_ttl,
+                                         admit=p.admit, stats=p.stats)
+
+        def may_add(entry: records.ServerEntry) -> bool:
+            if self._per_signer[entry.peer_id] >= self.max_keys_per_signer:
+                p.stats.count("signer_quota")
+                return False
+            return True
+
+        merged = records.merge_entries(held, incoming, now=now, max_entries=p.max_entries,
+                                       stats=p.stats, may_add=may_add)
+        if not merged:
             self.remove(key)
             return None
+        taken = any(merged.get(pid, (None, b""))[1] == blob for pid, (_e, blob) in incoming.items())
+        if not taken and incoming:
+            raise records.StoreRefusedError("no incoming entry was stored")
+        value_out = records.encode_value(blob for _pid, (_e, blob) in sorted(merged.items()))
+        grow = len(value_out) - self._usage.get(key, (0, frozenset()))[0]
+        if grow > 0 and self.bytes_stored + grow > self.max_store_bytes:
+            p.stats.count("store_full")
+            raise records.StoreRefusedError("the DHT store is full", reason="store_full")
         rec = Record()
         rec.key = key
-        rec.value = merged  # unsigned as a whole: each entry carries its own signature
+        rec.value = value_out  # unsigned as a whole: each entry carries its own signature
         rec.timeReceived = format_time_rfc3339()
         self._evict_if_full()
-        self.store[key] = (rec, time.time() + records.MAX_TTL)
-        return merged
+        self.store[key] = (rec, max(e.expires for e, _b in merged.values()))
+        self._account(key, len(value_out), frozenset(merged))
+        return value_out
+
+    def _account(self, key: bytes, size: int, signers: frozenset[str]) -> None:
+        old_size, old_signers = self._usage.pop(key, (0, frozenset()))
+        self.bytes_stored += size - old_size
+        self._per_signer.subtract(old_signers)
+        self._per_signer.update(signers)
+        for pid in old_signers - signers:
+            if self._per_signer[pid] <= 0:
+                del self._per_signer[pid]
+        if size:
+            self._usage[key] = (size, signers)
+
+    def remove(self, key: bytes) -> bool:
+        self._account(key, 0, frozenset())
+        return super().remove(key)
+
+    def cleanup_expired(self) -> int:
+        n = super().cleanup_expired()
+        self._forget_gone()
+        return n
+
+    def _evict_if_full(self) -> None:
+        super()._evict_if_full()
+        self._forget_gone()
+
+    def _forget_gone(self) -> None:
+        """Keys the base class dropped without ``remove`` no longer count."""
+        for key in [k for k in self._usage if k not in self.store]:
+            self._account(key, 0, frozenset())
 
 
 class RegistryDHT(KadDHT):
@@ -141,12 +229,16 @@ class RegistryDHT(KadDHT):
                 self._pending_checks.discard(peer_id)
 
 
-def make_dht(host: IHost, *, server: bool = True) -> KadDHT:
+def make_dht(host: IHost, *, server: bool = True, policy: records.RecordPolicy | None = None,
+             max_keys_per_signer: int = MAX_KEYS_PER_SIGNER,
+             max_store_bytes: int = MAX_STORE_BYTES) -> KadDHT:
     """A KadDHT with the registry validator and merging value store installed.
 
     ``server=False`` for trainer-side client nodes (they query but hold no records).
     """
-    validator = NamespacedValidator({records.NAMESPACE: RegistryValidator()})
+    policy = policy or records.RecordPolicy()
+    registry_validator = RegistryValidator(policy)
+    validator = NamespacedValidator({records.NAMESPACE: registry_validator})
     dht = RegistryDHT(
         host,
         DHTMode.SERVER if server else DHTMode.CLIENT,
@@ -154,18 +246,49 @@ def make_dht(host: IHost, *, server: bool = True) -> KadDHT:
         validator=validator,
         validator_changed=True,
     )
-    dht.value_store = MergingValueStore(host=host, local_peer_id=host.get_id())
+    dht.value_store = MergingValueStore(host=host, local_peer_id=host.get_id(), policy=policy,
+                                        max_keys_per_signer=max_keys_per_signer,
+                                        max_store_bytes=max_store_bytes)
+    dht.registry_validator = registry_validator
     return dht
+
+
+def configure_dht(dht: KadDHT, policy: records.RecordPolicy, *,
+                  max_keys_per_signer: int | None = None,
+                  max_store_bytes: int | None = None) -> None:
+    """Apply ``policy`` (TTL bound, admission filter, stats) to a DHT from ``make_dht``:
+    what its handlers accept on PUT and what ``publish_value``/``lookup_value`` read."""
+    store = dht.value_store
+    if not isinstance(store, MergingValueStore):
+        raise TypeError("configure_dht needs a DHT built by make_dht")
+    store.policy = policy
+    if max_keys_per_signer is not None:
+        store.max_keys_per_signer = max_keys_per_signer
+    if max_store_bytes is not None:
+        store.max_store_bytes = max_store_bytes
+    validator = getattr(dht, "registry_validator", None)
+    if isinstance(validator, RegistryValidator):
+        validator.policy = policy
+
+
+def policy_of(dht: KadDHT) -> records.RecordPolicy:
+    """The record policy a DHT from ``make_dht`` applies (the default one otherwise)."""
+    store = getattr(dht, "value_store", None)
+    return store.policy if isinstance(store, MergingValueStore) else records.RecordPolicy()
 
 
 async def publish_value(dht: KadDHT, key: str, value: bytes) -> int:
     """Store ``value`` (one signed entry, usually) at the closest peers; return how many
     accepted it (the local store counts as one when this node is a DHT server)."""
-    records.check_value(key, value)
+    p = policy_of(dht)
+    records.check_value(key, value, max_ttl=p.max_ttl, admit=p.admit, stats=p.stats)
     key_bytes = key.encode()
     stored = 0
-    if dht.mode == DHTMode.SERVER and dht.value_store.merge_in(key_bytes, value) is not None:
-        stored += 1
+    if dht.mode == DHTMode.SERVER:
+        try:
+            stored += dht.value_store.merge_in(key_bytes, value) is not None
+        except records.RecordError as e:
+            log.debug("this node's store refused %s: %s", key, e)
     peers = (await cached_closest_peers(dht, key_bytes))[:REPLICATION]
     record = make_signed_put_record(key_bytes, value, dht.host.get_private_key())
     ok: list[bool] = []
@@ -186,8 +309,16 @@ async def publish_value(dht: KadDHT, key: str, value: bytes) -> int:
     return stored + sum(ok)
 
 
-async def lookup_value(dht: KadDHT, key: str) -> dict[str, tuple[records.ServerEntry, bytes]]:
-    """Union of the valid live entries for ``key`` held by the closest peers (and by us)."""
+async def lookup_value(dht: KadDHT, key: str, *, policy: records.RecordPolicy | None = None,
+                       admit: records.Admit | None = None,
+                       ) -> dict[str, tuple[records.ServerEntry, bytes]]:
+    """Union of the valid live entries for ``key`` held by the closest peers (and by us).
+
+    Entries are checked against ``policy`` (default: the DHT's own); ``admit``, when given,
+    replaces the policy's admission filter. Malformed or refused entries are dropped and
+    counted in the policy's stats, never raised.
+    """
+    p = policy or policy_of(dht)
     key_bytes = key.encode()
     values: list[bytes] = []
     local = dht.value_store.get(key_bytes)
@@ -210,4 +341,5 @@ async def lookup_value(dht: KadDHT, key: str) -> dict[str, tuple[records.ServerE
     async with trio.open_nursery() as nursery:
         for peer in peers:
             nursery.start_soon(query_one, peer)
-    return records.valid_entries(values, key=key)
+    return records.valid_entries(values, key=key, max_ttl=p.max_ttl,
+                                 admit=admit if admit is not None else p.admit, stats=p.stats)

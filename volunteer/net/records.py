@@ -1,6 +1,7 @@
 """Signed expert-registry records and the multi-entry DHT values that hold them.
 
-Schema (pure functions, no I/O; the DHT plumbing is in ``dht_store.py``):
+Schema (pure functions, no I/O; the DHT plumbing is in ``dht_store.py``, the bounds and
+validators of every field in ``record_fields.py``):
 
 - A server announces, for every *prefix query* that indexes one of its experts, one
   ``ServerEntry``: who it is (peer id), which next coordinates it hosts under that prefix
@@ -10,10 +11,11 @@ Schema (pure functions, no I/O; the DHT plumbing is in ``dht_store.py``):
   *shard* the server can hand out for that child (``shards``: child, version = updates
   applied, root hash of the shard; see ``volunteer.experts.shard``), and every entry carries
   how many more experts the server would take (``free``), which a leaving node reads to pick
-  who adopts its experts. Uid ``demo.ffn.3.7`` (grid prefix ``demo.ffn.``) is indexed under
-  ``demo.ffn.`` with child ``3`` and under ``demo.ffn.3.`` with child ``7``; a beam search
-  needs one lookup per beam entry per dimension, and ``resolve("demo.ffn.3.7")`` reads the
-  same value as ``children(["demo.ffn.3."])`` (a cache hit right after beam search).
+  who adopts its experts. An entry may carry an admission ``token`` (opaque bytes, checked by
+  the experiment's ``admit`` filter when it has one). Uid ``demo.ffn.3.7`` (grid prefix
+  ``demo.ffn.``) is indexed under ``demo.ffn.`` with child ``3`` and under ``demo.ffn.3.``
+  with child ``7``; a beam search needs one lookup per beam entry per dimension, and
+  ``resolve("demo.ffn.3.7")`` reads the same value as ``children(["demo.ffn.3."])``.
 - An entry is msgpack ``[payload, signature]``; the payload names the experiment and the
   prefix, and the signature is the peer's Ed25519 signature over ``DOMAIN + payload``. The
   public key comes from the peer id itself (Ed25519 peer ids inline the key), so a reader
@@ -23,110 +25,94 @@ Schema (pure functions, no I/O; the DHT plumbing is in ``dht_store.py``):
   ``{"v": 1, "e": [entry, ...]}`` with at most one entry per peer (the highest seq);
   DHT servers merge values instead of replacing them (see ``merge_values``), so several
   servers can announce under one key without overwriting each other.
+- A *withdrawal* (tombstone) is an entry with no children. It expires no earlier than the
+  last entry its peer announced under that key, and carries a higher seq, so replaying the
+  older entry loses to it for as long as that entry could be alive. Readers ignore
+  tombstones as servers.
 
 Readers reject forged entries (bad signature, wrong key for the peer id), tampered ones
 (any byte changed breaks the signature), entries filed under another key or experiment,
-expired ones, and ones whose expiry is further away than ``MAX_TTL`` (so a vanished node's
-record cannot linger).
+out-of-bounds fields, expired ones, and ones whose expiry is further away than the
+experiment's TTL (``max_ttl``, default ``MAX_TTL``; so a vanished node's record cannot
+linger). Lenient readers (``valid_entries``, ``merge_values``) drop such entries and count
+the reason in a ``RecordStats``; the strict ``check_value`` raises.
+
+Merging is *fair*: one entry per peer, at most ``max_entries`` per key, and when the key is
+full the entries already held and still alive win over newcomers (a newcomer takes only the
+slot of an expired entry), so a burst of fresh keys cannot push honest entries out.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
+import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import msgpack
 from libp2p.crypto.keys import PrivateKey
 from libp2p.peer.id import ID
 
+from volunteer.net import record_fields as f
+from volunteer.net.record_fields import (  # noqa: F401  (re-exported: the public names of records)
+    MAX_ADDRS,
+    MAX_CHILDREN,
+    MAX_ENTRIES_PER_VALUE,
+    MAX_ENTRY_BYTES,
+    MAX_FREE_SLOTS,
+    MAX_LOAD,
+    MAX_SHARD_VERSION,
+    MAX_STR,
+    MAX_TOKEN_BYTES,
+    MAX_TTL,
+    REACHABILITY,
+    ROOT_BYTES,
+    STATES,
+    ExpiredRecordError,
+    ForgedRecordError,
+    MalformedRecordError,
+    NotAdmittedError,
+    RecordError,
+    RecordStats,
+    ServerEntry,
+    ShardInfo,
+    StoreRefusedError,
+    WrongKeyError,
+)
+
 NAMESPACE = "volunteer"
 DOMAIN = b"volunteer/registry-entry/v1\x00"
 VALUE_VERSION = 1
-MAX_TTL = 3600.0
-MAX_ENTRY_BYTES = 8192
-MAX_ENTRIES_PER_VALUE = 256
+MAX_ENTRIES_PER_KEY = MAX_ENTRIES_PER_VALUE
 MAX_VALUE_BYTES = MAX_ENTRIES_PER_VALUE * (MAX_ENTRY_BYTES + 16) + 64
-MAX_CHILDREN = 512
-MAX_ADDRS = 16
-MAX_STR = 512
-MAX_FREE_SLOTS = 4096
-MAX_SHARD_VERSION = 2**53
-ROOT_BYTES = 32
-STATES = ("serving", "draining")
-REACHABILITY = ("public", "private", "unknown")
 
+STATS = RecordStats()  # where drops are counted when the caller passes no stats of its own
+_UNCOUNTED = RecordStats()  # sink for re-reads of what this node already holds
 
 # Entries whose signature already verified, by sha256 of the whole blob (DHT servers see
-# the same entries again on every merge; readers on every lookup). Bounded LRU.
+# the same entries again on every merge; readers on every lookup), and entries rejected
+# for a reason that does not depend on time or key (malformed, forged). Bounded LRUs.
 VERIFIED_CACHE_SIZE = 16384
 _verified: OrderedDict[bytes, ServerEntry] = OrderedDict()
+_rejected: OrderedDict[bytes, RecordError] = OrderedDict()
 _verified_lock = threading.Lock()
 
 
-class RecordError(ValueError):
-    """An entry or value that a reader must reject."""
-
-
-class MalformedRecordError(RecordError):
-    """Not decodable, wrong types, or out of bounds."""
-
-
-class ForgedRecordError(RecordError):
-    """Signature does not verify with the announcing peer's key."""
-
-
-class ExpiredRecordError(RecordError):
-    """Past its expiry, or expiring implausibly far in the future."""
-
-
-class WrongKeyError(RecordError):
-    """Filed under a key of another prefix or experiment."""
+Admit = Callable[[ServerEntry], bool]
 
 
 @dataclass(frozen=True)
-class ShardInfo:
-    """A shard a server can hand out: the expert ``child`` at ``version``, by root hash."""
+class RecordPolicy:
+    """What a node accepts from records: the experiment's TTL bound, entries per key, the
+    admission filter (None = open experiment) and where drops are counted."""
 
-    child: str
-    version: int
-    root: bytes
-
-
-@dataclass(frozen=True)
-class ServerEntry:
-    """One server's announcement under one prefix query."""
-
-    experiment: str
-    prefix: str
-    peer_id: str
-    seq: int
-    expires: float
-    children: tuple[str, ...]
-    state: str
-    load: float
-    addrs: tuple[str, ...] = ()
-    zmq: str | None = None
-    reachability: str = "unknown"
-    shards: tuple[ShardInfo, ...] = ()
-    free: int = 0
-
-    def shard(self, child: str) -> ShardInfo | None:
-        """The shard this server announces for ``child`` (None when it announces none)."""
-        for info in self.shards:
-            if info.child == child:
-                return info
-        return None
-
-    def alive(self, now: float | None = None) -> bool:
-        return self.expires >= (time.time() if now is None else now)
-
-    def freshness(self) -> tuple[int, float]:
-        return (self.seq, self.expires)
+    max_ttl: float = MAX_TTL
+    max_entries: int = MAX_ENTRIES_PER_KEY
+    admit: Admit | None = None
+    stats: RecordStats = STATS
 
 
 def dht_key(experiment: str, prefix: str) -> str:
@@ -166,151 +152,95 @@ def parent_pair(uid: str) -> tuple[str, str]:
 
 
 def sign_entry(entry: ServerEntry, private_key: PrivateKey) -> bytes:
-    """Encode and sign ``entry`` (the key must be the one behind ``entry.peer_id``)."""
-    payload = msgpack.packb(
-        {
-            "x": entry.experiment,
-            "p": entry.prefix,
-            "id": entry.peer_id,
-            "seq": entry.seq,
-            "exp": entry.expires,
-            "c": list(entry.children),
-            "s": entry.state,
-            "l": entry.load,
-            "a": list(entry.addrs),
-            "z": entry.zmq,
-            "r": entry.reachability,
-            "h": [[i.child, i.version, i.root] for i in entry.shards],
-            "f": entry.free,
-        },
-        use_bin_type=True,
-    )
+    """Encode and sign ``entry`` (the key must be the one behind ``entry.peer_id``).
+
+    Raises ``MalformedRecordError`` (a ValueError) when a field is out of the bounds
+    readers enforce, or the entry exceeds ``MAX_ENTRY_BYTES``.
+    """
+    fields = {
+        "x": entry.experiment, "p": entry.prefix, "id": entry.peer_id, "seq": entry.seq,
+        "exp": entry.expires, "c": list(entry.children), "s": entry.state, "l": entry.load,
+        "a": list(entry.addrs), "z": entry.zmq, "r": entry.reachability,
+        "h": [[i.child, i.version, i.root] for i in entry.shards], "f": entry.free,
+    }
+    if entry.token is not None:
+        fields["adm"] = entry.token
+    payload = msgpack.packb(fields, use_bin_type=True)
+    f.decode_payload(payload)  # what readers would refuse is never signed
     blob = msgpack.packb([payload, private_key.sign(DOMAIN + payload)], use_bin_type=True)
     if len(blob) > MAX_ENTRY_BYTES:
-        raise ValueError(f"registry entry is {len(blob)} bytes (max {MAX_ENTRY_BYTES})")
+        raise f.malformed("bad_entry", f"registry entry is {len(blob)} bytes (max {MAX_ENTRY_BYTES})")
     return blob
 
 
-def _s(obj: dict, key: str, *, optional: bool = False) -> str | None:
-    v = obj.get(key)
-    if v is None and optional:
-        return None
-    if not isinstance(v, str) or len(v) > MAX_STR:
-        raise MalformedRecordError(f"field {key!r} must be a string of <= {MAX_STR} chars")
-    return v
-
-
-def _str_list(obj: dict, key: str, limit: int) -> tuple[str, ...]:
-    v = obj.get(key)
-    if not isinstance(v, list) or len(v) > limit:
-        raise MalformedRecordError(f"field {key!r} must be a list of <= {limit} items")
-    if not all(isinstance(x, str) and 0 < len(x) <= MAX_STR for x in v):
-        raise MalformedRecordError(f"field {key!r} must hold non-empty strings")
-    return tuple(v)
-
-
-def _shard_list(obj: dict, children: tuple[str, ...]) -> tuple[ShardInfo, ...]:
-    """Field ``h``: [[child, version, root], ...], each child listed in ``c`` at most once."""
-    v = obj.get("h", [])
-    if not isinstance(v, list) or len(v) > MAX_CHILDREN:
-        raise MalformedRecordError(f"field 'h' must be a list of <= {MAX_CHILDREN} items")
-    out: list[ShardInfo] = []
-    seen: set[str] = set()
-    listed = set(children)
-    for item in v:
-        if not isinstance(item, list) or len(item) != 3:
-            raise MalformedRecordError("field 'h' must hold [child, version, root] triples")
-        child, version, root = item
-        if not isinstance(child, str) or child not in listed or child in seen:
-            raise MalformedRecordError("field 'h' names a child not listed in 'c' (or twice)")
-        if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= MAX_SHARD_VERSION:
-            raise MalformedRecordError(f"shard version must be an int in [0, {MAX_SHARD_VERSION}]")
-        if not isinstance(root, bytes) or len(root) != ROOT_BYTES:
-            raise MalformedRecordError(f"shard root must be {ROOT_BYTES} bytes")
-        seen.add(child)
-        out.append(ShardInfo(child, version, root))
-    return tuple(out)
-
-
-def _decode_payload(payload: bytes) -> ServerEntry:
-    try:
-        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as e:
-        raise MalformedRecordError(f"entry payload is not msgpack: {e}") from None
-    if not isinstance(obj, dict):
-        raise MalformedRecordError("entry payload must be a map")
-    seq, expires, load = obj.get("seq"), obj.get("exp"), obj.get("l")
-    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**63:
-        raise MalformedRecordError("field 'seq' must be a non-negative int")
-    for name, v in (("exp", expires), ("l", load)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise MalformedRecordError(f"field {name!r} must be a finite number")
-    state = _s(obj, "s")
-    if state not in STATES:
-        raise MalformedRecordError(f"field 's' must be one of {STATES}")
-    reach = _s(obj, "r")
-    if reach not in REACHABILITY:
-        raise MalformedRecordError(f"field 'r' must be one of {REACHABILITY}")
-    free = obj.get("f", 0)
-    if not isinstance(free, int) or isinstance(free, bool) or not 0 <= free <= MAX_FREE_SLOTS:
-        raise MalformedRecordError(f"field 'f' must be an int in [0, {MAX_FREE_SLOTS}]")
-    children = _str_list(obj, "c", MAX_CHILDREN)
-    return ServerEntry(
-        experiment=_s(obj, "x"),  # type: ignore[arg-type]
-        prefix=_s(obj, "p"),  # type: ignore[arg-type]
-        peer_id=_s(obj, "id"),  # type: ignore[arg-type]
-        seq=seq,
-        expires=float(expires),
-        children=children,
-        state=state,  # type: ignore[arg-type]
-        load=float(load),
-        addrs=_str_list(obj, "a", MAX_ADDRS),
-        zmq=_s(obj, "z", optional=True),
-        reachability=reach,  # type: ignore[arg-type]
-        shards=_shard_list(obj, children),
-        free=free,
-    )
-
-
-def verify_entry(blob: bytes, *, key: str | None = None, now: float | None = None,
-                 allow_expired: bool = False) -> ServerEntry:
-    """Decode and verify one entry; raise a RecordError subclass when it must be rejected.
-
-    ``key``: the DHT key the entry was found under (checked against experiment + prefix).
-    """
-    if not isinstance(blob, bytes) or len(blob) > MAX_ENTRY_BYTES:
-        raise MalformedRecordError("entry must be bytes of bounded size")
-    try:
-        outer = msgpack.unpackb(blob, raw=False)
-    except Exception as e:
-        raise MalformedRecordError(f"entry is not msgpack: {e}") from None
-    if (not isinstance(outer, list) or len(outer) != 2
-            or not all(isinstance(x, bytes) for x in outer)):
-        raise MalformedRecordError("entry must be [payload bytes, signature bytes]")
-    payload, signature = outer
+def _verified_entry(blob: bytes) -> ServerEntry:
+    """Decode and check the signature of ``blob`` (cached both ways by its digest)."""
     digest = hashlib.sha256(blob).digest()
     with _verified_lock:
         entry = _verified.get(digest)
-    if entry is None:
-        entry = _decode_payload(payload)
-        try:
-            pid = ID.from_base58(entry.peer_id)
-            pubkey = pid.extract_public_key()
-        except Exception:
-            raise ForgedRecordError(f"peer id {entry.peer_id!r} does not carry a key") from None
-        if pubkey is None or ID.from_pubkey(pubkey) != pid:
-            raise ForgedRecordError(f"peer id {entry.peer_id!r} does not carry its key")
-        if not pubkey.verify(DOMAIN + payload, signature):
-            raise ForgedRecordError(f"bad signature on entry from {entry.peer_id}")
+        rejected = _rejected.get(digest) if entry is None else None
+    if entry is not None:
+        return entry
+    if rejected is not None:
+        raise type(rejected)(str(rejected), reason=rejected.reason)
+    try:
+        entry = _decode_signed(blob)
+    except RecordError as e:
         with _verified_lock:
-            _verified[digest] = entry
-            if len(_verified) > VERIFIED_CACHE_SIZE:
-                _verified.popitem(last=False)
+            _rejected[digest] = e
+            if len(_rejected) > VERIFIED_CACHE_SIZE:
+                _rejected.popitem(last=False)
+        raise
+    with _verified_lock:
+        _verified[digest] = entry
+        if len(_verified) > VERIFIED_CACHE_SIZE:
+            _verified.popitem(last=False)
+    return entry
+
+
+def _decode_signed(blob: bytes) -> ServerEntry:
+    try:
+        outer = msgpack.unpackb(blob, raw=False)
+    except Exception as e:
+        raise f.malformed("bad_entry", f"entry is not msgpack: {type(e).__name__}") from None
+    if (not isinstance(outer, list) or len(outer) != 2
+            or not all(isinstance(x, bytes) for x in outer)):
+        raise f.malformed("bad_entry", "entry must be [payload bytes, signature bytes]")
+    payload, signature = outer
+    entry = f.decode_payload(payload)
+    try:
+        pid = ID.from_base58(entry.peer_id)
+        pubkey = pid.extract_public_key()
+    except Exception:
+        raise ForgedRecordError(f"peer id {entry.peer_id!r} does not carry a key") from None
+    if pubkey is None or ID.from_pubkey(pubkey) != pid:
+        raise ForgedRecordError(f"peer id {entry.peer_id!r} does not carry its key")
+    try:
+        ok = pubkey.verify(DOMAIN + payload, signature)
+    except Exception:
+        ok = False
+    if not ok:
+        raise ForgedRecordError(f"bad signature on entry from {entry.peer_id}")
+    return entry
+
+
+def verify_entry(blob: bytes, *, key: str | None = None, now: float | None = None,
+                 allow_expired: bool = False, max_ttl: float = MAX_TTL) -> ServerEntry:
+    """Decode and verify one entry; raise a RecordError subclass when it must be rejected.
+
+    ``key``: the DHT key the entry was found under (checked against experiment + prefix).
+    ``max_ttl``: the experiment's TTL; an entry expiring later than that (plus the tolerated
+    clock skew) from now is refused.
+    """
+    if not isinstance(blob, bytes) or len(blob) > MAX_ENTRY_BYTES:
+        raise f.malformed("bad_entry", "entry must be bytes of bounded size")
+    entry = _verified_entry(blob)
     if key is not None and dht_key(entry.experiment, entry.prefix) != key:
         raise WrongKeyError(f"entry for {entry.experiment!r}/{entry.prefix!r} under wrong key")
     now = time.time() if now is None else now
-    if entry.expires > now + MAX_TTL + 60.0:
-        raise ExpiredRecordError(f"entry from {entry.peer_id} expires too far ahead")
+    if entry.expires > now + max_ttl + f.CLOCK_SKEW:
+        raise ExpiredRecordError(f"entry from {entry.peer_id} expires too far ahead",
+                                 reason="too_far_ahead")
     if not allow_expired and entry.expires < now:
         raise ExpiredRecordError(f"entry from {entry.peer_id} expired")
     return entry
@@ -324,37 +254,61 @@ def encode_value(blobs: Iterable[bytes]) -> bytes:
 def decode_value(value: bytes) -> list[bytes]:
     """Split a DHT value into entry blobs (unverified); MalformedRecordError if bad."""
     if not isinstance(value, bytes) or len(value) > MAX_VALUE_BYTES:
-        raise MalformedRecordError("value must be bytes of bounded size")
+        raise f.malformed("bad_value", "value must be bytes of bounded size")
     try:
-        obj = msgpack.unpackb(value, raw=False)
+        obj = msgpack.unpackb(value, raw=False, max_array_len=MAX_ENTRIES_PER_VALUE * 4,
+                              max_map_len=16)
     except Exception as e:
-        raise MalformedRecordError(f"value is not msgpack: {e}") from None
+        raise f.malformed("bad_value", f"value is not msgpack: {type(e).__name__}") from None
     if not isinstance(obj, dict) or obj.get("v") != VALUE_VERSION:
-        raise MalformedRecordError(f"value must be a map with v={VALUE_VERSION}")
+        raise f.malformed("bad_value", f"value must be a map with v={VALUE_VERSION}")
     entries = obj.get("e")
-    if (not isinstance(entries, list) or len(entries) > MAX_ENTRIES_PER_VALUE
-            or not all(isinstance(b, bytes) for b in entries)):
-        raise MalformedRecordError("value field 'e' must be a bounded list of bytes")
+    if not isinstance(entries, list) or not all(isinstance(b, bytes) for b in entries):
+        raise f.malformed("bad_value", "value field 'e' must be a list of bytes")
+    if len(entries) > MAX_ENTRIES_PER_VALUE:
+        raise f.malformed("too_many_entries", f"a value holds <= {MAX_ENTRIES_PER_VALUE} entries")
     return entries
 
 
-def valid_entries(values: Sequence[bytes], *, key: str, now: float | None = None,
-                  allow_expired: bool = False) -> dict[str, tuple[ServerEntry, bytes]]:
+def _admitted(entry: ServerEntry, admit: Admit | None) -> bool:
+    if admit is None:
+        return True
+    try:
+        return bool(admit(entry))
+    except Exception:  # the filter reads peer bytes (the token): any failure refuses
+        return False
+
+
+def valid_entries(values: Sequence[bytes | None], *, key: str, now: float | None = None,
+                  allow_expired: bool = False, max_ttl: float = MAX_TTL,
+                  admit: Admit | None = None, stats: RecordStats | None = None,
+                  ) -> dict[str, tuple[ServerEntry, bytes]]:
     """Union of the valid entries in ``values``: peer id -> (freshest entry, its blob).
 
-    Undecodable values and invalid entries are skipped (one bad entry never hides good ones).
+    Undecodable values and invalid or refused (``admit``) entries are dropped and counted
+    in ``stats`` (default ``STATS``); one bad entry never hides good ones, never raises.
+    Tombstones are kept (a merge needs them); readers skip them as servers.
     """
+    stats = STATS if stats is None else stats
     now = time.time() if now is None else now
     best: dict[str, tuple[ServerEntry, bytes]] = {}
     for value in values:
+        if value is None:
+            continue
         try:
             blobs = decode_value(value)
-        except RecordError:
+        except RecordError as e:
+            stats.count(e.reason)
             continue
         for blob in blobs:
             try:
-                e = verify_entry(blob, key=key, now=now, allow_expired=allow_expired)
-            except RecordError:
+                e = verify_entry(blob, key=key, now=now, allow_expired=allow_expired,
+                                 max_ttl=max_ttl)
+            except RecordError as err:
+                stats.count(err.reason)
+                continue
+            if not _admitted(e, admit):
+                stats.count("not_admitted")
                 continue
             old = best.get(e.peer_id)
             if old is None or e.freshness() > old[0].freshness():
@@ -362,42 +316,92 @@ def valid_entries(values: Sequence[bytes], *, key: str, now: float | None = None
     return best
 
 
-def merge_values(values: Sequence[bytes], *, key: str, now: float | None = None) -> bytes | None:
-    """Merge DHT values: freshest live entry per peer; None if nothing live remains.
+def merge_entries(held: dict[str, tuple[ServerEntry, bytes]],
+                  incoming: dict[str, tuple[ServerEntry, bytes]], *, now: float,
+                  max_entries: int = MAX_ENTRIES_PER_KEY, stats: RecordStats | None = None,
+                  may_add: Admit | None = None, rng: random.Random | None = None,
+                  ) -> dict[str, tuple[ServerEntry, bytes]]:
+    """The fair merge: one entry per peer (the highest freshness), held entries first.
 
-    Beyond ``MAX_ENTRIES_PER_VALUE`` peers, the entries expiring soonest are dropped.
+    Held entries that expired free their slot. A peer already held is replaced only by a
+    fresher entry of its own (an older one is a replay, counted "stale"). A new peer takes a
+    slot only while fewer than ``max_entries`` are held ("key_full" otherwise) and
+    ``may_add`` agrees (it counts its own refusals); newcomers of one burst are tried in
+    random order, so no signer can sort itself first.
     """
-    best = valid_entries(values, key=key, now=now)
-    if not best:
+    stats = STATS if stats is None else stats
+    out = {pid: eb for pid, eb in held.items() if eb[0].alive(now)}
+    newcomers: list[str] = []
+    for pid, (e, blob) in incoming.items():
+        if not e.alive(now):
+            continue
+        old = out.get(pid)
+        if old is None:
+            newcomers.append(pid)
+        elif e.freshness() > old[0].freshness():
+            out[pid] = (e, blob)
+        elif e.freshness() < old[0].freshness():
+            stats.count("stale")
+    (rng or random).shuffle(newcomers)
+    for pid in newcomers:
+        if len(out) >= max_entries:
+            stats.count("key_full")
+        elif may_add is None or may_add(incoming[pid][0]):
+            out[pid] = incoming[pid]
+    return out
+
+
+def merge_values(values: Sequence[bytes | None], *, key: str, now: float | None = None,
+                 max_ttl: float = MAX_TTL, admit: Admit | None = None,
+                 stats: RecordStats | None = None, max_entries: int = MAX_ENTRIES_PER_KEY,
+                 may_add: Admit | None = None) -> bytes | None:
+    """Merge DHT values: ``values[0]`` is what this node holds, the others are newcomers
+    (see ``merge_entries``). Returns the merged value, or None if nothing live remains."""
+    now = time.time() if now is None else now
+    held = valid_entries(values[:1], key=key, now=now, max_ttl=max_ttl, admit=admit,
+                         stats=_UNCOUNTED)
+    incoming = valid_entries(values[1:], key=key, now=now, max_ttl=max_ttl, admit=admit,
+                             stats=stats)
+    merged = merge_entries(held, incoming, now=now, max_entries=max_entries, stats=stats,
+                           may_add=may_add)
+    if not merged:
         return None
-    kept = sorted(best.values(), key=lambda eb: eb[0].expires, reverse=True)
-    kept = kept[:MAX_ENTRIES_PER_VALUE]
-    return encode_value(blob for _e, blob in sorted(kept, key=lambda eb: eb[0].peer_id))
+    return encode_value(blob for _pid, (_e, blob) in sorted(merged.items()))
 
 
-def has_news(old: bytes | None, new: bytes, *, key: str, now: float | None = None) -> bool:
+def has_news(old: bytes | None, new: bytes, *, key: str, now: float | None = None,
+             max_ttl: float = MAX_TTL, admit: Admit | None = None) -> bool:
     """True when ``new`` holds a live entry fresher than ``old``'s entry from that peer."""
     now = time.time() if now is None else now
-    old_best = valid_entries([old], key=key, now=now) if old is not None else {}
-    for pid, (e, _b) in valid_entries([new], key=key, now=now).items():
+    old_best = valid_entries([old], key=key, now=now, max_ttl=max_ttl, admit=admit,
+                             stats=_UNCOUNTED)
+    for pid, (e, _b) in valid_entries([new], key=key, now=now, max_ttl=max_ttl, admit=admit,
+                                      stats=_UNCOUNTED).items():
         prev = old_best.get(pid)
         if prev is None or e.freshness() > prev[0].freshness():
             return True
     return False
 
 
-def check_value(key: str, value: bytes, now: float | None = None) -> None:
-    """Strict check for an incoming PUT: every entry valid and for this key; one live.
-
-    Raises RecordError. (Readers use the lenient ``valid_entries`` instead.)
-    """
-    blobs = decode_value(value)
-    if not blobs:
-        raise MalformedRecordError("value holds no entries")
-    now = time.time() if now is None else now
-    live = 0
-    for blob in blobs:
-        e = verify_entry(blob, key=key, now=now, allow_expired=True)
-        live += e.alive(now)
-    if not live:
-        raise ExpiredRecordError("value holds no live entry")
+def check_value(key: str, value: bytes, now: float | None = None, *, max_ttl: float = MAX_TTL,
+                admit: Admit | None = None, stats: RecordStats | None = None) -> None:
+    """Strict check for an incoming PUT: every entry valid, admitted and for this key; one
+    live. Raises RecordError (its reason counted in ``stats``). Readers use the lenient
+    ``valid_entries`` instead."""
+    stats = STATS if stats is None else stats
+    try:
+        blobs = decode_value(value)
+        if not blobs:
+            raise f.malformed("bad_value", "value holds no entries")
+        now = time.time() if now is None else now
+        live = 0
+        for blob in blobs:
+            e = verify_entry(blob, key=key, now=now, allow_expired=True, max_ttl=max_ttl)
+            if not _admitted(e, admit):
+                raise NotAdmittedError(f"entry from {e.peer_id} not admitted")
+            live += e.alive(now)
+        if not live:
+            raise ExpiredRecordError("value holds no live entry")
+    except RecordError as e:
+        stats.count(e.reason)
+        raise

@@ -4,7 +4,15 @@
 state, with this load, reachable here" into one signed entry per prefix query (see
 ``records.index_pairs``) and publishes them concurrently; it reads prefix values back as
 verified ``ServerEntry`` lists. Prefixes that the node stopped serving are withdrawn by a
-last entry with no children that expires at once; readers ignore it.
+last entry with no children (a tombstone) that expires no earlier than the last entry this
+node announced there: it carries a higher seq, so replaying the older entry loses to it for
+as long as that entry could be alive. Readers ignore tombstones as servers.
+
+Records are read under a ``RecordPolicy`` (default: the DHT's own, see
+``dht_store.configure_dht``): the experiment's TTL bound, the admission filter, the stats
+where drops are counted. Every lookup takes an optional ``admit`` filter that replaces the
+policy's. ``admission_token`` (opaque bytes, from the experiment owner) goes into every
+entry this node signs, so admitting readers and DHT servers keep them.
 
 ``children`` / ``servers`` are the two lookups a DMoE client needs; the caching, the
 choice of the best server and the transports live in ``dht_directory.py``.
@@ -13,6 +21,7 @@ choice of the best server and the transports live in ``dht_directory.py``.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,9 +68,14 @@ class ExpertRegistry:
     """Announce and look up expert servers of one experiment over a KadDHT."""
 
     def __init__(self, dht: KadDHT, key_pair: KeyPair, experiment: str,
-                 ttl: float = DEFAULT_TTL) -> None:
-        if not 0 < ttl <= records.MAX_TTL:
-            raise ValueError(f"ttl must be in (0, {records.MAX_TTL}]")
+                 ttl: float = DEFAULT_TTL, *, policy: records.RecordPolicy | None = None,
+                 admission_token: bytes | None = None) -> None:
+        self.policy = policy or dht_store.policy_of(dht)
+        if not 0 < ttl <= self.policy.max_ttl:
+            raise ValueError(f"ttl must be in (0, {self.policy.max_ttl}]")
+        if admission_token is not None and not 0 < len(admission_token) <= records.MAX_TOKEN_BYTES:
+            raise ValueError(f"admission token must be 1-{records.MAX_TOKEN_BYTES} bytes")
+        self.admission_token = admission_token
         self.dht = dht
         self.key_pair = key_pair
         self.experiment = experiment
@@ -69,6 +83,7 @@ class ExpertRegistry:
         self.peer_id = dht.host.get_id().to_base58()
         self._seq = 0
         self._announced: set[str] = set()
+        self._expiry: dict[str, float] = {}  # prefix -> latest expiry announced there
         self.records_announced = 0
         self.shards_left_out: dict[str, int] = {}  # prefix -> shards that did not fit its entry
 
@@ -80,15 +95,20 @@ class ExpertRegistry:
                    addrs: Sequence[str], zmq: str | None, reachability: str,
                    expires: float | None = None, shards: Sequence[ShardInfo] = (),
                    free: int = 0) -> bytes:
+        load = float(load)
         entry = ServerEntry(
             experiment=self.experiment, prefix=prefix, peer_id=self.peer_id,
             seq=self._next_seq(),
             expires=time.time() + self.ttl if expires is None else expires,
-            children=tuple(children), state=state, load=float(load),
+            children=tuple(children), state=state,
+            load=min(max(load, 0.0), records.MAX_LOAD) if math.isfinite(load) else records.MAX_LOAD,
             addrs=tuple(addrs)[: records.MAX_ADDRS], zmq=zmq, reachability=reachability,
             shards=tuple(shards), free=max(0, min(int(free), records.MAX_FREE_SLOTS)),
+            token=self.admission_token,
         )
-        return records.sign_entry(entry, self.key_pair.private_key)
+        blob = records.sign_entry(entry, self.key_pair.private_key)
+        self._expiry[prefix] = max(self._expiry.get(prefix, 0.0), entry.expires)
+        return blob
 
     async def announce(self, uids: Sequence[str], *, state: str = "serving", load: float = 0.0,
                        addrs: Sequence[str] = (), zmq: str | None = None,
@@ -133,11 +153,16 @@ class ExpertRegistry:
             else:
                 self.shards_left_out.pop(prefix, None)
             jobs.append((prefix, blob))
+        now = time.time()
         for prefix in sorted(self._announced - set(groups)):
-            # Withdrawal: no children, draining, expires in a second (readers drop it).
+            # Withdrawal: no children, draining, a higher seq, and it outlives every entry
+            # announced there, so a replayed older entry loses to it while it could be alive.
+            expires = max(self._expiry.get(prefix, 0.0), now + 1.0)
             blob = self.make_entry(prefix, (), state="draining", load=load, addrs=addrs, zmq=zmq,
-                                   reachability=reachability, expires=time.time() + 1.0)
+                                   reachability=reachability, expires=expires)
             jobs.append((prefix, blob))
+        for prefix in [p for p, t in self._expiry.items() if t < now and p not in groups]:
+            del self._expiry[prefix]  # nothing announced there can be alive any more
         report = report if report is not None else AnnounceReport()
         report.stored.update({prefix: 0 for prefix, _blob in jobs})
 
@@ -153,18 +178,22 @@ class ExpertRegistry:
         self.records_announced += len(jobs)
         return report
 
-    async def lookup(self, prefix: str) -> list[ServerEntry]:
-        """Live verified entries under a prefix query (withdrawals and expired ones dropped)."""
-        key = records.dht_key(self.experiment, prefix)
-        found = await dht_store.lookup_value(self.dht, key)
-        return [e for e, _b in found.values() if e.children and e.prefix == prefix]
+    async def lookup(self, prefix: str, admit: records.Admit | None = None) -> list[ServerEntry]:
+        """Live verified entries under a prefix query (withdrawals and expired ones dropped).
 
-    async def children(self, prefixes: Sequence[str]) -> dict[str, list[int]]:
+        ``admit`` (optional) replaces the policy's admission filter for this lookup.
+        """
+        key = records.dht_key(self.experiment, prefix)
+        found = await dht_store.lookup_value(self.dht, key, policy=self.policy, admit=admit)
+        return [e for e, _b in found.values() if not e.withdrawn and e.prefix == prefix]
+
+    async def children(self, prefixes: Sequence[str],
+                       admit: records.Admit | None = None) -> dict[str, list[int]]:
         """For each prefix query, the integer next coordinates with a serving expert."""
         out: dict[str, list[int]] = {}
 
         async def one(prefix: str) -> None:
-            entries = await self.lookup(prefix)
+            entries = await self.lookup(prefix, admit)
             coords = {int(c) for e in entries if e.state == "serving"
                       for c in e.children if c.isdigit()}
             out[prefix] = sorted(coords)
@@ -174,7 +203,8 @@ class ExpertRegistry:
                 nursery.start_soon(one, p)
         return out
 
-    async def holders(self, uids: Sequence[str]) -> dict[str, list[ServerEntry]]:
+    async def holders(self, uids: Sequence[str],
+                      admit: records.Admit | None = None) -> dict[str, list[ServerEntry]]:
         """uid -> live entries (serving or draining) that list it, one lookup per parent prefix."""
         parents: dict[str, list[tuple[str, str]]] = {}
         for uid in dict.fromkeys(uids):
@@ -185,7 +215,7 @@ class ExpertRegistry:
 
         async def one(prefix: str) -> None:
             async with limiter:
-                entries = await self.lookup(prefix)
+                entries = await self.lookup(prefix, admit)
             for uid, child in parents[prefix]:
                 out[uid] = [e for e in entries if child in e.children]
 
@@ -194,7 +224,7 @@ class ExpertRegistry:
                 nursery.start_soon(one, prefix)
         return out
 
-    async def servers(self, uid: str) -> list[ServerEntry]:
+    async def servers(self, uid: str, admit: records.Admit | None = None) -> list[ServerEntry]:
         """All live entries (serving or draining) of servers that host ``uid``."""
         prefix, child = records.parent_pair(uid)
-        return [e for e in await self.lookup(prefix) if child in e.children]
+        return [e for e in await self.lookup(prefix, admit) if child in e.children]
