@@ -1,0 +1,469 @@
+"""Experiment admission: owner keys, admission tokens, and the policy readers apply.
+
+A closed experiment names an *owner key* in its manifest (``admission.owner``, see
+``volunteer.manifest.admission``). The owner signs an *admission token* for each peer it
+admits; a peer puts its token into every record it announces, and readers drop records whose
+signer holds no valid token (nor is listed in ``admission.peers``). An open experiment (no
+``admission`` section) admits everyone and tokens are ignored.
+
+- Owner key file: text, ``OWNER_KEY_HEADER`` then the 32-byte Ed25519 seed in hex; created
+  0600 with ``O_EXCL`` (never world-readable, never overwritten), refused on load when
+  group/others may read it.
+- Token: msgpack ``[payload, signature]``; payload is msgpack ``{"v": 1, "x": experiment,
+  "id": peer id, "iat": issued (unix s), "exp": expires (unix s), "o": owner public key}``;
+  the signature is the owner's Ed25519 signature over ``TOKEN_DOMAIN + payload`` (the domain
+  keeps a token from ever passing as a registry entry or anything else the key signs).
+  Tokens come from peers, so decoding treats them as hostile: at most ``MAX_TOKEN_BYTES``,
+  exact types and keys, bounded lengths, and each refusal is a typed ``AdmissionError``.
+- A node keeps its own token at ``<home>/admission/<experiment>.token`` (raw bytes, 0600).
+  Tokens travel between people as one line of base64 (``encode_token_text``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.bindings import crypto_core_ed25519_is_valid_point
+
+from volunteer.fsutil import atomic_write_bytes
+from volunteer.manifest.admission import (
+    PUBLIC_KEY_BYTES,
+    AdmissionSpec,
+    format_owner_key,
+    parse_owner_key,
+    peer_id_problem,
+)
+from volunteer.manifest.validate import NAME_RE
+
+TOKEN_DOMAIN = b"volunteer/admission-token/v1\x00"
+TOKEN_VERSION = 1
+MAX_TOKEN_BYTES = 1024
+MAX_TOKEN_TEXT_CHARS = 4 * MAX_TOKEN_BYTES // 3 + 8
+MAX_VALIDITY_S = 10 * 366 * 86400
+MAX_TIMESTAMP = 2**40
+SIGNATURE_BYTES = 64
+SEED_BYTES = 32
+OWNER_KEY_HEADER = "volunteer admission owner key v1 (secret: whoever holds it admits peers)"
+MAX_OWNER_KEY_FILE_BYTES = 256
+ADMISSION_DIR = "admission"
+TOKEN_SUFFIX = ".token"
+CACHE_SIZE = 4096
+_PAYLOAD_KEYS = frozenset({"v", "x", "id", "iat", "exp", "o"})
+
+
+class AdmissionError(ValueError):
+    """A token (or its absence) that does not admit a peer; ``str()`` is one line."""
+
+
+class MalformedTokenError(AdmissionError):
+    """Not a token: too large, not msgpack, wrong types or keys, out-of-range numbers."""
+
+
+class ForgedTokenError(AdmissionError):
+    """The signature does not verify with the owner key the token names."""
+
+
+class WrongOwnerError(AdmissionError):
+    """Signed by another owner key than the experiment's."""
+
+
+class WrongExperimentError(AdmissionError):
+    """Issued for another experiment."""
+
+
+class WrongPeerError(AdmissionError):
+    """Issued for another peer id than the one presenting it."""
+
+
+class ExpiredTokenError(AdmissionError):
+    """Past its expiry."""
+
+
+class NotAdmittedError(AdmissionError):
+    """No token, and the peer is not listed in the manifest."""
+
+
+class OwnerKeyFileError(Exception):
+    """The owner key file is missing, malformed, too permissive, or would be overwritten."""
+
+
+@dataclass(frozen=True)
+class AdmissionToken:
+    """A decoded token whose signature verified against ``owner`` (its own claim)."""
+
+    experiment: str
+    peer_id: str
+    issued_at: int
+    expires: int
+    owner: bytes
+
+    @property
+    def owner_text(self) -> str:
+        return format_owner_key(self.owner)
+
+    def expired(self, now: float) -> bool:
+        return now > self.expires
+
+
+# ---- owner keys -------------------------------------------------------------------------
+
+
+def create_owner_key(path: Path) -> Ed25519PrivateKey:
+    """Create a new owner key file at ``path`` (0600); refuse when the file already exists."""
+    path = Path(path)
+    key = Ed25519PrivateKey.new()
+    text = f"{OWNER_KEY_HEADER}\n{key.to_bytes().hex()}\n".encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise OwnerKeyFileError(f"{path} already exists; refusing to overwrite an owner key "
+                                "(pick another file name)") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return key
+
+
+def load_owner_key(path: Path) -> Ed25519PrivateKey:
+    """Load an owner key file written by ``create_owner_key``; OwnerKeyFileError if unusable."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o777
+        with open(path, "rb") as f:
+            data = f.read(MAX_OWNER_KEY_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise OwnerKeyFileError(f"{path}: no such owner key file (create one with "
+                                "`volunteer admission keygen FILE`)") from None
+    except IsADirectoryError:
+        raise OwnerKeyFileError(f"{path} is a directory, not an owner key file") from None
+    if mode & 0o077:
+        raise OwnerKeyFileError(f"owner key file {path} has permissions {oct(mode)}; it must be "
+                                f"readable by its owner only: run `chmod 600 {path}`")
+    lines = data.decode("ascii", errors="replace").splitlines()
+    seed = None
+    if len(data) <= MAX_OWNER_KEY_FILE_BYTES and len(lines) == 2 and lines[0] == OWNER_KEY_HEADER:
+        try:
+            seed = bytes.fromhex(lines[1].strip())
+        except ValueError:
+            seed = None
+    if seed is None or len(seed) != SEED_BYTES:
+        raise OwnerKeyFileError(f"{path} is not an owner key file written by "
+                                "`volunteer admission keygen`")
+    try:
+        return Ed25519PrivateKey.new(seed)
+    except ValueError:
+        raise OwnerKeyFileError(f"{path} holds an invalid Ed25519 seed") from None
+
+
+def owner_public_key(key: Ed25519PrivateKey) -> bytes:
+    """The raw 32-byte public key of an owner key."""
+    return key.get_public_key().to_bytes()
+
+
+def owner_key_text(key: Ed25519PrivateKey) -> str:
+    """The manifest text of an owner key's public half (``ed25519:<hex>``)."""
+    return format_owner_key(owner_public_key(key))
+
+
+# ---- tokens -----------------------------------------------------------------------------
+
+
+def _check_experiment(experiment: object) -> str:
+    if not isinstance(experiment, str) or not NAME_RE.match(experiment):
+        raise AdmissionError(f"bad experiment name {experiment!r}: expected the manifest's "
+                             "experiment.name (lowercase letters, digits, '-' or '_')")
+    return experiment
+
+
+def issue_token(owner_key: Ed25519PrivateKey, experiment: str, peer_id: str, expires: float,
+                issued_at: float | None = None) -> bytes:
+    """Sign a token admitting ``peer_id`` to ``experiment`` until ``expires`` (unix seconds)."""
+    _check_experiment(experiment)
+    problem = peer_id_problem(peer_id)
+    if problem:
+        raise AdmissionError(f"bad peer id: {problem}")
+    iat = int(time.time() if issued_at is None else issued_at)
+    exp = int(expires)
+    if not 0 <= iat <= exp <= MAX_TIMESTAMP or exp - iat > MAX_VALIDITY_S:
+        raise AdmissionError(f"a token must expire after it is issued and within "
+                             f"{MAX_VALIDITY_S // 86400} days")
+    payload = msgpack.packb({"v": TOKEN_VERSION, "x": experiment, "id": peer_id, "iat": iat,
+                             "exp": exp, "o": owner_public_key(owner_key)}, use_bin_type=True)
+    token = msgpack.packb([payload, owner_key.sign(TOKEN_DOMAIN + payload)], use_bin_type=True)
+    assert len(token) <= MAX_TOKEN_BYTES  # bounded by the name, peer id and key lengths
+    return token
+
+
+def _unpack(data: bytes, what: str) -> object:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, max_str_len=MAX_TOKEN_BYTES,
+                               max_bin_len=MAX_TOKEN_BYTES, max_array_len=4, max_map_len=8,
+                               max_ext_len=0)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise MalformedTokenError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
+
+
+def _int(obj: dict, key: str) -> int:
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TIMESTAMP:
+        raise MalformedTokenError(f"token field {key!r} must be an integer in [0, {MAX_TIMESTAMP}]")
+    return value
+
+
+def _parse(data: object) -> tuple[AdmissionToken, bytes, bytes]:
+    """Structure only (no signature check): the token, its signed payload, its signature."""
+    if not isinstance(data, bytes) or not 0 < len(data) <= MAX_TOKEN_BYTES:
+        raise MalformedTokenError(f"a token must be 1 to {MAX_TOKEN_BYTES} bytes")
+    outer = _unpack(data, "token")
+    if (not isinstance(outer, list) or len(outer) != 2
+            or not all(isinstance(x, bytes) for x in outer)):
+        raise MalformedTokenError("a token must be [payload bytes, signature bytes]")
+    payload, signature = outer
+    if len(signature) != SIGNATURE_BYTES:
+        raise MalformedTokenError(f"a token signature is {SIGNATURE_BYTES} bytes")
+    obj = _unpack(payload, "token payload")
+    if not isinstance(obj, dict) or set(obj) != _PAYLOAD_KEYS:
+        raise MalformedTokenError(f"a token payload must have exactly the keys {sorted(_PAYLOAD_KEYS)}")
+    if obj["v"] != TOKEN_VERSION or isinstance(obj["v"], bool):
+        raise MalformedTokenError(f"unsupported token version {obj['v']!r}")
+    experiment, peer_id, owner = obj["x"], obj["id"], obj["o"]
+    if not isinstance(experiment, str) or not NAME_RE.match(experiment):
+        raise MalformedTokenError("token experiment must be an experiment name")
+    if peer_id_problem(peer_id):
+        raise MalformedTokenError("token peer id must be a canonical base58 peer id")
+    if (not isinstance(owner, bytes) or len(owner) != PUBLIC_KEY_BYTES
+            or not crypto_core_ed25519_is_valid_point(owner)):
+        raise MalformedTokenError("token owner must be a valid 32-byte Ed25519 public key")
+    iat, exp = _int(obj, "iat"), _int(obj, "exp")
+    if iat > exp or exp - iat > MAX_VALIDITY_S:
+        raise MalformedTokenError("token validity must be [issued, expires] within 10 years")
+    return AdmissionToken(experiment, peer_id, iat, exp, owner), payload, signature
+
+
+def _check_signature(token: AdmissionToken, payload: bytes, signature: bytes) -> None:
+    if not Ed25519PublicKey.from_bytes(token.owner).verify(TOKEN_DOMAIN + payload, signature):
+        raise ForgedTokenError(f"bad signature on the token for peer {token.peer_id}")
+
+
+def decode_token(data: object) -> AdmissionToken:
+    """Decode a token and check it is signed by the owner key it names (not which owner)."""
+    token, payload, signature = _parse(data)
+    _check_signature(token, payload, signature)
+    return token
+
+
+def verify_token(data: object, *, owner: bytes, experiment: str, peer_id: str,
+                 now: float | None = None) -> AdmissionToken:
+    """The token if it admits ``peer_id`` to ``experiment`` under ``owner`` at ``now``.
+
+    Raises the AdmissionError subclass that names the first problem.
+    """
+    token = _verify_signed(data, owner, experiment)
+    _check_claims(token, experiment, peer_id, time.time() if now is None else now)
+    return token
+
+
+def _verify_signed(data: object, owner: bytes, experiment: str) -> AdmissionToken:
+    """Structure, owner, signature and experiment: what does not depend on who or when.
+
+    The owner is compared before the signature is checked, so tokens of other owners cost
+    no signature check.
+    """
+    token, payload, signature = _parse(data)
+    if token.owner != owner:
+        raise WrongOwnerError(f"token signed by {token.owner_text[:24]}..., not by the "
+                              f"experiment owner {format_owner_key(owner)[:24]}...")
+    _check_signature(token, payload, signature)
+    if token.experiment != experiment:
+        raise WrongExperimentError(f"token is for experiment {token.experiment!r}, "
+                                   f"not {experiment!r}")
+    return token
+
+
+def _check_claims(token: AdmissionToken, experiment: str, peer_id: str, now: float) -> None:
+    if token.experiment != experiment:
+        raise WrongExperimentError(f"token is for experiment {token.experiment!r}, "
+                                   f"not {experiment!r}")
+    if token.peer_id != peer_id:
+        raise WrongPeerError(f"token is for peer {token.peer_id}, not {str(peer_id)[:64]}")
+    if token.expired(now):
+        raise ExpiredTokenError(f"token for peer {token.peer_id} expired at "
+                                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(token.expires))}")
+
+
+def encode_token_text(token: bytes) -> str:
+    """One line of base64 that carries a token by mail or chat."""
+    return base64.b64encode(token).decode("ascii")
+
+
+def decode_token_text(data: bytes) -> bytes:
+    """Raw token bytes from a token file: its base64 line, or raw msgpack bytes."""
+    if data[:1] == b"\x92":  # a msgpack array of two: raw bytes (base64 never starts so)
+        return data
+    text = data.strip()
+    if len(text) > MAX_TOKEN_TEXT_CHARS:
+        raise MalformedTokenError(f"a token file holds at most {MAX_TOKEN_TEXT_CHARS} characters")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedTokenError("the token file holds neither a base64 token nor a raw one") from None
+
+
+# ---- policy -----------------------------------------------------------------------------
+
+
+class AdmissionPolicy:
+    """Which peers may announce experts and join averaging groups of one experiment.
+
+    Open (no owner key, no listed peers): everyone. Otherwise: listed peers without a token,
+    and peers presenting a valid token from the owner. Signature outcomes are cached by token
+    digest (bounded LRU, thread-safe), so re-reading the same records costs a hash, not a
+    signature check; peer id and expiry are checked on every call.
+    """
+
+    def __init__(self, owner_public_key: bytes | str | None, listed_peers: Iterable[str],
+                 experiment: str) -> None:
+        if isinstance(owner_public_key, str):
+            owner_public_key = parse_owner_key(owner_public_key)
+        if owner_public_key is not None and len(owner_public_key) != PUBLIC_KEY_BYTES:
+            raise ValueError(f"an owner public key is {PUBLIC_KEY_BYTES} bytes")
+        self.owner = owner_public_key
+        self.listed = frozenset(listed_peers)
+        self.experiment = _check_experiment(experiment)
+        self._cache: OrderedDict[bytes, AdmissionToken | AdmissionError] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_spec(cls, spec: AdmissionSpec, experiment: str) -> AdmissionPolicy:
+        """The policy of a manifest's validated ``admission`` section."""
+        return cls(spec.owner, spec.peers, experiment)
+
+    @property
+    def open(self) -> bool:
+        return self.owner is None and not self.listed
+
+    def check(self, peer_id: str, token: bytes | None, now: float | None = None) -> AdmissionToken | None:
+        """None when admitted without a token, the token when admitted by it; else raise."""
+        if self.open:
+            return None
+        if not isinstance(peer_id, str):
+            raise NotAdmittedError("a peer id must be a string")
+        if peer_id in self.listed:
+            return None
+        if self.owner is None:
+            raise NotAdmittedError(f"peer {str(peer_id)[:64]} is not listed in the manifest's "
+                                   "admission.peers")
+        if token is None:
+            raise NotAdmittedError(f"peer {str(peer_id)[:64]} has no admission token")
+        result = self._verified(token)
+        if isinstance(result, AdmissionError):
+            raise result
+        _check_claims(result, self.experiment, peer_id, time.time() if now is None else now)
+        return result
+
+    def admits(self, peer_id: str, token: bytes | None, now: float | None = None) -> bool:
+        """True when ``peer_id`` presenting ``token`` may take part; never raises on bad input."""
+        try:
+            self.check(peer_id, token, now)
+        except AdmissionError:
+            return False
+        return True
+
+    def explain(self, peer_id: str, token: bytes | None, now: float | None = None) -> str | None:
+        """None when admitted, else one line telling this node's operator what to do."""
+        try:
+            self.check(peer_id, token, now)
+        except AdmissionError as exc:
+            return (f"experiment {self.experiment!r} admits only peers its owner approved: {exc}; "
+                    f"send your peer id {peer_id} to the experiment owner, who runs `volunteer "
+                    f"admission issue --experiment {self.experiment} --peer {peer_id} ...`, then "
+                    f"run `volunteer admission install TOKEN_FILE --experiment {self.experiment}`")
+        return None
+
+    def _verified(self, token: object) -> AdmissionToken | AdmissionError:
+        """Owner, signature and experiment outcome of ``token`` (cached by digest)."""
+        if not isinstance(token, bytes) or len(token) > MAX_TOKEN_BYTES:
+            return MalformedTokenError(f"a token must be 1 to {MAX_TOKEN_BYTES} bytes")
+        digest = hashlib.sha256(token).digest()
+        with self._lock:
+            hit = self._cache.get(digest)
+            if hit is not None:
+                self._cache.move_to_end(digest)
+                return hit
+        assert self.owner is not None
+        result: AdmissionToken | AdmissionError
+        try:
+            result = _verify_signed(token, self.owner, self.experiment)
+        except AdmissionError as exc:
+            result = exc
+        with self._lock:
+            self._cache[digest] = result
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return result
+
+
+# ---- the node's own token ---------------------------------------------------------------
+
+
+def token_path(home: Path, experiment: str) -> Path:
+    """Where a node keeps its token for ``experiment``: ``<home>/admission/<experiment>.token``."""
+    return Path(home) / ADMISSION_DIR / (_check_experiment(experiment) + TOKEN_SUFFIX)
+
+
+def load_token(home: Path, experiment: str) -> bytes | None:
+    """This node's token for ``experiment`` (None when none is installed).
+
+    Raises MalformedTokenError naming the file when it is not a token (install a new one).
+    """
+    path = token_path(home, experiment)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TOKEN_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    try:
+        _parse(data)
+    except MalformedTokenError as exc:
+        raise MalformedTokenError(f"{path}: {exc}; install a new token with `volunteer admission "
+                                  f"install TOKEN_FILE --experiment {experiment}`") from None
+    return data
+
+
+def install_token(home: Path, experiment: str, data: bytes, *, peer_id: str | None = None,
+                  now: float | None = None) -> AdmissionToken:
+    """Validate ``data`` (raw or base64) and store it as this node's token for ``experiment``.
+
+    Refuses tokens that do not parse, carry a bad signature, or name another experiment; with
+    ``peer_id``, also tokens for another peer, and with ``now``, expired ones.
+    """
+    raw = decode_token_text(data)
+    token = decode_token(raw)
+    if token.experiment != experiment:
+        raise WrongExperimentError(f"token is for experiment {token.experiment!r}, not {experiment!r}")
+    if peer_id is not None and token.peer_id != peer_id:
+        raise WrongPeerError(f"token is for peer {token.peer_id}, but this node is {peer_id}: ask "
+                             f"the owner for a token for {peer_id}")
+    if now is not None and token.expired(now):
+        raise ExpiredTokenError("token expired at " + time.strftime(
+            "%Y-%m-%d %H:%M UTC", time.gmtime(token.expires)) + "; ask the owner for a new one")
+    path = token_path(home, experiment)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write_bytes(path, raw, mode=0o600)
+    return token
