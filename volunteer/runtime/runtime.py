@@ -1,7 +1,9 @@
 """``Runtime``: the in-process serving entry point shared by every frontend.
 
-``submit(frames, reply)`` decodes and validates a request in the caller's thread (cheap,
-never blocks on compute) and queues it in the task pool of its (expert, op). The runtime's
+``submit(frames, reply)`` first admits the request's payload bytes against
+``max_queued_bytes`` (held from arrival until its reply: queued, computing or being
+answered; beyond it "overloaded" at once, nothing decoded), then decodes and validates it in
+the caller's thread (cheap, never blocks on compute) and queues it in the task pool of its (expert, op). The runtime's
 single ``ServingLoop`` thread does IO for attached sockets (the ZeroMQ frontend) and
 compute: whenever work waits, it takes the pool whose oldest task waited longest (so a lone
 old task is served even while another pool is flooded), merges that pool's waiting tasks
@@ -29,16 +31,22 @@ from volunteer.runtime.executor import BatchExecutor, send_error
 from volunteer.runtime.limits import ServingLimits
 from volunteer.runtime.loop import ServingLoop
 from volunteer.runtime.stats import ExpertStats
-from volunteer.runtime.task_pool import Task, TaskPool
+from volunteer.runtime.task_pool import ReleasingReply, Task, TaskPool, payload_nbytes
 from volunteer.runtime.validation import validate_request
 from volunteer.wire.errors import (
     DeadlineExpiredError,
     DrainingError,
     OverloadedError,
     RemoteError,
+    TooLargeError,
     UnknownExpertError,
 )
-from volunteer.wire.messages import decode_request, encode_error, encode_info_reply
+from volunteer.wire.messages import (
+    decode_request,
+    encode_error,
+    encode_info_reply,
+    reply_request_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,11 @@ class Runtime:
         self._completed = 0
         self._queued = 0  # tasks in all pools
         self._queued_bytes = 0
+        # payload bytes of admitted requests until their reply (``submit``): <= max_queued_bytes
+        self._held_lock = threading.Lock()
+        self._held = 0
+        self._held_peak = 0
+        self._held_refused = 0
         self.loop = ServingLoop(self._step, self._on_loop_exit)
         # (accepts(frames), submit(frames, reply)): requests the wire decoder does not know
         # (e.g. shard chunks, ``volunteer.net.shard_rpc``) go there; costs nothing on the hot
@@ -150,7 +163,21 @@ class Runtime:
     # -- entry point --
 
     def submit(self, frames: list, reply: ReplyFn) -> None:
-        """Queue one request (thread-safe, never blocks on compute); ``reply`` gets called once."""
+        """Queue one request (thread-safe, never blocks on compute); ``reply`` gets called once.
+
+        Admission comes first: the request's payload bytes are reserved against
+        ``max_queued_bytes`` before anything is decoded or validated, and given back when
+        ``reply`` is called; beyond the bound the request is answered "overloaded" at once.
+        """
+        nbytes = payload_nbytes(frames)
+        if nbytes:
+            refusal = self._reserve(nbytes)
+            if refusal is not None:
+                self.rejected.record_error(refusal.code)
+                rid = reply_request_id(frames[0], self._wire_limits) if frames else None
+                self._respond(reply, encode_error(rid, refusal.code, refusal.message))
+                return
+            reply = ReleasingReply(reply, self._release, nbytes)
         now = time.monotonic()
         try:
             request = decode_request(frames, self._wire_limits)
@@ -189,10 +216,6 @@ class Runtime:
                 if pool.full():
                     raise OverloadedError(
                         f"{task.op} queue of {task.uid} is full ({pool.max_size} tasks); retry later or elsewhere"
-                    )
-                if self._queued_bytes + task.nbytes > self.limits.max_queued_bytes:
-                    raise OverloadedError(
-                        f"node has {self._queued_bytes} bytes of requests queued (max {self.limits.max_queued_bytes}); retry later or elsewhere"
                     )
                 pool.tasks.append(task)
                 self._queued += 1
@@ -271,7 +294,34 @@ class Runtime:
             "evictions": self._cache.evictions,
         }
 
+    def held_bytes(self) -> dict[str, int]:
+        """Payload bytes of requests held (admitted, not yet answered): now, peak, bound."""
+        with self._held_lock:
+            return {"held": self._held, "peak": self._held_peak,
+                    "max": self.limits.max_queued_bytes, "refused": self._held_refused}
+
     # -- internals --
+
+    def _reserve(self, nbytes: int) -> RemoteError | None:
+        """Take ``nbytes`` of the queued-bytes bound, or say why not (typed)."""
+        bound = self.limits.max_queued_bytes
+        if nbytes > bound:
+            return TooLargeError(f"request of {nbytes} bytes > this node's max_queued_bytes {bound}")
+        with self._held_lock:
+            if self._held + nbytes > bound:
+                self._held_refused += 1
+                held = self._held
+            else:
+                self._held += nbytes
+                self._held_peak = max(self._held_peak, self._held)
+                return None
+        return OverloadedError(
+            f"node holds {held} bytes of requests (max {bound}); retry later or elsewhere"
+        )
+
+    def _release(self, nbytes: int) -> None:
+        with self._held_lock:
+            self._held -= nbytes
 
     def _respond(self, reply: ReplyFn, frames: list) -> None:
         """Answer without compute: directly in the loop thread, else through the loop."""

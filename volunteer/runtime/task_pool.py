@@ -1,6 +1,10 @@
 """``Task`` (one validated request waiting for compute) and ``TaskPool`` (FIFO per
 (expert uid, op)). Pools are plain deques guarded by the runtime's lock; the scheduler picks
 the pool whose oldest task waited longest, so no pool starves while another is flooded.
+
+``ReleasingReply`` ties a request's admitted bytes to its answer: the runtime reserves a
+request's payload bytes (``payload_nbytes``) against ``max_queued_bytes`` on arrival and
+gets them back when the reply is called, whether the task was computed, refused or cut.
 """
 
 from __future__ import annotations
@@ -59,3 +63,25 @@ class TaskPool:
             batch.append(task)
             rows += task.rows
         return batch
+
+
+class ReleasingReply:
+    """A reply callback that gives the request's bytes back (once) before answering."""
+
+    __slots__ = ("nbytes", "release", "reply")
+
+    def __init__(self, reply: ReplyFn, release: Callable[[int], None], nbytes: int) -> None:
+        self.reply = reply
+        self.release = release
+        self.nbytes = nbytes
+
+    def __call__(self, frames: list) -> None:
+        n, self.nbytes = self.nbytes, 0
+        if n:
+            self.release(n)
+        self.reply(frames)
+
+
+def payload_nbytes(frames: list) -> int:
+    """Bytes of the frames after the header (the tensors a request carries)."""
+    return sum(f.nbytes if type(f) is memoryview else len(f) for f in frames[1:])

@@ -1,11 +1,37 @@
 """``ZmqFrontend``: a ZeroMQ ROUTER socket on TCP that feeds requests into a ``Runtime``.
 
 The socket is attached to the runtime's ``ServingLoop``: the loop thread receives messages
-(zero-copy), strips the routing envelope, calls ``runtime.submit`` and, since replies are
-produced in that same thread, sends them straight back with ``copy=False`` (tensor memory
-goes to libzmq without a copy for frames >= 512 KiB; smaller ones are cheaper to copy) and ``NOBLOCK`` (a client that stopped reading loses its
-replies instead of stalling the server). No extra thread, no hand-off per request.
-``ZMQ_MAXMSGSIZE`` bounds what libzmq itself will allocate for one message.
+(zero-copy: ``copy=False`` frames whose writable buffers the tensor decoder wraps as they
+are), strips the routing envelope, calls ``runtime.submit`` and, since replies are produced
+in that same thread, sends them straight back with ``copy=False`` (tensor memory goes to
+libzmq without a copy for frames >= 512 KiB; smaller ones are cheaper to copy) and
+``NOBLOCK`` (a client that stopped reading loses its replies instead of stalling the
+server). No extra thread, no hand-off per request.
+
+Memory, and what bounds it (``L`` = the runtime's ``ServingLimits``):
+
+- **Admitted requests**: ``runtime.submit`` reserves each request's payload bytes against
+  ``L.max_queued_bytes`` before decoding it and releases them when the reply is sent; beyond
+  that the request is answered ``overloaded`` at once (typed, nothing decoded or queued).
+  So the requests the runtime holds (queued, computing or being answered) take at most
+  ``max_queued_bytes`` plus one header (<= ``max_header_bytes``) each, in total, whatever
+  the number of peers. The loop keeps reading while over the bound (refusing is cheap), so
+  libzmq's queues drain instead of filling up.
+- **libzmq, per connection**: ``ZMQ_MAXMSGSIZE`` = the largest frame the wire limits allow
+  (``max(max_bytes, max_header_bytes)``): a larger frame disconnects the peer before libzmq
+  allocates it. ``RCVHWM`` = ``PEER_HWM`` complete messages wait per connection (beyond:
+  libzmq stops reading that socket: TCP backpressure, nothing dropped) and ``SNDHWM`` =
+  ``PEER_HWM`` replies (beyond: the reply is dropped, the peer is not reading). libzmq
+  allocates a frame's buffer when its size is announced but pages are committed as bytes
+  arrive, so what a connection holds is what it actually sent and is not yet read, at most
+  ``(PEER_HWM + 1) x message`` while the loop is busy computing a batch.
+- **Not bounded here**: libzmq has no limit on the number of connections nor on the number
+  of parts of one multipart message (it delivers a message only once all parts arrived);
+  the wire decoder refuses more than ``max_tensors + 1`` frames, but only after libzmq
+  buffered them. A public node therefore relies on the kernel (one TCP receive window per
+  connection) for peers that never finish a message; bounding that fully needs the
+  project's own ZMTP reader (``volunteer.wire.zmtp``) on the server side, which can refuse
+  a message at its first frame header.
 """
 
 from __future__ import annotations
@@ -19,7 +45,9 @@ from volunteer.runtime.runtime import Runtime
 log = logging.getLogger(__name__)
 
 RECV_BURST = 256  # messages taken per wake-up before the loop runs a batch
-PEER_HWM = 256  # messages libzmq buffers per peer while a batch computes (beyond: TCP backpressure)
+# complete messages libzmq holds per connection while a batch computes (beyond: TCP
+# backpressure); clients send one request per connection at a time (``ZmqTransport``)
+PEER_HWM = 4
 # Frames below this size are copied on send: pyzmq's zero-copy path costs ~25-85 us per frame
 # (a free-callback via its GC thread) while memcpy of 128 KiB costs ~5 us; above it, zero-copy wins.
 COPY_THRESHOLD = 512 * 1024
@@ -49,7 +77,7 @@ class ZmqFrontend:
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         limits = self.runtime.limits
-        sock.setsockopt(zmq.MAXMSGSIZE, limits.max_bytes + limits.max_header_bytes + 4096)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(limits))
         sock.setsockopt(zmq.RCVHWM, PEER_HWM)
         sock.setsockopt(zmq.SNDHWM, PEER_HWM)
         sock.copy_threshold = COPY_THRESHOLD
@@ -123,3 +151,8 @@ def _send(sock: zmq.Socket, envelope: list, frames: list) -> None:
         log.debug("dropping a reply: peer is not reading")
     except zmq.ZMQError as e:
         log.debug("dropping a reply: %s", e)
+
+
+def max_frame_bytes(limits: object) -> int:
+    """The largest single frame a valid request can carry (the header or one tensor)."""
+    return max(int(limits.max_bytes), int(limits.max_header_bytes))  # type: ignore[attr-defined]
