@@ -4,8 +4,11 @@
   the next coordinates of *serving* servers.
 - ``resolve(uids)``: reads the value of each uid's parent prefix (the one beam search just
   read for its last dimension, so usually a cache hit), keeps the serving servers that
-  host the uid, and picks the one with the lowest load (ties broken at random, so trainers
-  spread over equal servers). The transport is ZeroMQ to the server's direct endpoint when
+  host the uid, and picks one by ``server_choice.ServerScores``: what this client measured
+  of each server (latency, errors, timeouts) combined with the load it reports about
+  itself, capped, at random among near-equals (so no liar draws all the traffic, and
+  trainers spread over equal servers). Every transport it returns is a
+  ``MeasuredTransport`` that feeds those scores with the outcome of each request. The transport is ZeroMQ to the server's direct endpoint when
   its record says it is publicly reachable, falling back to libp2p by itself if ZeroMQ
   cannot connect (``FallbackTransport``), else a ``Libp2pTransport`` (direct,
   hole-punched or relayed: the node decides).
@@ -13,6 +16,8 @@
   and the dispatch right after it cost one round of lookups per dimension. Transports are
   cached per server and reused. ``invalidate(uids)`` drops the cached lookups that could
   offer those uids (RemoteMixtureOfExperts calls it when an expert is draining or gone).
+- ``admit`` (optional): the experiment's admission filter; entries it refuses are dropped
+  and counted ("not_admitted") in ``stats`` (default ``records.STATS``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from volunteer.net import records
-from volunteer.net.records import ServerEntry
+from volunteer.net.records import Admit, RecordStats, ServerEntry
+from volunteer.net.server_choice import MeasuredTransport, ServerScores
 from volunteer.wire.errors import UnreachableError
 
 if TYPE_CHECKING:
@@ -33,22 +39,27 @@ if TYPE_CHECKING:
 
 
 def best_server(entries: Sequence[ServerEntry], child: str,
-                rng: random.Random | None = None) -> ServerEntry | None:
-    """The serving entry hosting ``child`` with the lowest load (random among ties)."""
+                rng: random.Random | None = None,
+                scores: ServerScores | None = None) -> ServerEntry | None:
+    """A serving entry hosting ``child``, chosen by ``scores`` (measurements + capped load,
+    random among near-equals; without measurements, by the capped load alone)."""
     cands = [e for e in entries if e.state == "serving" and child in e.children]
-    if not cands:
-        return None
-    low = min(e.load for e in cands)
-    return (rng or random).choice([e for e in cands if e.load == low])
+    return (scores or ServerScores()).choose(cands, rng)
 
 
 class DhtDirectory:
     """ExpertDirectory backed by a ``ClientNode`` (see module docstring)."""
 
-    def __init__(self, client: ClientNode, cache_ttl: float = 3.0, prefer_zmq: bool = True) -> None:
+    def __init__(self, client: ClientNode, cache_ttl: float = 3.0, prefer_zmq: bool = True, *,
+                 scores: ServerScores | None = None, admit: Admit | None = None,
+                 stats: RecordStats | None = None, rng: random.Random | None = None) -> None:
         self.client = client
         self.cache_ttl = cache_ttl
         self.prefer_zmq = prefer_zmq
+        self.scores = scores or ServerScores()
+        self.admit = admit
+        self.stats = records.STATS if stats is None else stats
+        self.rng = rng
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, list[ServerEntry]]] = {}
         self._transports: dict[tuple[str, str], Transport] = {}
@@ -66,12 +77,24 @@ class DhtDirectory:
         if missing:
             found = self.client.lookup(missing)
             self.lookups += len(missing)
+            admitted = {p: [e for e in found.get(p, []) if self._admitted(e)] for p in missing}
             with self._lock:
                 for p in missing:
-                    self._cache[p] = (time.monotonic(), found.get(p, []))
-                    out[p] = found.get(p, [])
+                    self._cache[p] = (time.monotonic(), admitted[p])
+                    out[p] = admitted[p]
         wall = time.time()
         return {p: [e for e in es if e.alive(wall)] for p, es in out.items()}
+
+    def _admitted(self, entry: ServerEntry) -> bool:
+        if self.admit is None:
+            return True
+        try:
+            ok = bool(self.admit(entry))
+        except Exception:  # the filter reads peer bytes: any failure refuses
+            ok = False
+        if not ok:
+            self.stats.count("not_admitted")
+        return ok
 
     def children(self, prefixes: Sequence[str]) -> dict[str, list[int]]:
         found = self._entries(list(prefixes))
@@ -92,7 +115,7 @@ class DhtDirectory:
         found = self._entries([p for p, _c in pairs.values()])
         out: dict[str, Transport] = {}
         for uid, (prefix, child) in pairs.items():
-            entry = best_server(found[prefix], child)
+            entry = best_server(found[prefix], child, self.rng, self.scores)
             if entry is not None:
                 out[uid] = self.transport_for(entry)
         return out
@@ -109,6 +132,7 @@ class DhtDirectory:
             zmq = _zmq_transport(entry.zmq)  # type: ignore[arg-type]
             if zmq is not None:
                 transport = FallbackTransport(zmq, transport)
+        transport = MeasuredTransport(transport, entry.peer_id, self.scores)
         with self._lock:
             transport = self._transports.setdefault(key, transport)
         return transport

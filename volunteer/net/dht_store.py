@@ -105,13 +105,14 @@ class MergingValueStore(ValueStore):
         """How many keys of this store hold an entry signed by ``peer_id``."""
         return self._per_signer[peer_id]
 
-    def merge_in(self, key: bytes, value: bytes) -> bytes | None:
+    def merge_in(self, key: bytes, value: bytes, now: float | None = None) -> bytes | None:
         """Merge ``value`` into the stored value for ``key``; return the result (or None).
 
         Raises ``StoreRefusedError`` when none of the incoming entries was taken (key full,
-        signer quota, store full, or only replays of older entries).
+        signer quota, store full, or only replays of older entries). ``now``: for tests.
         """
-        p, key_str, now = self.policy, key.decode(), time.time()
+        p, key_str = self.policy, key.decode()
+        now = time.time() if now is None else now
         existing = self.get(key)
         held = records.valid_entries([existing.value if existing is not None else None],
                                      key=key_str, now=now, max_ttl=p.max_ttl, admit=p.admit,
