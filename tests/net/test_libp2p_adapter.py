@@ -46,6 +46,7 @@ def test_connection_stream_and_dht_reaches_on_real_hosts(tmp_path) -> None:
                 assert table.get(b_id)
                 (_, conn), *_ = [pc for pc in lp.open_connections(a.host) if pc[0] == b_id]
                 assert not lp.is_closed(conn) and not lp.is_relayed(conn)
+                assert lp.connection_counts(a.host) == {"direct": len(lp.open_connections(a.host)), "relayed": 0}
                 assert any(x.startswith("/ip4/127.0.0.1/tcp/") for x in lp.transport_addrs(conn))
                 assert lp.connection_of_stream(a.host, b_id, stream) is conn
                 assert lp.stream_peer_id(stream) == b_id

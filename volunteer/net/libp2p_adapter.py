@@ -91,6 +91,15 @@ def is_relayed(conn: INetConn) -> bool:
     return any("/p2p-circuit" in a for a in transport_addrs(conn))
 
 
+def connection_counts(host: IHost) -> dict[str, int]:
+    """How many open connections are direct and how many relayed (telling hole-punched
+    ones apart needs the NAT ledger, ``volunteer.net.nat.connections``)."""
+    counts = {"direct": 0, "relayed": 0}
+    for _, conn in open_connections(host):
+        counts["relayed" if is_relayed(conn) else "direct"] += 1
+    return counts
+
+
 def muxed_conn_of(stream_or_conn: INetStream | INetConn) -> Any:
     """The muxed (yamux) connection under a stream or a swarm connection."""
     return _reach(stream_or_conn, "muxed_conn", "the muxed connection")

@@ -1,12 +1,25 @@
 """NetworkService: the volunteer daemon's peer-network facade (trio + libp2p in a thread).
 
-    svc = NetworkService(home, "demo", manifest.network, submit=runtime.submit,
-                         zmq_endpoint="tcp://203.0.113.5:5555")
+    config = NetworkConfig.from_section(manifest.network, listen_host="0.0.0.0")
+    svc = NetworkService(home, "demo", config, submit=runtime.submit,
+                         zmq_endpoint="tcp://203.0.113.5:5555", limits=manifest.serving)
     svc.start()                         # listening, bootstrapped (or a new swarm), NAT ready
     svc.announce(uids, "serving", load) # published before it returns; heartbeats follow
     svc.set_draining()                  # re-announced as draining before it returns
     svc.shards.holders(uids)            # who holds which shard (``shard_network.py``)
     svc.stop()                          # withdraws the records (best effort), stops
+
+Configuration is typed: a frozen ``NetworkConfig`` (``volunteer.net.config``; a manifest
+``network`` section is converted with ``NetworkConfig.from_section``) and the node's one
+``ServingLimits``, which reaches the libp2p RPC server as it reaches the ZeroMQ frontend
+(message bounds, bytes in flight), so both frontends refuse the same requests.
+
+Thread ownership: the node, registry, NAT traversal, RPC server and shard network are
+created in the trio thread and owned by it. The sync facade reads them only through the
+bridge (``TrioThread.run_sync`` / ``call``): ``snapshot()``, ``multiaddrs``,
+``reachability`` and ``dht_server`` run in the loop and return plain values, and
+``announce`` / ``set_load`` hand their values to the loop. Reaches into py-libp2p
+internals go through ``volunteer.net.libp2p_adapter``.
 
 Inside the thread: ``SwarmNode`` (host with the persistent identity from
 ``<home>/identity/``, KadDHT in server or client mode (below), self-healing bootstrap),
@@ -53,17 +66,19 @@ from typing import Any
 
 import trio
 
+from volunteer.net import libp2p_adapter as lp
+from volunteer.net.config import NetworkConfig, NetworkSection, network_config
 from volunteer.net.dialing import dial
 from volunteer.net.host import default_listen_host, load_or_create_identity, peer_id_of
 from volunteer.net.nat import reachability as rb
 from volunteer.net.nat.traversal import NatTraversal
 from volunteer.net.node import NodeConfig, SwarmNode
-from volunteer.net.registry import DEFAULT_TTL, AnnounceReport, ExpertRegistry
+from volunteer.net.registry import AnnounceReport, ExpertRegistry
 from volunteer.net.rpc_server import RpcServer
 from volunteer.net.shard_network import ShardNetwork
 from volunteer.net.shard_rpc import ShardServer
 from volunteer.net.trio_thread import TrioThread
-from volunteer.wire.limits import DEFAULT_LIMITS, WireLimits
+from volunteer.runtime.limits import ServingLimits
 
 log = logging.getLogger(__name__)
 
@@ -85,40 +100,39 @@ class ListenError(OSError):
 class NetworkService:
     """Sync facade over the node's trio thread (see module docstring)."""
 
-    def __init__(self, home: Path, experiment: str, network: Any = None,
+    def __init__(self, home: Path, experiment: str, network: NetworkConfig | NetworkSection | None = None,
                  submit: Callable[[list, Callable[[list], None]], None] | None = None,
-                 zmq_endpoint: str | None = None, *, listen_host: str | None = None,
-                 ttl: float = DEFAULT_TTL, heartbeat_interval: float | None = None,
-                 limits: WireLimits = DEFAULT_LIMITS, enable_nat: bool = True,
-                 dht_mode_interval: float = 5.0, shard_server: ShardServer | None = None) -> None:
+                 zmq_endpoint: str | None = None, *, limits: ServingLimits | None = None,
+                 shard_server: ShardServer | None = None, listen_host: str | None = None,
+                 ttl: float | None = None, heartbeat_interval: float | None = None,
+                 enable_nat: bool | None = None, dht_mode_interval: float | None = None) -> None:
+        """``network``: a ``NetworkConfig`` (or a manifest ``network`` section, converted);
+        the keyword overrides (``listen_host``, ``ttl``, ...) replace its fields when given.
+        ``limits``: the node's serving limits, applied by the libp2p RPC server."""
         self.home = Path(home)
         self.experiment = experiment
-        self.network = network
+        self.config = network_config(network, listen_host=listen_host, ttl=ttl,
+                                     heartbeat_interval=heartbeat_interval, enable_nat=enable_nat,
+                                     dht_mode_interval=dht_mode_interval)
+        cfg = self.config
+        self.limits = limits if limits is not None else ServingLimits()
         self.submit = submit
         self.zmq_endpoint = zmq_endpoint
-        self.ttl = ttl
-        self.heartbeat_interval = heartbeat_interval or ttl / 3
-        self.limits = limits
-        self.enable_nat = enable_nat
-        self.dht_mode_interval = dht_mode_interval
-        host = listen_host or default_listen_host()
-        port = int(getattr(network, "listen_port", 0) or 0)
-        self.listen_host, self.listen_port = host, port
-        self.bootstrap = tuple(getattr(network, "bootstrap", ()) or ())
-        self.relays = list(getattr(network, "relays", ()) or ())
-        self.public = str(getattr(network, "public", "auto") or "auto")
+        self.listen_host = cfg.listen_host or default_listen_host()
+        self.listen_port = cfg.listen_port
         self.key_pair = load_or_create_identity(self.home / "identity")
         self._peer_id = peer_id_of(self.key_pair).to_base58()
         self.node_config = NodeConfig(
-            listen_addrs=(f"/ip4/{host}/tcp/{port}",),
-            announce_addrs=tuple(getattr(network, "announce_addrs", ()) or ()),
-            bootstrap=self.bootstrap,
+            listen_addrs=(f"/ip4/{self.listen_host}/tcp/{self.listen_port}",),
+            announce_addrs=cfg.announce_addrs,
+            bootstrap=cfg.bootstrap,
             dht_server=self._initial_dht_server(),
         )
+        # Owned by the trio thread (created there; read elsewhere only through the bridge).
         self.node: SwarmNode | None = None
         self.registry: ExpertRegistry | None = None
         self.rpc: RpcServer | None = None
-        self.nat: Any = None
+        self.nat: NatTraversal | None = None
         self.shard_server = shard_server
         self.shards: ShardNetwork | None = None
         self._thread = TrioThread(name="volunteer-net")
@@ -148,7 +162,7 @@ class NetworkService:
 
     async def _main(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self.node = SwarmNode(self.key_pair, self.node_config)
-        self.registry = ExpertRegistry(self.node.dht, self.key_pair, self.experiment, ttl=self.ttl)
+        self.registry = ExpertRegistry(self.node.dht, self.key_pair, self.experiment, ttl=self.config.ttl)
         self._announce_lock = trio.Lock()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.node.run)
@@ -156,10 +170,10 @@ class NetworkService:
                 self._listen_error = _listen_error(self.listen_host, self.listen_port)
                 raise self._listen_error
             if self.submit is not None:
-                self.rpc = RpcServer(self.node.host, self.submit, self.limits)
+                self.rpc = _rpc_server(self.node.host, self.submit, self.limits, self.config)
                 self.rpc.install()
-            if self.enable_nat:
-                self.nat = _make_nat(self.node, self.relays, self.bootstrap, self.public)
+            if self.config.enable_nat:
+                self.nat = _make_nat(self.node, self.config)
                 await nursery.start(self.nat.run)
             self.shards = ShardNetwork(self._thread, self.node.host, nursery, self.registry, self._connect,
                                        self.shard_server)
@@ -169,22 +183,26 @@ class NetworkService:
             task_status.started(self)
 
     def _initial_dht_server(self) -> bool:
-        if self.public in ("yes", "no"):
-            return self.public == "yes"
+        if self.config.public in ("yes", "no"):
+            return self.config.public == "yes"
         # auto: a new swarm (nobody to ask) or no NAT check serves at once; otherwise
         # start as a client and decide when the reachability check is done.
-        return not self.bootstrap or not self.enable_nat
+        return not self.config.bootstrap or not self.config.enable_nat
 
     def wants_dht_server(self) -> bool:
         """The mode rule (see module docstring): serve the DHT unless known private."""
-        if self.public in ("yes", "no"):
-            return self.public == "yes"
+        if self.config.public in ("yes", "no"):
+            return self.config.public == "yes"
         return self.reachability != "private"
 
     @property
     def dht_server(self) -> bool:
         """True while this node serves the DHT (answers queries, stores records)."""
-        return self.node is not None and self.node.dht_server
+        return self._thread.run_sync(self._dht_server_now)
+
+    def _dht_server_now(self) -> bool:
+        self._thread.check_owner("the DHT mode")
+        return self.node is not None and lp.dht_is_server(self.node.dht)
 
     async def _apply_dht_mode(self) -> None:
         assert self.node is not None
@@ -195,7 +213,7 @@ class NetworkService:
 
     async def _dht_mode_watch(self) -> None:
         while True:
-            await trio.sleep(self.dht_mode_interval)
+            await trio.sleep(self.config.dht_mode_interval)
             if self.wants_dht_server() != self.dht_server:
                 try:
                     await self._apply_dht_mode()
@@ -218,15 +236,25 @@ class NetworkService:
 
     @property
     def multiaddrs(self) -> list[str]:
+        """Addresses (with /p2p/<id>) that other peers dial (read in the loop)."""
+        return self._thread.run_sync(self._multiaddrs_now)
+
+    def _multiaddrs_now(self) -> list[str]:
+        self._thread.check_owner("the host's addresses")
         return self.node.multiaddrs() if self.node is not None else []
 
     @property
     def reachability(self) -> str:
-        if self.public == "yes":
+        """public / private / unknown: the manifest's ``public`` choice, else the NAT check."""
+        if self.config.public == "yes":
             return "public"
-        if self.public == "no":
+        if self.config.public == "no":
             return "private"
-        return getattr(self.nat, "reachability", "unknown") if self.nat is not None else "unknown"
+        return self._thread.run_sync(self._nat_reachability_now)
+
+    def _nat_reachability_now(self) -> str:
+        self._thread.check_owner("the NAT reachability")
+        return self.nat.reachability if self.nat is not None else "unknown"
 
     def announce(self, uids: Sequence[str], state: str = "serving", load: float = 0.0,
                  shards: Mapping[str, tuple[int, bytes]] | None = None, free: int | None = None) -> AnnounceReport:
@@ -235,14 +263,17 @@ class NetworkService:
         ``shards``: uid -> (version, root) of the shard this node hands out for it (kept
         when None); ``free``: how many more experts it would take (kept when None).
         """
-        self._uids = list(uids)
-        self._state = state
-        self._load = float(load)
+        return self._thread.call(self._announce_update, list(uids), state, float(load),
+                                 None if shards is None else dict(shards), None if free is None else int(free))
+
+    async def _announce_update(self, uids: list[str], state: str, load: float,
+                               shards: dict[str, tuple[int, bytes]] | None, free: int | None) -> AnnounceReport:
+        self._uids, self._state, self._load = uids, state, load
         if shards is not None:
-            self._shards = dict(shards)
+            self._shards = shards
         if free is not None:
-            self._free = int(free)
-        return self._thread.call(self._announce_now)
+            self._free = free
+        return await self._announce_now()
 
     async def _connect(self, peer_id: Any, addrs: list[str]) -> None:
         """Connector for shard traffic: direct, else relayed and then hole-punched."""
@@ -251,14 +282,21 @@ class NetworkService:
 
     def set_load(self, load: float) -> None:
         """Update the load carried by the next heartbeat (no network round trip)."""
-        self._load = float(load)
+        self._thread.run_sync(self._set_load_now, float(load))
+
+    def _set_load_now(self, load: float) -> None:
+        self._load = load
 
     def set_draining(self) -> AnnounceReport | None:
         """Mark every hosted expert draining and re-announce at once."""
-        self._state = "draining"
-        if not self._uids or not self._thread.running:
+        if not self._thread.running:
+            self._state = "draining"
             return None
-        return self._thread.call(self._announce_now)
+        return self._thread.call(self._drain_now)
+
+    async def _drain_now(self) -> AnnounceReport | None:
+        self._state = "draining"
+        return await self._announce_now() if self._uids else None
 
     async def _announce_now(self) -> AnnounceReport:
         assert self.registry is not None and self.node is not None and self._announce_lock
@@ -276,7 +314,7 @@ class NetworkService:
         """Addresses for the records: a private node with relay reservations gives only
         its circuit addresses (nobody outside its LAN can dial the others)."""
         assert self.node is not None
-        relay = list(getattr(self.nat, "relay_addrs", []) or [])
+        relay = list(self.nat.relay_addrs) if self.nat is not None else []
         if relay and self.reachability == "private":
             return relay[:16]
         # Loopback addresses last: useful only on this machine.
@@ -285,7 +323,7 @@ class NetworkService:
 
     async def _heartbeat(self) -> None:
         while True:
-            await trio.sleep(self.heartbeat_interval)
+            await trio.sleep(self.config.heartbeat_s)
             if self._uids:
                 try:
                     await self._announce_now()
@@ -300,7 +338,12 @@ class NetworkService:
 
     # ------------------------------------------------------------------ snapshot
     def snapshot(self) -> dict:
-        """JSON-serialisable view for the dashboard's network section."""
+        """JSON-serialisable view for the dashboard's network section (built in the loop)."""
+        return self._thread.run_sync(self._snapshot_now)
+
+    def _snapshot_now(self) -> dict:
+        """The snapshot; reads loop-owned state, so it runs in the loop (or with no loop)."""
+        self._thread.check_owner("the network snapshot")
         node = self.node
         nat_snap: dict = {}
         if self.nat is not None:
@@ -313,19 +356,19 @@ class NetworkService:
         last = self.last_announce
         return {
             "peer_id": self.peer_id,
-            "addrs": self.multiaddrs,
+            "addrs": self._multiaddrs_now(),
             "experiment": self.experiment,
             "reachability": self.reachability,
             "relay": nat_snap.get("relay"),
             "relay_addrs": nat_snap.get("relay_addrs", []),
             "peers": {k: int(peers.get(k, 0)) for k in ("direct", "relayed", "hole_punched")},
             "connected_peers": len(node.host.get_connected_peers()) if node is not None else 0,
-            "routing_table": node.dht.get_routing_table_size() if node is not None else 0,
-            "dht_mode": "server" if self.dht_server else "client",
-            "bootstrap": {"peers": len(self.bootstrap), "attempts": boot.attempts if boot else 0,
+            "routing_table": _routing_table_size(node),
+            "dht_mode": "server" if self._dht_server_now() else "client",
+            "bootstrap": {"peers": len(self.config.bootstrap), "attempts": boot.attempts if boot else 0,
                           "successes": boot.successes if boot else 0,
                           "last_error": boot.last_error if boot else None},
-            "new_swarm": not self.bootstrap,
+            "new_swarm": self.config.new_swarm,
             "records_announced": self.registry.records_announced if self.registry else 0,
             "announced_uids": len(self._uids),
             "state": self._state,
@@ -360,26 +403,33 @@ class _SwarmNat(NatTraversal):
         return super().advice()
 
 
-def _make_nat(node: SwarmNode, relays: list[str], bootstrap: Sequence[str], public: str) -> NatTraversal:
+def _make_nat(node: SwarmNode, config: NetworkConfig) -> NatTraversal:
     """NAT traversal (reachability, relays, hole punching), run as a trio service."""
-    return _SwarmNat(node.host, relays, allow_hop=public != "no", bootstrap=list(bootstrap),
-                     assume_public=public == "yes")
+    return _SwarmNat(node.host, list(config.relays), allow_hop=config.public != "no",
+                     bootstrap=list(config.bootstrap), assume_public=config.public == "yes")
+
+
+def _rpc_server(host: Any, submit: Callable[[list, Callable[[list], None]], None], limits: ServingLimits,
+                config: NetworkConfig) -> RpcServer:
+    """The libp2p expert-RPC frontend with the node's limits: the message bounds of
+    ``limits.wire()`` (as the ZeroMQ frontend decodes with), at most
+    ``limits.max_queued_bytes`` of requests held in flight, and ``config.peer_limits``."""
+    return RpcServer(host, submit, limits.wire(), max_inflight_bytes=limits.max_queued_bytes,
+                     peer_limits=config.peer_limits)  # type: ignore[arg-type]
 
 
 def _count_connections(node: SwarmNode | None) -> dict[str, int]:
-    counts = {"direct": 0, "relayed": 0, "hole_punched": 0}
-    if node is None:
-        return counts
-    for conns in node.host.get_network().connections.values():
-        for conn in conns if isinstance(conns, list) else [conns]:
-            relayed = any("/p2p-circuit" in str(a) for a in _addrs_of(conn))
-            counts["relayed" if relayed else "direct"] += 1
-    return counts
-
-
-def _addrs_of(conn: Any) -> list:
-    getter = getattr(getattr(conn, "muxed_conn", None), "get_transport_addresses", None)
+    """Direct / relayed connection counts (when NAT traversal is off: no ledger to ask)."""
     try:
-        return list(getter()) if callable(getter) else []
-    except Exception:
-        return []
+        return lp.connection_counts(node.host) if node is not None else {}
+    except lp.Libp2pInternalsError as e:  # the dashboard goes on without the counts
+        log.warning("%s", e)
+        return {}
+
+
+def _routing_table_size(node: SwarmNode | None) -> int:
+    try:
+        return lp.routing_table_size(node.dht) if node is not None else 0
+    except lp.Libp2pInternalsError as e:
+        log.warning("%s", e)
+        return 0

@@ -6,15 +6,23 @@ in the loop and returns what ``main`` passes to ``task_status.started(...)`` onc
 ready (or raises what ``main`` raised while starting). ``call(async_fn, *args)`` runs a
 coroutine in the loop from any other thread and returns its result; ``stop()`` cancels
 everything and joins the thread.
+
+State created in the loop (the libp2p host, DHT, NAT traversal, RPC server statistics) is
+owned by the loop's thread: other threads read it only through ``run_sync(fn)``, which runs
+``fn`` in the loop (directly when already there) and returns its plain result. Accessors of
+such state call ``check_owner()`` first, so a read from the wrong thread fails loudly
+instead of racing the loop.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
+
+T = TypeVar("T")
 
 
 class TrioThreadError(RuntimeError):
@@ -80,6 +88,32 @@ class TrioThread:
             return trio.from_thread.run(async_fn, *args, trio_token=self.token)
         except trio.RunFinishedError:
             raise TrioThreadError(f"{self.name}: event loop stopped") from None
+
+    def in_loop(self) -> bool:
+        """True when the calling thread is this loop's thread."""
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def check_owner(self, what: str) -> None:
+        """Raise ``TrioThreadError`` unless the caller may touch loop-owned state: it runs in
+        the loop, or the loop is not running (not started yet, or stopped: no owner left)."""
+        if self.running and not self.in_loop():
+            raise TrioThreadError(f"{self.name}: {what} is owned by the event loop thread; "
+                                  f"read it through run_sync, not from {threading.current_thread().name}")
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run the sync ``fn(*args)`` in the loop and return its result (see module docstring).
+
+        In the loop thread it is a plain call; while the loop runs, other threads block until
+        the loop has run it; before start or after stop (no loop owns the state) it runs here.
+        """
+        if self.in_loop() or not self.running:
+            return fn(*args)
+        try:
+            return trio.from_thread.run_sync(fn, *args, trio_token=self.token)
+        except (trio.RunFinishedError, TrioThreadError):
+            if self.running:
+                raise
+            return fn(*args)  # the loop ended meanwhile: nobody owns the state any more
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Schedule a sync ``fn(*args)`` in the loop without waiting (thread-safe)."""
