@@ -119,10 +119,11 @@ class ServerScores:
         self._update(peer_id, latency=elapsed, timeout=1.0)
 
     def measure(self, peer_id: str) -> ServerMeasure | None:
-        """The measurements of ``peer_id`` decayed to now (None if never measured)."""
+        """The counts of ``peer_id`` decayed to now, ``updated`` = when it was last measured
+        (None if never measured)."""
         with self._lock:
             m = self._servers.get(peer_id)
-        return None if m is None else self._decayed(m, self.clock())
+        return None if m is None else replace(self._decayed(m, self.clock()), updated=m.updated)
 
     # ------------------------------------------------------------------ scoring
     def prior(self, peer_ids: Sequence[str]) -> float:
