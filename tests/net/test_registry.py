@@ -125,3 +125,43 @@ def test_dead_peers_are_dropped_and_do_not_block(tmp_path):
             assert (await reg(c).children(["ffn.4."])) == {"ffn.4.": [2]}
 
     trio.run(main)
+
+
+@pytest.mark.timeout(90)
+def test_admission_and_withdrawal_hold_against_a_stranger(tmp_path):
+    """A and B run an admitting experiment; C is a stranger with an open DHT that writes
+    entries without a token and replays A's entry after A withdrew it."""
+    def admit(e):
+        return e.token == b"ticket"
+
+    async def main():
+        async with swarm(tmp_path, 3) as (a, b, c):
+            stats = records.RecordStats()
+            for node in (a, b):
+                dht_store.configure_dht(node.dht, records.RecordPolicy(admit=admit, stats=stats))
+            ra = ExpertRegistry(a.dht, a.key_pair, "exp", admission_token=b"ticket")
+            rb = ExpertRegistry(b.dht, b.key_pair, "exp", admission_token=b"ticket")
+            rc = reg(c)
+            assert (await ra.announce(["ffn.1"])).ok
+            assert (await rb.announce(["ffn.2"])).ok
+            assert (await rc.announce(["ffn.1", "ffn.3"])).stored["ffn."] == 1  # only its own store
+            key = records.dht_key("exp", "ffn.")
+            assert b.dht.value_store.signer_keys(c.peer_id.to_base58()) == 0
+            assert stats.get("not_admitted") >= 1
+
+            assert await rb.children(["ffn."]) == {"ffn.": [1, 2]}  # C's entry dropped, counted
+            holders = await rc.holders(["ffn.1", "ffn.3"], admit=admit)
+            assert [e.peer_id for e in holders["ffn.1"]] == [a.peer_id.to_base58()]
+            assert holders["ffn.3"] == []
+            assert {e.peer_id for e in (await rc.holders(["ffn.1"]))["ffn.1"]} == {
+                a.peer_id.to_base58(), c.peer_id.to_base58()}  # an open reader sees both
+
+            old = next(blob for blob in records.decode_value(a.dht.value_store.get(key.encode()).value)
+                       if records.verify_entry(blob).peer_id == a.peer_id.to_base58())
+            await ra.announce([])  # A withdraws
+            assert [e.peer_id for e in await rb.servers("ffn.1")] == []
+            stored = await dht_store.publish_value(c.dht, key, records.encode_value([old]))
+            assert stored == 0  # every DHT server holds A's tombstone: the replay is refused
+            assert [e.peer_id for e in await rc.servers("ffn.1", admit=admit)] == []
+
+    trio.run(main)

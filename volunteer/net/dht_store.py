@@ -105,11 +105,12 @@ class MergingValueStore(ValueStore):
         """How many keys of this store hold an entry signed by ``peer_id``."""
         return self._per_signer[peer_id]
 
-    def merge_in(self, key: bytes, value: bytes, now: float | None = None) -> bytes | None:
-        """Merge ``value`` into the stored value for ``key``; return the result (or None).
+    def merge_in(self, key: bytes, value: bytes, now: float | None = None) -> bytes:
+        """Merge ``value`` into the stored value for ``key``; return the stored result.
 
-        Raises ``StoreRefusedError`` when none of the incoming entries was taken (key full,
-        signer quota, store full, or only replays of older entries). ``now``: for tests.
+        Raises ``StoreRefusedError`` when none of the incoming entries was taken (invalid,
+        expired, not admitted, key full, signer quota, store full, or only replays of older
+        entries); its ``reason`` is the most frequent drop of this PUT. ``now``: for tests.
         """
         p, key_str = self.policy, key.decode()
         now = time.time() if now is None else now
@@ -117,23 +118,27 @@ class MergingValueStore(ValueStore):
         held = records.valid_entries([existing.value if existing is not None else None],
                                      key=key_str, now=now, max_ttl=p.max_ttl, admit=p.admit,
                                      stats=_UNCOUNTED)
+        drops = records.RecordStats()  # this PUT's drops: the reason of a refusal
         incoming = records.valid_entries([value], key=key_str, now=now, max_ttl=p.max_ttl,
-                                         admit=p.admit, stats=p.stats)
+                                         admit=p.admit, stats=drops)
 
         def may_add(entry: records.ServerEntry) -> bool:
             if self._per_signer[entry.peer_id] >= self.max_keys_per_signer:
-                p.stats.count("signer_quota")
+                drops.count("signer_quota")
                 return False
             return True
 
         merged = records.merge_entries(held, incoming, now=now, max_entries=p.max_entries,
-                                       stats=p.stats, may_add=may_add)
+                                       stats=drops, may_add=may_add)
+        counts = drops.as_dict()
+        for reason, n in counts.items():
+            p.stats.count(reason, n)
+        taken = any(merged.get(pid, (None, b""))[1] == blob for pid, (_e, blob) in incoming.items())
         if not merged:
             self.remove(key)
-            return None
-        taken = any(merged.get(pid, (None, b""))[1] == blob for pid, (_e, blob) in incoming.items())
-        if not taken and incoming:
-            raise records.StoreRefusedError("no incoming entry was stored")
+        if not taken:
+            reason = max(counts, key=counts.__getitem__) if counts else "stale"
+            raise records.StoreRefusedError("no incoming entry was stored", reason=reason)
         value_out = records.encode_value(blob for _pid, (_e, blob) in sorted(merged.items()))
         grow = len(value_out) - self._usage.get(key, (0, frozenset()))[0]
         if grow > 0 and self.bytes_stored + grow > self.max_store_bytes:
