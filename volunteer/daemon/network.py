@@ -6,8 +6,11 @@ in front of the manifest's, ``--new-swarm`` ignores the manifest's peers and sta
 swarm (the node's multiaddrs are then what other volunteers pass as ``--bootstrap``).
 Flag addresses are validated like the manifest's (a multiaddr ending in ``/p2p/<id>``).
 
-``start_network(...)`` builds and starts ``volunteer.net.service.NetworkService`` and
-announces the hosted experts (a listen that fails, e.g. a port taken, is the service's
+``start_network(...)`` builds the typed ``volunteer.net.config.NetworkConfig`` from the
+(effective) manifest section and the local ``listen_host``, starts
+``volunteer.net.service.NetworkService`` with the node's ``ServingLimits`` (the manifest's
+``serving`` section, so the libp2p RPC server applies the limits the ZeroMQ frontend does)
+and announces the hosted experts (a listen that fails, e.g. a port taken, is the service's
 ``ListenError``). Any failure becomes ``NetworkStartError`` with a one-line
 reason and the fix: the daemon then exits non-zero instead of serving half-joined (a node
 that no trainer can find is worse than a clear error; ``network_enabled=false`` serves over
@@ -24,9 +27,15 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from volunteer.daemon.settings import SettingsError
+from volunteer.manifest.schema import NetworkConfig as NetworkSection
+from volunteer.runtime.limits import ServingLimits
+
+if TYPE_CHECKING:  # the network modules (trio, libp2p) load only when the network starts
+    from volunteer.net.config import NetworkConfig
+    from volunteer.net.service import NetworkService
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +67,8 @@ def check_bootstrap_addrs(addrs: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def effective_network(network: Any, extra_bootstrap: Sequence[str] = (), new_swarm: bool = False) -> Any:
+def effective_network(network: NetworkSection, extra_bootstrap: Sequence[str] = (),
+                      new_swarm: bool = False) -> NetworkSection:
     """The manifest's network section with the ``join`` flags applied (see module docstring)."""
     if new_swarm and extra_bootstrap:
         raise SettingsError("--new-swarm starts a swarm without bootstrap peers: drop --bootstrap or --new-swarm")
@@ -71,33 +81,40 @@ def effective_network(network: Any, extra_bootstrap: Sequence[str] = (), new_swa
 
 
 def start_network(
-    home: Path, experiment: str, network: Any, submit: Callable[..., None], zmq_endpoint: str | None,
-    listen_host: str, uids: Sequence[str], load: float, timeout: float = NETWORK_START_TIMEOUT_S,
-    shard_server: Any = None,
-) -> Any:
+    home: Path, experiment: str, network: NetworkSection | NetworkConfig, submit: Callable[..., None],
+    zmq_endpoint: str | None, listen_host: str, uids: Sequence[str], load: float,
+    timeout: float = NETWORK_START_TIMEOUT_S, shard_server: Any = None, limits: ServingLimits | None = None,
+) -> NetworkService:
     """Start the ``NetworkService`` and announce ``uids``; NetworkStartError on failure.
 
+    ``network``: the manifest's (effective) ``network`` section, or a ready ``NetworkConfig``;
+    ``limits``: the node's serving limits (the manifest's ``serving`` section);
     ``shard_server`` (a ``ShardServer``) answers other volunteers' shard and adoption requests.
     """
+    from volunteer.net.config import network_config
     from volunteer.net.host import IdentityError
     from volunteer.net.service import NetworkService
 
     try:
-        service = NetworkService(home, experiment, network, submit=submit, zmq_endpoint=zmq_endpoint,
-                                 listen_host=listen_host, shard_server=shard_server)
+        config = network_config(network, listen_host=listen_host or None)
+    except ValueError as exc:
+        raise NetworkStartError(f"bad network configuration: {exc}") from None
+    try:
+        service = NetworkService(home, experiment, config, submit=submit, zmq_endpoint=zmq_endpoint,
+                                 limits=limits, shard_server=shard_server)
     except IdentityError as exc:
         raise NetworkStartError(str(exc)) from None
     try:
         service.start(timeout=timeout)
     except BaseException as exc:
         _stop_quietly(service)
-        raise NetworkStartError(_start_failure(exc, network, listen_host)) from None
+        raise NetworkStartError(_start_failure(exc, config.listen_port, service.listen_host)) from None
     try:
         report = service.announce(list(uids), "serving", load)
     except BaseException as exc:
         _stop_quietly(service)
         raise NetworkStartError(f"announcing the hosted experts in the DHT failed: {_one_line(exc)}") from None
-    if not getattr(report, "ok", True):
+    if not report.ok:
         log.warning("the first DHT announce reached no peer; heartbeats keep retrying (%s)", report)
     return service
 
@@ -125,11 +142,10 @@ def network_problem(snapshot: Mapping[str, Any] | None) -> str | None:
     return None
 
 
-def _start_failure(exc: BaseException, network: Any, listen_host: str) -> str:
+def _start_failure(exc: BaseException, port: int, listen_host: str) -> str:
     from volunteer.net.service import ListenError
 
     exc = _leaf(exc)
-    port = int(getattr(network, "listen_port", 0) or 0)
     if isinstance(exc, ListenError):  # the service names the address and the reason
         return (f"cannot listen on {exc.address} for the peer network ({exc.reason}); "
                 "pick another network.listen_port in the manifest or set listen_host")
@@ -158,7 +174,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
-def _stop_quietly(service: Any) -> None:
+def _stop_quietly(service: NetworkService) -> None:
     try:
         service.stop()
     except Exception:

@@ -21,7 +21,9 @@ Shape (all JSON; every section present, values may be null)::
     settings      the resolved local settings
     network       the network service's snapshot() (peer_id, addrs, reachability, relay,
                   peers {direct, relayed, hole_punched}, connected_peers, records_announced,
-                  bootstrap, state, ...), or null when the network is disabled
+                  bootstrap, state, rpc, ...), or null when the network is disabled; built in
+                  the network's trio thread, which owns that state (``NetworkService.snapshot``
+                  runs there through the bridge and returns plain data)
     shards        replication, capacity, free, hosted {uid: state, version, root, weights_from, reason,
                   other_replicas, replica_versions, version_spread}, dropped {uid: why}, moves,
                   downloads {uid: progress}, cache {directory, bytes, max_bytes}

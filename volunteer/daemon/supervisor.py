@@ -27,7 +27,10 @@ runtime and frontend serve, and before ``control.json`` is published, so "ready"
 updates the load that the DHT heartbeats carry. A leave calls ``set_draining()`` first (the
 records say "draining" before the runtime drains, so trainers route elsewhere at once) and
 stops the service (records withdrawn) in ``_shutdown``. The snapshot's ``network`` section is
-the service's ``snapshot()``.
+the service's ``snapshot()``, built in the network's trio thread (which owns that state) and
+handed back as plain data; the supervisor never reads the node, DHT or NAT state itself.
+The manifest's ``serving`` section (``ServingLimits``) goes to the runtime, hence to the
+ZeroMQ frontend, and to the network service's libp2p RPC server: one set of limits.
 """
 
 from __future__ import annotations
@@ -175,9 +178,11 @@ class Supervisor:
 
         assert self.shards is not None
         self.shard_server = ShardServer(self.shards.cache, adopt=self.shards.adopt)
+        # The same ServingLimits object the runtime (and its ZeroMQ frontend) enforces: the
+        # libp2p RPC server refuses exactly what the ZeroMQ frontend refuses.
         self.network = start_network(self.home.root, m.experiment.name, m.network, self.runtime.submit,
                                      self.endpoint, s.listen_host, [], self.network_load(),
-                                     shard_server=self.shard_server)
+                                     shard_server=self.shard_server, limits=self.runtime.limits)
         # Shards also travel over ZeroMQ: served from the runtime's socket, fetched from
         # publicly reachable holders over plain TCP (chunks are verified whatever the path).
         from volunteer.client.zmq_transport import ZmqTransport
