@@ -58,7 +58,7 @@ def repack(token: bytes, **changes: object) -> bytes:
 def resign(owner, obj: dict, domain: bytes = adm.TOKEN_DOMAIN) -> bytes:
     """A token whose (possibly malformed) payload carries a valid owner signature."""
     payload = msgpack.packb(obj, use_bin_type=True)
-    return msgpack.packb([payload, owner.sign(domain + payload)], use_bin_type=True)
+    return msgpack.packb([payload, owner.sign(domain + payload).signature], use_bin_type=True)
 
 
 def verify(token: object, owner, peer: str, *, experiment: str = "exp", now: float = NOW):

@@ -10,6 +10,7 @@ import os
 
 import typer
 
+from volunteer.cli.admission import admission_app
 from volunteer.cli.info import info
 from volunteer.cli.join import join
 from volunteer.cli.leave import leave
@@ -30,6 +31,7 @@ app.command()(status)
 app.command()(leave)
 app.command()(info)
 app.command()(settings)
+app.add_typer(admission_app, name="admission")
 
 
 @app.command()

@@ -8,7 +8,8 @@ signer holds no valid token (nor is listed in ``admission.peers``). An open expe
 
 - Owner key file: text, ``OWNER_KEY_HEADER`` then the 32-byte Ed25519 seed in hex; created
   0600 with ``O_EXCL`` (never world-readable, never overwritten), refused on load when
-  group/others may read it.
+  group/others may read it. Keys are PyNaCl Ed25519 keys (what libp2p's Ed25519 keys wrap),
+  so the owner's commands and the manifest checks never import libp2p.
 - Token: msgpack ``[payload, signature]``; payload is msgpack ``{"v": 1, "x": experiment,
   "id": peer id, "iat": issued (unix s), "exp": expires (unix s), "o": owner public key}``;
   the signature is the owner's Ed25519 signature over ``TOKEN_DOMAIN + payload`` (the domain
@@ -33,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
-from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from nacl.bindings import crypto_core_ed25519_is_valid_point
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
 
 from volunteer.fsutil import atomic_write_bytes
 from volunteer.manifest.admission import (
@@ -119,11 +121,11 @@ class AdmissionToken:
 # ---- owner keys -------------------------------------------------------------------------
 
 
-def create_owner_key(path: Path) -> Ed25519PrivateKey:
+def create_owner_key(path: Path) -> SigningKey:
     """Create a new owner key file at ``path`` (0600); refuse when the file already exists."""
     path = Path(path)
-    key = Ed25519PrivateKey.new()
-    text = f"{OWNER_KEY_HEADER}\n{key.to_bytes().hex()}\n".encode()
+    key = _new_signing_key()
+    text = f"{OWNER_KEY_HEADER}\n{bytes(key).hex()}\n".encode()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -140,7 +142,7 @@ def create_owner_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def load_owner_key(path: Path) -> Ed25519PrivateKey:
+def load_owner_key(path: Path) -> SigningKey:
     """Load an owner key file written by ``create_owner_key``; OwnerKeyFileError if unusable."""
     path = Path(path)
     try:
@@ -165,18 +167,26 @@ def load_owner_key(path: Path) -> Ed25519PrivateKey:
     if seed is None or len(seed) != SEED_BYTES:
         raise OwnerKeyFileError(f"{path} is not an owner key file written by "
                                 "`volunteer admission keygen`")
-    try:
-        return Ed25519PrivateKey.new(seed)
-    except ValueError:
-        raise OwnerKeyFileError(f"{path} holds an invalid Ed25519 seed") from None
+    key = SigningKey(seed)
+    if not crypto_core_ed25519_is_valid_point(bytes(key.verify_key)):
+        raise OwnerKeyFileError(f"{path} holds an invalid Ed25519 seed")
+    return key
 
 
-def owner_public_key(key: Ed25519PrivateKey) -> bytes:
+def _new_signing_key() -> SigningKey:
+    """A fresh key whose public half is a valid point (as libp2p's Ed25519 keys are made)."""
+    while True:
+        key = SigningKey.generate()
+        if crypto_core_ed25519_is_valid_point(bytes(key.verify_key)):
+            return key
+
+
+def owner_public_key(key: SigningKey) -> bytes:
     """The raw 32-byte public key of an owner key."""
-    return key.get_public_key().to_bytes()
+    return bytes(key.verify_key)
 
 
-def owner_key_text(key: Ed25519PrivateKey) -> str:
+def owner_key_text(key: SigningKey) -> str:
     """The manifest text of an owner key's public half (``ed25519:<hex>``)."""
     return format_owner_key(owner_public_key(key))
 
@@ -191,7 +201,7 @@ def _check_experiment(experiment: object) -> str:
     return experiment
 
 
-def issue_token(owner_key: Ed25519PrivateKey, experiment: str, peer_id: str, expires: float,
+def issue_token(owner_key: SigningKey, experiment: str, peer_id: str, expires: float,
                 issued_at: float | None = None) -> bytes:
     """Sign a token admitting ``peer_id`` to ``experiment`` until ``expires`` (unix seconds)."""
     _check_experiment(experiment)
@@ -205,7 +215,7 @@ def issue_token(owner_key: Ed25519PrivateKey, experiment: str, peer_id: str, exp
                              f"{MAX_VALIDITY_S // 86400} days")
     payload = msgpack.packb({"v": TOKEN_VERSION, "x": experiment, "id": peer_id, "iat": iat,
                              "exp": exp, "o": owner_public_key(owner_key)}, use_bin_type=True)
-    token = msgpack.packb([payload, owner_key.sign(TOKEN_DOMAIN + payload)], use_bin_type=True)
+    token = msgpack.packb([payload, owner_key.sign(TOKEN_DOMAIN + payload).signature], use_bin_type=True)
     assert len(token) <= MAX_TOKEN_BYTES  # bounded by the name, peer id and key lengths
     return token
 
@@ -257,8 +267,10 @@ def _parse(data: object) -> tuple[AdmissionToken, bytes, bytes]:
 
 
 def _check_signature(token: AdmissionToken, payload: bytes, signature: bytes) -> None:
-    if not Ed25519PublicKey.from_bytes(token.owner).verify(TOKEN_DOMAIN + payload, signature):
-        raise ForgedTokenError(f"bad signature on the token for peer {token.peer_id}")
+    try:
+        VerifyKey(token.owner).verify(TOKEN_DOMAIN + payload, signature)
+    except BadSignatureError:
+        raise ForgedTokenError(f"bad signature on the token for peer {token.peer_id}") from None
 
 
 def decode_token(data: object) -> AdmissionToken:
