@@ -3,18 +3,29 @@
 Arity, per-sample shapes, batch size (1..max_batch_size), the backward's gradient shape and
 finiteness (no NaN or infinity in any tensor: one request must not poison an expert for
 everybody) are validated here, before the request is queued, so a bad request is answered at
-once (``BadRequestError`` / ``NonFiniteError`` / ``TooLargeError``) and never reaches the
-compute thread.
+once (``BadRequestError`` / ``NonFiniteError`` / ``TooLargeError`` / ``GradientNormError``)
+and never reaches the compute thread.
+
+Gradient-norm bound (``ServingLimits.max_grad_norm``, the manifest's
+``serving.max_grad_norm``; off when None): a backward is refused when the L2 norm of the
+output gradient of *any one sample* exceeds the bound. Per sample rather than per request
+because the verdict must not depend on how a trainer batches: a request's total norm grows
+with the square root of its batch size, so one per-request number would either refuse honest
+large batches or let a small batch carry outsized per-sample gradients, while a sample's norm
+means the same in a batch of 1 or of 1024. The norms are computed in float64 (an fp16 or fp32
+gradient cannot overflow the check itself); the cost is one reduction over the gradient.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
+
 from volunteer.experts.backend import ExpertBackend
 from volunteer.runtime.limits import ServingLimits
 from volunteer.runtime.task_pool import ReplyFn, Task
-from volunteer.wire.errors import BadRequestError, NonFiniteError, TooLargeError
+from volunteer.wire.errors import BadRequestError, GradientNormError, NonFiniteError, TooLargeError
 from volunteer.wire.messages import Request
 
 
@@ -62,6 +73,8 @@ def validate_request(
         if t.is_floating_point() and not math.isfinite(t.sum().item()):
             what = f"input {i}" if i < n_in else "the output gradient"
             raise NonFiniteError(f"{what} of {request.op} to {request.uid} holds NaN or infinite values; refused")
+    if grads and limits.max_grad_norm is not None:
+        check_grad_norm(grads[0], rows, limits.max_grad_norm, request.uid)
     ttl = request.ttl if request.ttl is not None else limits.default_ttl_s
     return Task(
         uid=request.uid,
@@ -78,3 +91,16 @@ def validate_request(
         compression=request.compression,
         nbytes=sum(t.numel() * t.element_size() for t in request.tensors),
     )
+
+
+def check_grad_norm(grad: torch.Tensor, rows: int, bound: float, uid: str) -> None:
+    """Raise ``GradientNormError`` when any sample's output-gradient L2 norm exceeds ``bound``
+    (see module docstring for why per sample)."""
+    norms = torch.linalg.vector_norm(grad.reshape(rows, -1).to(torch.float64), dim=1)
+    worst, at = torch.max(norms, dim=0)
+    value = float(worst.item())
+    if not value <= bound:  # also catches NaN
+        raise GradientNormError(
+            f"output gradient of sample {int(at.item())} of backward to {uid} has L2 norm {value:.4g} "
+            f"> serving.max_grad_norm {bound:g}; refused (scale or clip the gradient)"
+        )

@@ -41,6 +41,13 @@ class NonFiniteError(BadRequestError):
     code = "non_finite"
 
 
+class GradientNormError(BadRequestError):
+    """A backward's output gradient exceeds the experiment's per-sample norm bound
+    (``serving.max_grad_norm``): refused before it reaches an expert."""
+
+    code = "grad_norm"
+
+
 class TooLargeError(RemoteError):
     """The request exceeds a hard limit (header bytes, tensors, elements, bytes, batch)."""
 
@@ -96,6 +103,7 @@ ERROR_CLASSES: dict[str, type[RemoteError]] = {
         UnknownExpertError,
         BadRequestError,
         NonFiniteError,
+        GradientNormError,
         TooLargeError,
         DeadlineExpiredError,
         OverloadedError,
