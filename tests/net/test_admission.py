@@ -243,6 +243,22 @@ def test_owner_policy(owner, peers):
         policy.check(peers[1], token, NOW)
 
 
+def test_policy_as_the_records_admit_filter(owner, peers):
+    from volunteer.net.records import ServerEntry
+
+    policy = adm.AdmissionPolicy(adm.owner_public_key(owner), (), "exp")
+    now = time.time()
+
+    def entry(peer: str, token: bytes | None) -> ServerEntry:
+        return ServerEntry(experiment="exp", prefix="ffn.", peer_id=peer, seq=1, expires=now + 60,
+                           children=("1",), state="serving", load=0.0, token=token)
+
+    token = token_for(owner, peers[0], issued=now)
+    assert policy.admits_entry(entry(peers[0], token))
+    assert not policy.admits_entry(entry(peers[1], token))
+    assert not policy.admits_entry(entry(peers[0], None))
+
+
 def test_listed_only_policy_ignores_tokens(owner, peers):
     policy = adm.AdmissionPolicy.from_spec(AdmissionSpec(owner=None, peers=(peers[0],)), "exp")
     assert not policy.open
@@ -272,6 +288,10 @@ def test_policy_cache_is_bounded(owner, peers, monkeypatch):
 def test_policy_rejects_bad_owner_key():
     with pytest.raises(OwnerKeyFormatError):
         adm.AdmissionPolicy("ed25519:xyz", (), "exp")
+    with pytest.raises(OwnerKeyFormatError):
+        adm.AdmissionPolicy(b"\x00" * 32, (), "exp")  # raw bytes: 32, but not a valid point
+    with pytest.raises(OwnerKeyFormatError):
+        adm.verify_token(b"x", owner=b"\x01" * 32, experiment="exp", peer_id=SHA_PEER)
     with pytest.raises(adm.AdmissionError):
         adm.AdmissionPolicy(None, (), "Not A Name")
 

@@ -237,7 +237,7 @@ def _int(obj: dict, key: str) -> int:
 
 
 def _parse(data: object) -> tuple[AdmissionToken, bytes, bytes]:
-    """Structure only (no signature check): the token, its signed payload, its signature."""
+    """Structure only (no signature or curve check): the token, its payload, its signature."""
     if not isinstance(data, bytes) or not 0 < len(data) <= MAX_TOKEN_BYTES:
         raise MalformedTokenError(f"a token must be 1 to {MAX_TOKEN_BYTES} bytes")
     outer = _unpack(data, "token")
@@ -257,9 +257,8 @@ def _parse(data: object) -> tuple[AdmissionToken, bytes, bytes]:
         raise MalformedTokenError("token experiment must be an experiment name")
     if peer_id_problem(peer_id):
         raise MalformedTokenError("token peer id must be a canonical base58 peer id")
-    if (not isinstance(owner, bytes) or len(owner) != PUBLIC_KEY_BYTES
-            or not crypto_core_ed25519_is_valid_point(owner)):
-        raise MalformedTokenError("token owner must be a valid 32-byte Ed25519 public key")
+    if not isinstance(owner, bytes) or len(owner) != PUBLIC_KEY_BYTES:
+        raise MalformedTokenError("token owner must be a 32-byte Ed25519 public key")
     iat, exp = _int(obj, "iat"), _int(obj, "exp")
     if iat > exp or exp - iat > MAX_VALIDITY_S:
         raise MalformedTokenError("token validity must be [issued, expires] within 10 years")
@@ -276,6 +275,8 @@ def _check_signature(token: AdmissionToken, payload: bytes, signature: bytes) ->
 def decode_token(data: object) -> AdmissionToken:
     """Decode a token and check it is signed by the owner key it names (not which owner)."""
     token, payload, signature = _parse(data)
+    if not crypto_core_ed25519_is_valid_point(token.owner):
+        raise MalformedTokenError("token owner must be a valid Ed25519 public key")
     _check_signature(token, payload, signature)
     return token
 
@@ -284,8 +285,10 @@ def verify_token(data: object, *, owner: bytes, experiment: str, peer_id: str,
                  now: float | None = None) -> AdmissionToken:
     """The token if it admits ``peer_id`` to ``experiment`` under ``owner`` at ``now``.
 
-    Raises the AdmissionError subclass that names the first problem.
+    Raises the AdmissionError subclass that names the first problem (and OwnerKeyFormatError
+    when ``owner`` itself is no valid key: a caller's mistake, not the peer's).
     """
+    parse_owner_key(format_owner_key(owner))
     token = _verify_signed(data, owner, experiment)
     _check_claims(token, experiment, peer_id, time.time() if now is None else now)
     return token
@@ -294,8 +297,8 @@ def verify_token(data: object, *, owner: bytes, experiment: str, peer_id: str,
 def _verify_signed(data: object, owner: bytes, experiment: str) -> AdmissionToken:
     """Structure, owner, signature and experiment: what does not depend on who or when.
 
-    The owner is compared before the signature is checked, so tokens of other owners cost
-    no signature check.
+    The owner (a valid point: the policy checked it) is compared first, so tokens of other
+    owners cost no curve or signature check.
     """
     token, payload, signature = _parse(data)
     if token.owner != owner:
@@ -353,8 +356,8 @@ class AdmissionPolicy:
                  experiment: str) -> None:
         if isinstance(owner_public_key, str):
             owner_public_key = parse_owner_key(owner_public_key)
-        if owner_public_key is not None and len(owner_public_key) != PUBLIC_KEY_BYTES:
-            raise ValueError(f"an owner public key is {PUBLIC_KEY_BYTES} bytes")
+        if owner_public_key is not None:
+            parse_owner_key(format_owner_key(owner_public_key))  # 32 bytes, a valid point
         self.owner = owner_public_key
         self.listed = frozenset(listed_peers)
         self.experiment = _check_experiment(experiment)
@@ -396,6 +399,11 @@ class AdmissionPolicy:
         except AdmissionError:
             return False
         return True
+
+    def admits_entry(self, entry: object) -> bool:
+        """``admits`` for a verified registry entry (``records.ServerEntry``: ``peer_id``,
+        ``token``), the shape of the records' ``admit`` filter."""
+        return self.admits(getattr(entry, "peer_id", None), getattr(entry, "token", None))  # type: ignore[arg-type]
 
     def explain(self, peer_id: str, token: bytes | None, now: float | None = None) -> str | None:
         """None when admitted, else one line telling this node's operator what to do."""
