@@ -58,6 +58,12 @@ class PeerLimits:
 
 
 DEFAULT_PEER_LIMITS = PeerLimits()
+"""Expert RPC (``RpcServer``): requests per peer over all its streams."""
+
+DHT_PEER_LIMITS = PeerLimits(requests_per_s=200.0, burst=1000, max_concurrent=6,
+                             idle_timeout_s=15.0, read_timeout_s=10.0, min_read_rate=64 * 1024)
+"""Kademlia (``dht_guard``): messages per peer; ``max_concurrent`` counts its open KAD
+streams (``DhtSessions`` keeps <= 3 busy + 2 idle per peer)."""
 
 
 class _PeerState:
@@ -107,11 +113,8 @@ class PeerLimiter:
         if st is None:
             self.stats.table_full += 1
             return "peers"
-        now = self._clock()
-        lim = self.limits
-        st.tokens = min(float(lim.burst), st.tokens + (now - st.stamp) * lim.requests_per_s)
-        st.stamp = now
-        if st.inflight >= lim.max_concurrent:
+        self._refill(st)
+        if st.inflight >= self.limits.max_concurrent:
             self.stats.concurrency_limited += 1
             return "concurrency"
         if st.tokens < 1.0:
@@ -122,11 +125,32 @@ class PeerLimiter:
         self.stats.admitted += 1
         return None
 
+    def take_token(self, peer: Hashable) -> bool:
+        """One more request of ``peer`` without a concurrency slot (e.g. the next message on
+        a stream it was admitted with): True when its bucket had a token."""
+        st = self._state(peer)
+        if st is None:
+            self.stats.table_full += 1
+            return False
+        self._refill(st)
+        if st.tokens < 1.0:
+            self.stats.rate_limited += 1
+            return False
+        st.tokens -= 1.0
+        self.stats.admitted += 1
+        return True
+
     def leave(self, peer: Hashable) -> None:
         """One admitted request of ``peer`` is done (its reply went out or it was dropped)."""
         st = self._peers.get(peer)
         if st is not None and st.inflight > 0:
             st.inflight -= 1
+
+    def _refill(self, st: _PeerState) -> None:
+        now = self._clock()
+        lim = self.limits
+        st.tokens = min(float(lim.burst), st.tokens + (now - st.stamp) * lim.requests_per_s)
+        st.stamp = now
 
     def _state(self, peer: Hashable) -> _PeerState | None:
         st = self._peers.get(peer)
