@@ -2,7 +2,14 @@
 
 ``volunteer join demo`` must work after a plain ``pip install``, so bare names are looked up
 in the ``volunteer.configs`` package with ``importlib.resources``. Files are read with a
-size bound and parsed with ``yaml.safe_load`` only (no arbitrary object construction).
+size bound and parsed with PyYAML's safe loader only (no arbitrary object construction).
+
+A size bound alone does not bound the document: YAML aliases let 500 bytes describe 9**12
+list items ("billion laughs"), and anything that walks or prints the result (the
+validator, ``repr`` in an error message) would run for hours. ``_BoundedSafeLoader``
+counts the nodes of the composed document with every alias expanded and refuses it past
+``MAX_YAML_NODES`` before a single Python object is built; self-referencing aliases never
+end and are refused the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +26,41 @@ from volunteer.manifest.schema import Manifest
 from volunteer.manifest.validate import validate_document
 
 MAX_MANIFEST_BYTES = 256 * 1024
+MAX_YAML_NODES = 100_000  # the shipped demo manifest has ~60
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+class _TooManyNodesError(yaml.YAMLError):
+    """The document expands (aliases included) to more than ``MAX_YAML_NODES`` nodes."""
+
+
+class _BoundedSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses documents expanding past ``MAX_YAML_NODES`` nodes."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _check_expanded_size(node)
+        return node
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count nodes as the constructor would visit them (an alias counts as its whole target)."""
+    count = 0
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise _TooManyNodesError(
+                f"the document expands to more than {MAX_YAML_NODES} values "
+                "(aliases that repeat or refer to themselves?)"
+            )
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.append(key)
+                stack.append(value)
 
 
 def shipped_manifests() -> list[str]:
@@ -72,7 +113,9 @@ def parse_manifest(data: bytes, display: str, known_kinds: Collection[str] | Non
     except UnicodeDecodeError as exc:
         raise ManifestError(display, "", f"not UTF-8 text (byte {exc.start})") from exc
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_BoundedSafeLoader)
+    except _TooManyNodesError as exc:
+        raise ManifestError(display, "", f"invalid YAML: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
