@@ -1,20 +1,25 @@
 """The DHT guard on real libp2p nodes (loopback): a flooding peer is rate-limited (its
 stream reset) while a polite peer's FIND_NODE is still answered; too many streams from one
 peer, an oversized message and an idle stream are refused without touching py-libp2p's
-handler slots for long. No timing asserts."""
+handler slots for long; lookups are bounded in rounds, time and candidates. No timing
+asserts (the lookup deadline runs on trio's mock clock)."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import trio
 import varint
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.peer.id import ID
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+from trio.testing import MockClock
 
 from tests.net.swarm_helpers import swarm, wait_for
 from volunteer.net.dht_guard import install_dht_guard
-from volunteer.net.dht_rpc import DhtSessions, find_node
+from volunteer.net.dht_rpc import DhtSessions, LookupBounds, find_node, run_lookup
 from volunteer.net.peer_limits import PeerLimits
 
 pytestmark = pytest.mark.timeout(90)
@@ -105,3 +110,36 @@ def test_streams_per_peer_size_and_idle_are_bounded(tmp_path):
             await sessions.close()
 
     trio.run(main)
+
+
+def test_lookup_is_bounded_in_rounds_time_and_candidates():
+    """Peers that always answer with new "closer" peers cannot keep a lookup going; peers
+    that never answer cannot hold it past its deadline (mock clock: no real waiting)."""
+    bounds = LookupBounds(max_rounds=4, timeout_s=5.0, max_candidates=50)
+    fresh = (ID(b"sybil-%d" % i) for i in itertools.count())
+    calls: list[ID] = []
+
+    async def sybil(peer):
+        calls.append(peer)
+        return [next(fresh) for _ in range(100)]  # more than any reply may bring
+
+    async def silent(peer):
+        calls.append(peer)
+        if peer.to_bytes().startswith(b"slow"):
+            await trio.sleep_forever()
+        return []
+
+    async def main():
+        key = b"target"
+        start = [ID(b"seed-%d" % i) for i in range(5)]
+        got = await run_lookup(key, start, sybil, count=20, alpha=3, bounds=bounds)
+        assert len(calls) <= bounds.max_rounds * 3 and len(got) <= 20
+        calls.clear()
+        t0 = trio.current_time()
+        start = [ID(b"slow-%d" % i) for i in range(3)] + [ID(b"fast-%d" % i) for i in range(3)]
+        got = await run_lookup(key, start, silent, count=20, alpha=6, bounds=bounds)
+        assert trio.current_time() - t0 <= bounds.timeout_s + 1e-6
+        assert len(calls) == 6 and sorted(p.to_bytes() for p in got) == [
+            b"fast-0", b"fast-1", b"fast-2"]
+
+    trio.run(main, clock=MockClock(autojump_threshold=0))

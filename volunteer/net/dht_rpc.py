@@ -9,11 +9,20 @@ streams at once, so idle ones must not hold its slots), allows at most
 12), and raises on every failure so callers can tell dead peers from empty answers.
 A request that fails on a reused stream (the server may have dropped it) is retried once
 on a fresh one.
+
+What a remote peer's answers can cost us is bounded here: every exchange has a deadline
+(``REQUEST_TIMEOUT``, whatever the caller does), a reply is at most ``MAX_REPLY_BYTES``
+(one registry value plus overhead), at most ``MAX_CLOSER_PEERS`` peers with
+``MAX_ADDRS_PER_PEER`` addresses each are taken from one reply, and ``run_lookup`` bounds an
+iterative lookup in rounds, total time and candidates kept (``LookupBounds``), so peers
+that keep answering with ever "closer" new peers cannot keep a lookup going.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
@@ -22,15 +31,33 @@ import varint
 from libp2p.abc import IHost, INetStream
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.records.record import make_signed_put_record
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
+from volunteer.net.records import MAX_VALUE_BYTES
+
 PER_PEER_STREAMS = 3
 MAX_IDLE_PER_PEER = 2
 IDLE_CLOSE = 1.0
-MAX_REPLY_BYTES = 4 * 1024 * 1024
+REQUEST_TIMEOUT = 10.0  # one request/reply exchange, at most
+MAX_REPLY_BYTES = MAX_VALUE_BYTES + 64 * 1024  # a registry value + closer peers and framing
 MAX_CLOSER_PEERS = 40
+MAX_ADDRS_PER_PEER = 8
+MAX_ADDR_BYTES = 256
+
+
+@dataclass(frozen=True)
+class LookupBounds:
+    """Bounds on one iterative lookup: query rounds, total seconds, candidates kept."""
+
+    max_rounds: int = 8
+    timeout_s: float = 20.0
+    max_candidates: int = 200
+
+
+DEFAULT_LOOKUP_BOUNDS = LookupBounds()
 
 
 class DhtRequestError(Exception):
@@ -77,8 +104,9 @@ class DhtSessions:
     async def _exchange(self, peer: ID, stream: INetStream, data: bytes) -> Message:
         ok = False
         try:
-            await stream.write(data)
-            raw = await read_varint_prefixed_bytes_limited(stream, MAX_REPLY_BYTES)
+            with trio.fail_after(REQUEST_TIMEOUT):
+                await stream.write(data)
+                raw = await read_varint_prefixed_bytes_limited(stream, MAX_REPLY_BYTES)
             reply = Message()
             reply.ParseFromString(raw)
             ok = True
@@ -159,7 +187,8 @@ def _closer_peers(host: IHost, reply: Message) -> list[ID]:
     for pd in reply.closerPeers[:MAX_CLOSER_PEERS]:
         try:
             pid = ID(pd.id)
-            addrs = [multiaddr.Multiaddr(a) for a in pd.addrs[:16]]
+            addrs = [multiaddr.Multiaddr(a) for a in pd.addrs[:MAX_ADDRS_PER_PEER]
+                     if len(a) <= MAX_ADDR_BYTES]
         except Exception:
             continue
         if addrs:
@@ -206,3 +235,43 @@ async def put_value(sessions: DhtSessions, peer: ID, key: bytes, value: bytes,
     except DhtRequestError:
         return False
     return reply.type == Message.MessageType.PUT_VALUE and reply.key == key
+
+
+async def run_lookup(key: bytes, start: Iterable[ID],
+                     query: Callable[[ID], Awaitable[list[ID] | None]], *, count: int,
+                     alpha: int, exclude: ID | None = None,
+                     bounds: LookupBounds = DEFAULT_LOOKUP_BOUNDS) -> list[ID]:
+    """Iterative Kademlia lookup of the ``count`` closest peers to ``key`` that answered.
+
+    ``query(peer)`` returns the peer's closer peers, or None when it did not answer (it
+    bounds its own request). Each round asks up to ``alpha`` of the closest candidates not
+    asked yet; the lookup stops when none is left, after ``bounds.max_rounds`` rounds or
+    ``bounds.timeout_s`` seconds (queries still running are cancelled; what answered so
+    far counts), and keeps only the ``bounds.max_candidates`` closest candidates.
+    """
+    candidates: set[ID] = set(start)
+    candidates.discard(exclude)  # type: ignore[arg-type]
+    queried: set[ID] = set()
+    answered: set[ID] = set()
+
+    async def ask(peer: ID) -> None:
+        got = await query(peer)
+        if got is None:
+            return
+        answered.add(peer)
+        candidates.update(p for p in got[:MAX_CLOSER_PEERS] if p != exclude)
+
+    with trio.move_on_after(bounds.timeout_s):
+        for _round in range(bounds.max_rounds):
+            best = sort_peer_ids_by_distance(key, list(candidates - (queried - answered)))
+            todo = [p for p in best[:count] if p not in queried][:alpha]
+            if not todo:
+                break
+            queried.update(todo)
+            async with trio.open_nursery() as nursery:
+                for peer in todo:
+                    nursery.start_soon(ask, peer)
+            if len(candidates) > bounds.max_candidates:
+                keep = sort_peer_ids_by_distance(key, list(candidates))[:bounds.max_candidates]
+                candidates.intersection_update(set(keep) | answered)
+    return sort_peer_ids_by_distance(key, list(answered))[:count]
