@@ -47,8 +47,8 @@ def test_heartbeats_keep_short_lived_records_and_stop_withdraws(tmp_path):
         assert a.announce(["moe.0"], "serving", 0.3).ok
         assert b.announce(["moe.1"], "serving", 0.1).ok
         client = ClientNode("exp", a.multiaddrs + b.multiaddrs, listen_addrs=LOOPBACK).start()
-        start = a.heartbeats
-        poll(lambda: a.heartbeats >= start + 4)  # well past a's 1.5 s ttl
+        start = a.snapshot()["heartbeats"]  # loop-owned: read through the bridge
+        poll(lambda: a.snapshot()["heartbeats"] >= start + 4)  # well past a's 1.5 s ttl
         assert client.children(["moe."]) == {"moe.": [0, 1]}
         assert {e.load for e in client.servers("moe.0")} == {0.3}
         b.stop()  # withdraws its records: gone long before their 60 s expiry
