@@ -179,3 +179,22 @@ def test_large_requests_are_submitted_off_the_event_loop(tmp_path):
             assert small < large and t_small == loop_thread and t_large != loop_thread
 
     trio.run(main)
+
+
+def test_large_replies_arrive_intact_frame_by_frame(tmp_path):
+    payload = bytes(range(256)) * (4 << 12)  # 4 MiB, written as prefix + separate frames
+
+    def mirror(frames: list, reply) -> None:
+        reply([b"head", memoryview(frames[1]), b"tail"])
+
+    async def main():
+        async with swarm(tmp_path, 2) as (a, b):
+            RpcServer(a.host, mirror, LIMITS, protocol=PROTO).install()
+            s = await b.host.new_stream(a.peer_id, [PROTO])
+            r = BufferedStreamReader(s)
+            await s.write(encode_message(5, [b"h", payload]))
+            assert await read_call_id(r) == 5
+            big = WireLimits(max_header_bytes=1024, max_tensors=4, max_bytes=32 << 20)
+            assert await read_body(r, big) == [b"head", payload, b"tail"]
+
+    trio.run(main)

@@ -195,10 +195,15 @@ class RpcServer:
                     ticket = _Ticket(self, flow)
                     if not await self._next_message(reader, ticket, peer, token, deliver):
                         break
-            except (StreamClosedError, trio.TooSlowError) as e:
-                if isinstance(e, trio.TooSlowError):
-                    self.stats.timeouts += 1
-                    flow.reset = True
+            except StreamClosedError:
+                ticket.release()
+            except trio.TooSlowError:  # a read deadline passed: the stream is out of sync
+                self.stats.timeouts += 1
+                flow.reset = True
+                ticket.release()
+            except Exception as e:  # a bug here must not lose the replies in flight
+                log.warning("expert-rpc reader failed: %r", e)
+                flow.reset = True
                 ticket.release()
             # The peer stopped sending (or broke framing): flush what is in flight.
             flow.reader_done = True
