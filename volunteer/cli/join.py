@@ -121,6 +121,9 @@ def _join(experiment: str, home: Optional[Path], set_: list[str], bootstrap: lis
 
 def _build_supervisor(node: Any, manifest: Any, settings: Any, live: Any) -> Any:
     """Check what needs torch (expert kind/options, device), then build the supervisor."""
+    from volunteer.daemon.footprint import keep_dynamo_unloaded
+
+    log.debug("footprint: %d torch.optim wrappers kept from importing torch._dynamo", keep_dynamo_unloaded())
     from volunteer.daemon.hardware import choose_device, configure_device, detect_hardware
     from volunteer.daemon.supervisor import Supervisor
     from volunteer.experts.registry import available_experts, build_expert
