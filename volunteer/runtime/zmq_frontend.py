@@ -25,13 +25,14 @@ Memory, and what bounds it (``L`` = the runtime's ``ServingLimits``):
   allocates a frame's buffer when its size is announced but pages are committed as bytes
   arrive, so what a connection holds is what it actually sent and is not yet read, at most
   ``(PEER_HWM + 1) x message`` while the loop is busy computing a batch.
-- **Not bounded here**: libzmq has no limit on the number of connections nor on the number
-  of parts of one multipart message (it delivers a message only once all parts arrived);
-  the wire decoder refuses more than ``max_tensors + 1`` frames, but only after libzmq
-  buffered them. A public node therefore relies on the kernel (one TCP receive window per
-  connection) for peers that never finish a message; bounding that fully needs the
-  project's own ZMTP reader (``volunteer.wire.zmtp``) on the server side, which can refuse
-  a message at its first frame header.
+- **Not bounded here (a known hole)**: libzmq has no limit on the number of connections
+  nor on the number of parts of one multipart message, and it keeps reading the parts of a
+  message that is not finished yet (it hands a message over only once all parts arrived;
+  the wire decoder's ``max_tensors + 1`` frames check comes after that). Measured with
+  libzmq 4.3.5: one connection sending 300 parts of 1 MiB without ever ending the message
+  grew the server by 300 MiB while nothing was readable. Closing it needs the project's own
+  ZMTP reader (``volunteer.wire.zmtp``) on the server side, which can refuse a message at
+  the frame header that breaks a bound.
 """
 
 from __future__ import annotations
