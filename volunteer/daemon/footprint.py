@@ -1,23 +1,25 @@
 """Keep a daemon's resident memory close to what torch itself needs.
 
-Measured on this project's CPU build of torch 2.13 (Python 3.11, 2 cores): ``import torch``
-alone holds ~143 MiB of private memory (USS); a serving demo daemon held ~275 MiB. Most of
-the difference was not the node's work but imports and per-thread allocator state:
+Measured (torch 2.13 CPU, Python 3.11, 2 cores; USS = memory private to the process):
+``import torch`` alone holds ~143 MiB; a serving demo daemon held ~270 MiB. Beyond torch:
 
 - **torch._dynamo** (the ``torch.compile`` front end, with sympy and mpmath: ~800 modules,
-  ~68 MiB USS, 3-7 s of start-up CPU) is imported by every ``torch.optim`` optimizer the
-  first time it is built or stepped, although a daemon never compiles anything: the
-  optimizer methods are wrapped so that *if* dynamo traced them it would skip them
-  (``torch._disable_dynamo``) or break the graph around them (``_use_grad_for_differentiable``
-  calls ``torch._dynamo.graph_break()``, a no-op in eager mode). :func:`keep_dynamo_unloaded`
-  gives those wrappers their eager meaning without importing dynamo.
-- **glibc malloc arenas**: every thread that allocates gets its own arena, and the daemon
-  runs ~8 threads (trio, ZeroMQ, runtime, checkpointer, control server...).
-  :func:`daemon_environment` caps them with ``MALLOC_ARENA_MAX`` (read by glibc at process
-  start, so it is set for the daemon by ``volunteer join`` re-executing itself).
+  ~70 MiB USS, 3-7 s of start-up CPU) was imported by the first ``torch.optim`` optimizer
+  built or stepped, although a daemon never compiles anything: the optimizer methods are
+  wrapped so that *if* dynamo traced them it would skip them (``torch._disable_dynamo``) or
+  break the graph around them (``_use_grad_for_differentiable`` calls
+  ``torch._dynamo.graph_break()``, a no-op in eager mode). :func:`keep_dynamo_unloaded`
+  gives those wrappers their eager meaning without importing dynamo: 270 -> ~197 MiB.
+- **libp2p** imports ~1000 modules (requests, httpx, zeroconf, aioquic, prometheus_client,
+  dnspython, pycryptodome... for transports and services a node does not use): ~38 MiB,
+  not avoidable from here.
+- the CLI libraries (typer, rich, pydantic) ~5 MiB; the runtime, network state and threads
+  ~6-10 MiB. Not worth it, measured: ``MALLOC_ARENA_MAX=2`` (0 MiB: the node's threads
+  mostly wait), ``OMP_NUM_THREADS=1`` (0 MiB), ``malloc_trim`` after start (~1 MiB), and
+  freeing the self-benchmark (its tensors are already freed: 0 MiB).
 
 :func:`measure` reads a process's RSS, USS and PSS (``/proc/<pid>/smaps`` through psutil);
-``scripts/bench_scale.py`` and the tests use it.
+``scripts/bench_scale.py`` reports them per daemon.
 
 Nothing here changes what a node computes; every patch checks that torch's code is the
 shape it expects and otherwise leaves torch alone (the daemon then just uses more memory).
@@ -27,43 +29,10 @@ from __future__ import annotations
 
 import functools
 import gc
-import logging
-import os
 import sys
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
-
-log = logging.getLogger("volunteer.daemon.footprint")
-
-# glibc reads this at process start only: two arenas are plenty for a node whose threads
-# mostly wait on sockets (the default is 8 per core).
-ARENA_ENV = {"MALLOC_ARENA_MAX": "2"}
-REEXEC_MARK = "VOLUNTEER_FOOTPRINT_SET"
-
-
-def daemon_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables to add to ``environ`` before the daemon process starts (never overriding
-    what the user set); empty when nothing is missing."""
-    return {k: v for k, v in ARENA_ENV.items() if k not in environ}
-
-
-def reexec_with_daemon_environment(argv: list[str]) -> None:
-    """Re-execute this process once with :func:`daemon_environment` added, if anything is
-    missing (the allocator reads it only at start-up). Returns when nothing is to do, when
-    already re-executed, or when the exec fails (the daemon then runs as it is)."""
-    if os.environ.get(REEXEC_MARK):
-        return
-    missing = daemon_environment(os.environ)
-    if not missing:
-        return
-    env = {**os.environ, **missing, REEXEC_MARK: "1"}
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, *argv], env)
-    except OSError as exc:  # e.g. a frozen or unusual interpreter: not worth failing the join
-        log.debug("cannot re-execute with %s: %s", missing, exc)
 
 
 def keep_dynamo_unloaded() -> int:
