@@ -36,6 +36,7 @@ from volunteer.runtime.limits import ServingLimits
 if TYPE_CHECKING:  # the network modules (trio, libp2p) load only when the network starts
     from volunteer.net.config import NetworkConfig
     from volunteer.net.service import NetworkService
+    from volunteer.net.shard_rpc import ShardServer
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ def effective_network(network: NetworkSection, extra_bootstrap: Sequence[str] = 
 def start_network(
     home: Path, experiment: str, network: NetworkSection | NetworkConfig, submit: Callable[..., None],
     zmq_endpoint: str | None, listen_host: str, uids: Sequence[str], load: float,
-    timeout: float = NETWORK_START_TIMEOUT_S, shard_server: Any = None, limits: ServingLimits | None = None,
+    timeout: float = NETWORK_START_TIMEOUT_S, shard_server: ShardServer | None = None,
+    limits: ServingLimits | None = None,
 ) -> NetworkService:
     """Start the ``NetworkService`` and announce ``uids``; NetworkStartError on failure.
 

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from libp2p.abc import IHost
 
 from volunteer.net import libp2p_adapter as lp
 from volunteer.net.config import NetworkConfig, NetworkSection, network_config
@@ -409,7 +410,7 @@ def _make_nat(node: SwarmNode, config: NetworkConfig) -> NatTraversal:
                      bootstrap=list(config.bootstrap), assume_public=config.public == "yes")
 
 
-def _rpc_server(host: Any, submit: Callable[[list, Callable[[list], None]], None], limits: ServingLimits,
+def _rpc_server(host: IHost, submit: Callable[[list, Callable[[list], None]], None], limits: ServingLimits,
                 config: NetworkConfig) -> RpcServer:
     """The libp2p expert-RPC frontend with the node's limits: the message bounds of
     ``limits.wire()`` (as the ZeroMQ frontend decodes with), at most
