@@ -163,6 +163,8 @@ def test_snapshot_reads_loop_owned_state_only_in_the_loop_thread(tmp_path):
         assert len(seen) == 4 and all(t is loop_thread for t in seen), seen
         assert svc.multiaddrs and svc.reachability in ("public", "private", "unknown")
         assert svc.dht_server is True  # a new swarm serves the DHT at once
+        svc.set_load(0.75)  # handed to the loop without waiting; the next read sees it there
+        assert svc._thread.run_sync(lambda: svc._load) == 0.75
         # The accessors refuse to run outside the loop while it runs.
         for accessor in (svc._snapshot_now, svc._multiaddrs_now, svc._nat_reachability_now, svc._dht_server_now):
             with pytest.raises(TrioThreadError, match="owned by the event loop thread"):

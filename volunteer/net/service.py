@@ -78,7 +78,7 @@ from volunteer.net.registry import AnnounceReport, ExpertRegistry
 from volunteer.net.rpc_server import RpcServer
 from volunteer.net.shard_network import ShardNetwork
 from volunteer.net.shard_rpc import ShardServer
-from volunteer.net.trio_thread import TrioThread
+from volunteer.net.trio_thread import TrioThread, TrioThreadError
 from volunteer.runtime.limits import ServingLimits
 
 log = logging.getLogger(__name__)
@@ -282,8 +282,14 @@ class NetworkService:
                    timeout=20.0, upgrade_timeout=5.0)
 
     def set_load(self, load: float) -> None:
-        """Update the load carried by the next heartbeat (no network round trip)."""
-        self._thread.run_sync(self._set_load_now, float(load))
+        """Update the load carried by the next heartbeat (handed to the loop, never waits)."""
+        if self._thread.running and not self._thread.in_loop():
+            try:
+                self._thread.call_soon(self._set_load_now, float(load))
+                return
+            except TrioThreadError:
+                pass  # the loop stopped meanwhile: no owner left
+        self._load = float(load)
 
     def _set_load_now(self, load: float) -> None:
         self._load = load
