@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.netlab.conftest import skip_unless_lab
+from tests.netlab.conntrack import tcp_flows, with_peer
 from tests.netlab.daemons import spawn_daemon, wait_joined
 from tests.netlab.lab import LabProcess, NatLab
 from volunteer.daemon.control_client import call
@@ -99,33 +100,6 @@ def enable_conntrack_bytes(lab: NatLab) -> None:
     for router in lab.routers:
         subprocess.run(["ip", "netns", "exec", router.ns, "sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1"],
                        check=True, capture_output=True, timeout=20)
-
-
-def tcp_flows(table: str) -> list[dict]:
-    """TCP flows of a conntrack table: state, original src/dst/ports, bytes both ways."""
-    flows = []
-    for line in table.splitlines():
-        parts = line.split()
-        if "tcp" not in parts:
-            continue
-        kv: dict[str, list[str]] = {}
-        for p in parts:
-            if "=" in p:
-                k, v = p.split("=", 1)
-                kv.setdefault(k, []).append(v)
-        if "src" not in kv:
-            continue
-        state = parts[parts.index("tcp") + 3] if len(parts) > parts.index("tcp") + 3 else ""
-        flows.append({"state": state, "src": kv["src"][0], "dst": kv["dst"][0],
-                      "sport": int(kv["sport"][0]), "dport": int(kv["dport"][0]),
-                      "reply_src": kv["src"][-1], "reply_sport": int(kv["sport"][-1]),
-                      "bytes": sum(int(b) for b in kv.get("bytes", []))})
-    return flows
-
-
-def with_peer(flows: list[dict], ip: str) -> list[dict]:
-    """Flows whose far end (as seen from the LAN) is ``ip``."""
-    return [f for f in flows if ip in (f["dst"], f["reply_src"])]
 
 
 def test_natted_newcomers_download_a_shard_relayed_and_hole_punched() -> None:
