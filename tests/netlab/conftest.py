@@ -1,13 +1,18 @@
 """Fixtures for the NAT lab: a lab with a relay, a public peer and three NATed peers.
 
 The ``swarm`` fixture (module scope) builds one lab and starts the nodes in parallel;
-its finalizer tears the lab down (processes, namespaces) even when a test fails.
+its finalizer tears the lab down (processes, namespaces) even when a test fails. A run
+ended by SIGTERM (a CI timeout, a script's ``kill``) tears its labs down too: the signal
+is turned into KeyboardInterrupt, so the finalizers and ``with NatLab()`` exits still run.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import FrameType
 
 import pytest
 
@@ -44,6 +49,16 @@ class Swarm:
     @property
     def relay_addr(self) -> str:
         return self.relay.ready["addrs"][0]
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def skip_unless_lab() -> None:

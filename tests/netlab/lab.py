@@ -18,6 +18,9 @@ their veths and iptables rules with them); it runs from ``__exit__``, from an ``
 hook and from the pytest fixture finalizer, and is idempotent. A lab killed before it
 could tear down (SIGKILL) is reaped by the next lab built (``reap_stale_labs``).
 
+With ``$NATLAB_LOGS`` set to a directory, every program's stdout and stderr lines are kept
+there, one file per program (``<lab tag>-<name>.log``), to read after a failure.
+
 ``NatLab.unavailable_reason()`` says why the lab cannot run here (not root, ``ip`` or
 ``iptables`` missing or not working in a namespace); tests skip with that reason.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import json
 import os
 import queue
@@ -88,6 +92,7 @@ def unavailable_reason() -> str | None:
 
 
 _TAG = re.compile(r"^vl(\d+)x\d+-")
+_LAB_NUMBERS = itertools.count(int(time.time()) % 100000)
 
 
 def reap_stale_labs() -> list[str]:
@@ -132,9 +137,10 @@ class LabRouter:
 class LabProcess:
     """A process running inside a namespace whose stdout lines are parsed as JSON events."""
 
-    def __init__(self, name: str, popen: subprocess.Popen) -> None:
+    def __init__(self, name: str, popen: subprocess.Popen, log_path: Path | None = None) -> None:
         self.name = name
         self.popen = popen
+        self._log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115
         self.events: queue.Queue[dict] = queue.Queue()
         self.history: list[dict] = []
         self.stderr_tail: list[str] = []
@@ -148,6 +154,7 @@ class LabProcess:
     def _pump_stdout(self) -> None:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
+            self._keep("out", line)
             line = line.strip()
             if not line.startswith("{"):
                 continue
@@ -161,8 +168,16 @@ class LabProcess:
     def _pump_stderr(self) -> None:
         assert self.popen.stderr is not None
         for line in self.popen.stderr:
+            self._keep("err", line)
             self.stderr_tail.append(line.rstrip())
             del self.stderr_tail[:-400]
+
+    def _keep(self, stream: str, line: str) -> None:
+        """Append one output line to the process's log file ($NATLAB_LOGS), if any."""
+        log = self._log
+        if log is not None:
+            with contextlib.suppress(Exception):
+                log.write(f"{time.strftime('%H:%M:%S')} {stream} {line.rstrip()}\n")
 
     def wait_for(
         self, event: str, timeout: float, where: Callable[[dict], bool] | None = None
@@ -185,8 +200,12 @@ class LabProcess:
             try:
                 got = self.events.get(timeout=min(remaining, 0.2))
             except queue.Empty:
-                if self.popen.poll() is not None and self.events.empty():
-                    raise TimeoutError(self._why(f"exited ({self.popen.returncode}) before {event!r}")) from None
+                if self.popen.poll() is not None:
+                    # Exited: its last lines may still be in the pipe; read them all first.
+                    self._threads[0].join(timeout=5.0)
+                    if self.events.empty():
+                        raise TimeoutError(self._why(
+                            f"exited ({self.popen.returncode}) before {event!r}")) from None
                 continue
             if got.get("event") in ("error", "failed") and event != got.get("event"):
                 raise RuntimeError(self._why(f"reported error: {got}"))
@@ -212,7 +231,7 @@ class LabProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(timeout=timeout)
-        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr, self._log):
             if stream is not None:
                 with contextlib.suppress(Exception):
                     stream.close()
@@ -228,7 +247,7 @@ class NatLab:
                  netem: str | None = None) -> None:
         if not 1 <= n_lans <= 20 or not 1 <= hosts_per_lan <= 50 or not 0 <= n_public <= 9:
             raise ValueError("lab size out of range")
-        self.tag = f"vl{os.getpid()}x{int(time.time() * 1000) % 100000}"
+        self.tag = f"vl{os.getpid()}x{next(_LAB_NUMBERS)}"  # unique among this process's labs
         self.n_lans, self.hosts_per_lan, self.n_public = n_lans, hosts_per_lan, n_public
         self.netem = netem
         self.iptables = ""
@@ -356,7 +375,11 @@ class NatLab:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, cwd=str(REPO_ROOT), env=full_env, start_new_session=True,
         )
-        proc = LabProcess(name or host.name, popen)
+        logs = os.environ.get("NATLAB_LOGS")
+        log_path = Path(logs) / f"{self.tag}-{name or host.name}.log" if logs else None
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+        proc = LabProcess(name or host.name, popen, log_path)
         with self._lock:
             self._processes.append(proc)
         return proc
