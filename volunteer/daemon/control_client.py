@@ -70,9 +70,13 @@ def call(home: Path, op: str, wait_s: float = 10.0, **args: Any) -> Any:
             raise ControlError("protocol", str(exc)) from None
     except TimeoutError:
         raise ControlError("timeout", f"the daemon did not answer {op!r} within {wait_s:g}s") from None
+    except OSError as exc:  # the daemon closed or reset the connection mid-request
+        raise ControlError("connection", f"lost the connection to the daemon: {exc}") from None
     finally:
         sock.close()
     if reply.get("ok") is True:
         return reply.get("result")
+    if reply.get("ok") is not False:
+        raise ControlError("protocol", "malformed reply (no ok field)")
     err = reply.get("error") if isinstance(reply.get("error"), dict) else {}
     raise ControlError(str(err.get("code", "unknown")), str(err.get("message", "malformed error reply")))

@@ -5,9 +5,12 @@ can neither list nor connect to it. Unix socket paths are limited to ~107 bytes;
 home is deeper than that the socket goes into a private ``mkdtemp`` directory instead, and
 the address clients must use is what ``control.json`` says (written atomically once ready).
 
-Each connection is served by its own short-lived thread (bounded count, socket timeouts),
-one request per connection. Handlers receive the request dict and return a JSON-serialisable
-result or raise ``ControlRequestError``; anything else becomes an "internal" error reply.
+Each connection is served by its own short-lived thread (bounded count), one request per
+connection, read within ``READ_TIMEOUT_S`` in total (not per byte: a client trickling bytes
+cannot hold a slot longer). Handlers receive the request dict and return a JSON-serialisable
+result or raise ``ControlRequestError``; anything else, a result that is not JSON included,
+becomes an "internal" error reply. Garbage gets a "bad_request" reply; an accept() failure
+(e.g. out of file descriptors) is logged and retried, never ends the accept loop.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 MAX_SOCKET_PATH = 100
 MAX_CONNECTIONS = 16
 READ_TIMEOUT_S = 5.0
+ACCEPT_RETRY_S = 0.05  # pause after a failed accept() (EMFILE would otherwise spin)
 
 Handler = Callable[[dict[str, Any]], Any]
 
@@ -85,10 +90,12 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                if self._stopping.is_set():
+            except OSError as exc:
+                if self._stopping.is_set() or self._sock is None:
                     return
-                raise
+                log.warning("control socket accept failed: %s", exc)
+                time.sleep(ACCEPT_RETRY_S)
+                continue
             if not self._slots.acquire(blocking=False):
                 self._reply_and_close(conn, _error("busy", "too many concurrent control connections"))
                 continue
@@ -99,9 +106,8 @@ class ControlServer:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            conn.settimeout(READ_TIMEOUT_S)
             try:
-                request = recv_message(conn, MAX_REQUEST_BYTES)
+                request = recv_message(conn, MAX_REQUEST_BYTES, time.monotonic() + READ_TIMEOUT_S)
             except (ProtocolError, OSError) as exc:
                 self._reply_and_close(conn, _error("bad_request", str(exc)))
                 return
@@ -128,7 +134,12 @@ class ControlServer:
     def _reply_and_close(conn: socket.socket, reply: dict[str, Any]) -> None:
         try:
             conn.settimeout(READ_TIMEOUT_S)
-            send_message(conn, reply)
+            try:
+                send_message(conn, reply)
+            except (TypeError, ValueError) as exc:  # not JSON: nothing was sent yet
+                log.warning("control reply is not JSON-serialisable: %s", exc)
+                send_message(conn, _error("internal", f"reply not serialisable: {exc}"[:300]))
+            _discard_unread(conn)
         except (OSError, TypeError, ValueError) as exc:
             log.debug("control reply not delivered: %s", exc)
         finally:
@@ -155,6 +166,19 @@ class ControlServer:
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)
             self._private_dir = None
+
+
+def _discard_unread(conn: socket.socket) -> None:
+    """Read (and drop) what a client sent beyond its request, without waiting: closing a
+    Unix socket with unread bytes resets the connection, and the client would lose the
+    reply it has not read yet (a "bad_request" answer to garbage, typically)."""
+    conn.setblocking(False)
+    for _ in range(MAX_REQUEST_BYTES // 65536 + 1):
+        try:
+            if not conn.recv(65536):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
