@@ -65,5 +65,7 @@ CASES: list[tuple[str, str, str, str]] = [
     ("rebalance-zero", mutate("shards", {"rebalance_interval_s": 0}), "shards.rebalance_interval_s",
      "a number in [1, 86400]"),
     ("shards-typo", mutate("shards", {"replicas": 2}), "shards.replicas", "unknown key"),
+    ("admission-bad-owner", mutate("admission", {"owner": "rsa:abc"}), "admission.owner", "ed25519:"),
+    ("admission-bad-peer", mutate("admission", {"peers": ["not-a-peer"]}), "admission.peers[0]", "peer id"),
 ]
 VALID_BOOTSTRAP = f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.manifest.broken_cases import CASES, VALID, VALID_BOOTSTRAP, mutate
+from tests.manifest.broken_cases import CASES, PEER, VALID, VALID_BOOTSTRAP, mutate
 from volunteer.manifest import ManifestError, load_manifest, shipped_manifests
 from volunteer.manifest.loader import MAX_MANIFEST_BYTES
 
@@ -35,6 +35,23 @@ def test_valid_manifest_with_network(tmp_path: Path) -> None:
     assert m.network.listen_port == 4001
     assert m.network.public == "no"
     assert list(m.grid.uids()) == ["test.ffn.0.0", "test.ffn.0.1", "test.ffn.1.0", "test.ffn.1.1"]
+
+
+def test_admission_section_is_parsed_and_absent_means_open(tmp_path: Path) -> None:
+    from volunteer.manifest.admission import format_owner_key
+
+    assert load_manifest(str(write(tmp_path, yaml.safe_dump(VALID)))).admission.open
+    owner = format_owner_key(_owner_public_key())
+    doc = dict(VALID, admission={"owner": owner, "peers": [PEER]})
+    m = load_manifest(str(write(tmp_path, yaml.safe_dump(doc))))
+    assert m.admission.owner == owner and m.admission.peers == (PEER,)
+    assert not m.admission.open
+
+
+def _owner_public_key() -> bytes:
+    from nacl.signing import SigningKey
+
+    return bytes(SigningKey(bytes(32)).verify_key)
 
 
 def test_yaml_boolean_yes_is_accepted_for_public(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from volunteer.manifest.admission import OPEN, AdmissionSpec
 from volunteer.runtime.limits import ServingLimits
 
 PUBLIC_CHOICES = ("auto", "yes", "no")
@@ -111,6 +112,7 @@ class Manifest:
     network: NetworkConfig
     source: str = ""
     shards: ShardConfig = ShardConfig()
+    admission: AdmissionSpec = OPEN
 
     def fingerprint(self) -> str:
         """Hash of everything a checkpoint's tensors depend on.

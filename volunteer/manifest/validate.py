@@ -14,6 +14,7 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from volunteer.manifest.admission import parse_admission
 from volunteer.manifest.errors import ManifestError, describe
 from volunteer.manifest.schema import (
     PUBLIC_CHOICES,
@@ -151,7 +152,8 @@ def _serving(sv: _Section) -> ServingLimits:
 
 def validate_document(doc: Any, file: str, known_kinds: Collection[str] | None = None) -> Manifest:
     """Turn a parsed YAML document into a ``Manifest`` or raise ``ManifestError``."""
-    top = _Section(doc, "", file, ("experiment", "expert", "grid", "optimizer", "serving", "network", "shards"))
+    top = _Section(doc, "", file, ("experiment", "expert", "grid", "optimizer", "serving", "network", "shards",
+                                   "admission"))
 
     exp = top.section("experiment", ("name", "version", "description", "seed"))
     description = exp.data.get("description", "")
@@ -235,4 +237,6 @@ def validate_document(doc: Any, file: str, known_kinds: Collection[str] | None =
         snapshot_interval_s=sh.number("snapshot_interval_s", ds.snapshot_interval_s, 1.0, 86400.0),
         chunk_bytes=sh.integer("chunk_bytes", ds.chunk_bytes, 1 << 16, 1 << 26),
     )
-    return Manifest(experiment, expert, grid, optimizer, serving, network, source=file, shards=shards)
+    admission = parse_admission(doc.get("admission"), file)
+    return Manifest(experiment, expert, grid, optimizer, serving, network, source=file, shards=shards,
+                    admission=admission)
