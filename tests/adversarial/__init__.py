@@ -1,0 +1,1 @@
+"""Adversarial peers against a real daemon: a garbage peer on every protocol it serves."""
