@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -154,6 +155,13 @@ def start_swarm(cfg: dict[str, Any], lab: Any, tmp: Path, start_trainers: Any) -
     return vols
 
 
+def terminate_all(vols: list[Volunteer], timeout: float) -> dict[str, int | None]:
+    """SIGTERM every volunteer at once (each checkpoints on the way out), then wait."""
+    for v in vols:
+        v.leave()
+    return {v.name: v.terminate(timeout) for v in vols}
+
+
 def free_port() -> int:
     import socket
 
@@ -205,7 +213,7 @@ def run(cfg: dict[str, Any], tmp: Path, loopback: bool, quiet: bool) -> dict[str
             step_bound = 2 * LOOKUP_TIMEOUT_S + 3 * cfg["timeout"] + SLACK_S
             summaries = {t.name: t.stop(step_bound + 30) for t in trainers}
             finals = {v.name: v.status(wait_s=5) for v in vols}
-            exits = {v.name: v.terminate(30) for v in vols}
+            exits = terminate_all(vols, 30)
             scans = {v.name: scan_checkpoints(v.home) for v in vols}
         finally:
             for t in trainers:
@@ -225,7 +233,7 @@ def run(cfg: dict[str, Any], tmp: Path, loopback: bool, quiet: bool) -> dict[str
                          "updates_applied": sum(int(e.get("updates_applied") or 0)
                                                 for e in ((finals[name] or {}).get("experts") or {}).values()),
                          "errors": ((finals[name] or {}).get("totals") or {}).get("errors")} for name in finals}
-    return {"lab": lab.kind, "faults": sched.report(), "trainers": per_trainer, "volunteers": volunteers,
+    return {"lab": lab.kind, "loadavg": [round(x, 1) for x in os.getloadavg()], "faults": sched.report(), "trainers": per_trainer, "volunteers": volunteers,
             "phases_s": {"calm": round(chaos0 - calm0, 1), "chaos": round(chaos1 - chaos0, 1),
                          "after": round(after1 - after0, 1)}, "wall_s": round(time.monotonic() - t_start, 1)}
 
@@ -297,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_summary(out: dict[str, Any]) -> None:
     f = out["faults"]
     loss = f["loss_method"] or f"none ({f['loss_unavailable']})"
-    print(f"chaos ({out['preset']}, {out['lab']}): {f['rounds']} rounds, {f['kills']} kill -9, "
+    print(f"chaos ({out['preset']}, {out['lab']}, load average {out['loadavg']}, {out['wall_s']}s): {f['rounds']} rounds, {f['kills']} kill -9, "
           f"{f['sigstops']} SIGSTOP (max {f['sigstop_s']}s), {f['loss_periods']} loss periods via {loss}")
     print(f"  restarted volunteers serving again: {f['came_back']}/{f['kills']} ({f['kills_skipped']} kills "
           "skipped while a restart was in progress), "

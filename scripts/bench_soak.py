@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -192,13 +193,17 @@ def run(cfg: dict[str, Any], tmp: Path, quiet: bool) -> dict[str, Any]:
                 proc.kill()
                 proc.wait(10)
     outcomes: dict[str, int] = {}
-    for s in summaries:
+    by_transport: dict[str, dict[str, int]] = {}
+    for (_threads, kind), s in zip(cfg["procs"], summaries, strict=True):
         for k, v in (s or {}).get("outcomes", {}).items():
             outcomes[k] = outcomes.get(k, 0) + v
+            by_transport.setdefault(kind, {})[k] = by_transport.get(kind, {}).get(k, 0) + v
     total = sum(outcomes.values())
     return {"clients": n_clients, "transports": {k: sum(t for t, kk in cfg["procs"] if kk == k) for k in ("zmq", "libp2p")},
             "load_s": round(load_s, 1), "requests": total, "requests_per_s": round(total / load_s, 1),
-            "outcomes": dict(sorted(outcomes.items())), "latency_ms": [s.get("latency_ms") for s in summaries if s],
+            "outcomes": dict(sorted(outcomes.items())),
+            "by_transport": {k: dict(sorted(v.items())) for k, v in by_transport.items()},
+            "loadavg": [round(x, 1) for x in os.getloadavg()], "latency_ms": [s.get("latency_ms") for s in summaries if s],
             "stuck_threads": sum((s or {}).get("stuck_threads", 0) for s in summaries),
             "missing_summaries": sum(s is None for s in summaries), "daemon_alive": alive,
             "after_soak": after, "server_errors": server_errors,
@@ -252,10 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     out["failures"] = verdict(out)
     if not args.json:
         m = out["memory"]
-        print(f"soak ({args.preset}): {out['clients']} clients ({out['transports']}) for {out['load_s']}s: "
+        print(f"soak ({args.preset}, load average {out['loadavg']}): {out['clients']} clients ({out['transports']}) for {out['load_s']}s: "
               f"{out['requests']} requests, {out['requests_per_s']}/s answered")
         for key, n in out["outcomes"].items():
-            print(f"  {key:32s} {n}")
+            split = ", ".join(f"{t} {v[key]}" for t, v in out["by_transport"].items() if key in v)
+            print(f"  {key:32s} {n:8d}  ({split})")
         print(f"  honest latency {out['latency_ms']}")
         print(f"  RSS start {m.get('rss_start_mib')} MiB, warm {m.get('rss_warm_mib')}, peak {m.get('rss_peak_mib')}, "
               f"end {m.get('rss_end_mib')} (growth {m.get('rss_growth_mib')}, bound {m.get('rss_bound_mib')}); "

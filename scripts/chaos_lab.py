@@ -7,8 +7,11 @@ crosses a real link whose loss can be changed while they run:
 
 - ``set_loss(host, pct)`` drops ``pct`` % of the packets in both directions of the host's
   link: ``tc netem loss`` on both ends of its veth when the kernel has ``sch_netem``, else
-  ``iptables -m statistic --mode random`` DROP rules on the host's ``eth0`` (the same random
-  packet loss, done by netfilter instead of the qdisc); ``loss_method`` says which;
+  ``iptables -m statistic --mode random`` DROP rules on arrival: in the host's INPUT for
+  what it receives, and in every other host's INPUT for what it sent (the same random loss
+  in flight, done by netfilter instead of the qdisc; dropping in the sender's OUTPUT would
+  not do: the sender's kernel would see the drop as a local send error); ``loss_method``
+  says which;
 - ``clear_loss(host)`` restores the clean link.
 
 ``LoopbackLab`` is the fallback where namespaces cannot be built (not root, no ``ip``):
@@ -169,8 +172,8 @@ class SwitchLab:
         for cand in ("iptables", "iptables-legacy", "iptables-nft"):
             if shutil.which(cand) is None:
                 continue
-            rule = ["-A", "OUTPUT", "-o", "eth0", "-m", "statistic", "--mode", "random",
-                    "--probability", "0.01", "-j", "DROP"]
+            rule = ["-A", "INPUT", "-i", "eth0", "-m", "comment", "--comment", "probe", "-m", "statistic",
+                    "--mode", "random", "--probability", "0.01", "-j", "DROP"]
             probe = _run(["ip", "netns", "exec", host.ns, cand, *rule], check=False)
             if probe.returncode == 0:
                 _run(["ip", "netns", "exec", host.ns, cand, "-D", *rule[1:]])
@@ -183,10 +186,14 @@ class SwitchLab:
         assert host.ns is not None
         return ["ip", "netns", "exec", host.ns, *argv]
 
-    def _iptables_rules(self, pct: float) -> list[list[str]]:
+    def _loss_rules(self, host: Host, pct: float) -> list[tuple[str, list[str]]]:
+        """(namespace, INPUT rule) pairs that drop ``pct`` % of the host's packets on arrival."""
         p = f"{pct / 100:.4f}"
-        return [[chain, flag, "eth0", "-m", "statistic", "--mode", "random", "--probability", p,
-                 "-j", "DROP"] for chain, flag in (("INPUT", "-i"), ("OUTPUT", "-o"))]
+        tail = ["-m", "comment", "--comment", f"loss-{host.name}", "-m", "statistic", "--mode", "random",
+                "--probability", p, "-j", "DROP"]
+        rules = [(host.ns, ["INPUT", "-i", "eth0", *tail])]
+        rules += [(h.ns, ["INPUT", "-i", "eth0", "-s", host.ip, *tail]) for h in self.hosts if h is not host]
+        return [(ns, rule) for ns, rule in rules if ns is not None]
 
     def set_loss(self, host: Host, pct: float) -> None:
         """Drop ``pct`` % of the packets each way on the host's link."""
@@ -200,12 +207,12 @@ class SwitchLab:
                       "netem", "loss", f"{pct}%"])
         else:
             assert self._iptables is not None
-            for rule in self._iptables_rules(pct):
-                _run(["ip", "netns", "exec", host.ns, self._iptables, "-A", *rule])
+            for ns, rule in self._loss_rules(host, pct):
+                _run(["ip", "netns", "exec", ns, self._iptables, "-A", *rule])
         self._lossy[host.name] = pct
 
     def clear_loss(self, host: Host) -> None:
-        pct = self._lossy.pop(host.name, None)
+        pct = self._lossy.get(host.name)
         if pct is None:
             return
         assert host.ns is not None and host.veth_peer is not None
@@ -214,18 +221,23 @@ class SwitchLab:
                 _run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
         elif self._iptables is not None:
             self._dropped[host.name] = self.dropped_packets(host) or 0
-            for rule in self._iptables_rules(pct):
-                _run(["ip", "netns", "exec", host.ns, self._iptables, "-D", *rule], check=False)
+            for ns, rule in self._loss_rules(host, pct):
+                _run(["ip", "netns", "exec", ns, self._iptables, "-D", *rule], check=False)
+        del self._lossy[host.name]
 
     def dropped_packets(self, host: Host) -> int | None:
-        """Packets the loss rules dropped on this host's link so far, over every period of
-        loss (iptables method only: netem keeps no count per rule)."""
+        """Packets the loss rules dropped on this host's link so far, both ways, over every
+        period of loss (iptables method only: netem keeps no count per rule)."""
         if self._iptables is None or host.ns is None:
             return None
-        out = _run(["ip", "netns", "exec", host.ns, self._iptables, "-L", "-v", "-x", "-n"],
-                   check=False).stdout
-        live = sum(int(line.split()[0]) for line in out.splitlines()
-                   if "statistic" in line and line.split() and line.split()[0].isdigit())
+        live = 0
+        if host.name in self._lossy:
+            tag = f"/* loss-{host.name} */"
+            for h in self.hosts:
+                out = _run(["ip", "netns", "exec", str(h.ns), self._iptables, "-L", "INPUT", "-v", "-x", "-n"],
+                           check=False).stdout
+                live += sum(int(line.split()[0]) for line in out.splitlines()
+                            if tag in line and line.split()[0].isdigit())
         return self._dropped.get(host.name, 0) + live
 
     def close(self) -> None:

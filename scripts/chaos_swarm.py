@@ -83,6 +83,7 @@ class Volunteer:
         self.peer_id: str | None = None
         self.endpoint: str | None = None
         self.log_path = home.with_suffix(".log")
+        self._term_sent_to: int | None = None
 
     def start(self, bootstrap: list[str], new_swarm: bool = False) -> None:
         """Launch (or relaunch in the same home) the daemon; does not wait."""
@@ -158,12 +159,19 @@ class Volunteer:
         self._signal(signal.SIGCONT)
         self.stopped = False
 
+    def leave(self) -> None:
+        """Send SIGTERM once (a graceful leave: it checkpoints and hands off; a second
+        SIGTERM would force it, so it is never sent twice to one process)."""
+        if self.alive() and self._term_sent_to != self.proc.pid:  # type: ignore[union-attr]
+            self.sigcont()
+            self._signal(signal.SIGTERM)
+            self._term_sent_to = self.proc.pid  # type: ignore[union-attr]
+
     def terminate(self, timeout: float = 30.0) -> int | None:
-        """Graceful leave (SIGTERM; it checkpoints and hands off), SIGKILL after ``timeout``."""
+        """Graceful leave, SIGKILL if still running after ``timeout``; the exit status."""
         if not self.alive():
             return self.proc.returncode if self.proc else None
-        self.sigcont()
-        self._signal(signal.SIGTERM)
+        self.leave()
         try:
             return self.proc.wait(timeout)  # type: ignore[union-attr]
         except subprocess.TimeoutExpired:
