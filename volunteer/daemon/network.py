@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from volunteer.daemon.settings import SettingsError
+from volunteer.manifest.admission import OPEN, AdmissionSpec
 from volunteer.manifest.schema import NetworkConfig as NetworkSection
 from volunteer.runtime.limits import ServingLimits
 
@@ -85,14 +86,17 @@ def start_network(
     home: Path, experiment: str, network: NetworkSection | NetworkConfig, submit: Callable[..., None],
     zmq_endpoint: str | None, listen_host: str, uids: Sequence[str], load: float,
     timeout: float = NETWORK_START_TIMEOUT_S, shard_server: ShardServer | None = None,
-    limits: ServingLimits | None = None,
+    limits: ServingLimits | None = None, admission: AdmissionSpec = OPEN,
 ) -> NetworkService:
     """Start the ``NetworkService`` and announce ``uids``; NetworkStartError on failure.
 
     ``network``: the manifest's (effective) ``network`` section, or a ready ``NetworkConfig``;
     ``limits``: the node's serving limits (the manifest's ``serving`` section);
-    ``shard_server`` (a ``ShardServer``) answers other volunteers' shard and adoption requests.
+    ``shard_server`` (a ``ShardServer``) answers other volunteers' shard and adoption requests;
+    ``admission``: the manifest's admission section (a closed experiment needs this node's
+    token: its absence is a one-line NetworkStartError naming the fix).
     """
+    from volunteer.net.admission import AdmissionError
     from volunteer.net.config import network_config
     from volunteer.net.host import IdentityError
     from volunteer.net.service import NetworkService
@@ -103,8 +107,8 @@ def start_network(
         raise NetworkStartError(f"bad network configuration: {exc}") from None
     try:
         service = NetworkService(home, experiment, config, submit=submit, zmq_endpoint=zmq_endpoint,
-                                 limits=limits, shard_server=shard_server)
-    except IdentityError as exc:
+                                 limits=limits, shard_server=shard_server, admission=admission)
+    except (IdentityError, AdmissionError) as exc:
         raise NetworkStartError(str(exc)) from None
     try:
         service.start(timeout=timeout)

@@ -182,7 +182,8 @@ class Supervisor:
         # libp2p RPC server refuses exactly what the ZeroMQ frontend refuses.
         self.network = start_network(self.home.root, m.experiment.name, m.network, self.runtime.submit,
                                      self.endpoint, s.listen_host, [], self.network_load(),
-                                     shard_server=self.shard_server, limits=self.runtime.limits)
+                                     shard_server=self.shard_server, limits=self.runtime.limits,
+                                     admission=m.admission)
         # Shards also travel over ZeroMQ: served from the runtime's socket, fetched from
         # publicly reachable holders over plain TCP (chunks are verified whatever the path).
         from volunteer.client.zmq_transport import ZmqTransport

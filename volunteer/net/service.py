@@ -67,8 +67,12 @@ from typing import Any
 import trio
 from libp2p.abc import IHost
 
+from volunteer.manifest.admission import OPEN, AdmissionSpec
+from volunteer.net import dht_store, records
 from volunteer.net import libp2p_adapter as lp
+from volunteer.net.admission import AdmissionError, AdmissionPolicy, load_token
 from volunteer.net.config import NetworkConfig, NetworkSection, network_config
+from volunteer.net.dht_guard import DhtGuard, install_dht_guard
 from volunteer.net.dialing import dial
 from volunteer.net.host import default_listen_host, load_or_create_identity, peer_id_of
 from volunteer.net.nat import reachability as rb
@@ -106,10 +110,14 @@ class NetworkService:
                  zmq_endpoint: str | None = None, *, limits: ServingLimits | None = None,
                  shard_server: ShardServer | None = None, listen_host: str | None = None,
                  ttl: float | None = None, heartbeat_interval: float | None = None,
-                 enable_nat: bool | None = None, dht_mode_interval: float | None = None) -> None:
+                 enable_nat: bool | None = None, dht_mode_interval: float | None = None,
+                 admission: AdmissionSpec = OPEN) -> None:
         """``network``: a ``NetworkConfig`` (or a manifest ``network`` section, converted);
         the keyword overrides (``listen_host``, ``ttl``, ...) replace its fields when given.
-        ``limits``: the node's serving limits, applied by the libp2p RPC server."""
+        ``limits``: the node's serving limits, applied by the libp2p RPC server.
+        ``admission``: the manifest's admission section; when it is not open, only admitted
+        peers' records are read or stored, and this node needs its own token (installed with
+        ``volunteer admission install``): ``AdmissionError`` (one line, the fix) otherwise."""
         self.home = Path(home)
         self.experiment = experiment
         self.config = network_config(network, listen_host=listen_host, ttl=ttl,
@@ -123,6 +131,16 @@ class NetworkService:
         self.listen_port = cfg.listen_port
         self.key_pair = load_or_create_identity(self.home / "identity")
         self._peer_id = peer_id_of(self.key_pair).to_base58()
+        self.admission = AdmissionPolicy.from_spec(admission, experiment)
+        self.admission_token = None if self.admission.open else load_token(self.home, experiment)
+        refusal = self.admission.explain(self._peer_id, self.admission_token)
+        if refusal is not None:
+            raise AdmissionError(refusal)
+        # What this node accepts from records: expiry within the record TTL it announces
+        # with (the experiment's), and only admitted signers when the experiment is closed.
+        self.record_policy = records.RecordPolicy(
+            max_ttl=cfg.ttl, admit=None if self.admission.open else self.admission.admits_entry)
+        self.dht_guard: DhtGuard | None = None
         self.node_config = NodeConfig(
             listen_addrs=(f"/ip4/{self.listen_host}/tcp/{self.listen_port}",),
             announce_addrs=cfg.announce_addrs,
@@ -163,7 +181,11 @@ class NetworkService:
 
     async def _main(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self.node = SwarmNode(self.key_pair, self.node_config)
-        self.registry = ExpertRegistry(self.node.dht, self.key_pair, self.experiment, ttl=self.config.ttl)
+        dht_store.configure_dht(self.node.dht, self.record_policy)
+        # Per-peer limits in front of py-libp2p's DHT handler (one peer cannot hold them all).
+        self.dht_guard = install_dht_guard(self.node.host, self.node.dht)
+        self.registry = ExpertRegistry(self.node.dht, self.key_pair, self.experiment, ttl=self.config.ttl,
+                                       admission_token=self.admission_token)
         self._announce_lock = trio.Lock()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.node.run)
@@ -383,6 +405,9 @@ class NetworkService:
             "heartbeats": self.heartbeats,
             "zmq_endpoint": self.zmq_endpoint,
             "rpc": self.rpc.stats.as_dict() if self.rpc is not None else None,
+            "dht_guard": self.dht_guard.stats.as_dict() if self.dht_guard is not None else None,
+            "records_dropped": self.record_policy.stats.as_dict(),
+            "admission": "open" if self.admission.open else "closed",
             "shard_server": self.shard_server.stats.as_dict() if self.shard_server is not None else None,
             "nat": {k: v for k, v in nat_snap.items() if k not in ("connections",)},
         }
