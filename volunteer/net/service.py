@@ -57,9 +57,7 @@ warning (``_SwarmNat``). Nodes with bootstrap peers or relays keep the advice.
 
 from __future__ import annotations
 
-import errno
 import logging
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,11 +73,13 @@ from volunteer.net.config import NetworkConfig, NetworkSection, network_config
 from volunteer.net.dht_guard import DhtGuard, install_dht_guard
 from volunteer.net.dialing import dial
 from volunteer.net.host import default_listen_host, load_or_create_identity, peer_id_of
+from volunteer.net.listen_error import ListenError, listen_error
 from volunteer.net.nat import reachability as rb
 from volunteer.net.nat.traversal import NatTraversal
 from volunteer.net.node import NodeConfig, SwarmNode
 from volunteer.net.registry import AnnounceReport, ExpertRegistry
 from volunteer.net.rpc_server import RpcServer
+from volunteer.net.service_snapshot import service_snapshot
 from volunteer.net.shard_network import ShardNetwork
 from volunteer.net.shard_rpc import ShardServer
 from volunteer.net.trio_thread import TrioThread, TrioThreadError
@@ -88,18 +88,6 @@ from volunteer.runtime.limits import ServingLimits
 log = logging.getLogger(__name__)
 
 ANNOUNCE_TIMEOUT = 20.0
-
-
-class ListenError(OSError):
-    """The libp2p host could not listen on its address (``str(err)`` is one line).
-
-    ``address`` is "host:port", ``reason`` the probe's answer (e.g. "Address already in use").
-    """
-
-    def __init__(self, code: int, address: str, reason: str) -> None:
-        super().__init__(code, f"the peer network cannot listen on {address}: {reason}")
-        self.address = address
-        self.reason = reason
 
 
 class NetworkService:
@@ -190,7 +178,7 @@ class NetworkService:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.node.run)
             if not self.node.host.get_addrs():
-                self._listen_error = _listen_error(self.listen_host, self.listen_port)
+                self._listen_error = listen_error(self.listen_host, self.listen_port)
                 raise self._listen_error
             if self.submit is not None:
                 self.rpc = _rpc_server(self.node.host, self.submit, self.limits, self.config)
@@ -373,57 +361,7 @@ class NetworkService:
     def _snapshot_now(self) -> dict:
         """The snapshot; reads loop-owned state, so it runs in the loop (or with no loop)."""
         self._thread.check_owner("the network snapshot")
-        node = self.node
-        nat_snap: dict = {}
-        if self.nat is not None:
-            try:
-                nat_snap = self.nat.snapshot()
-            except Exception as e:
-                nat_snap = {"error": f"{type(e).__name__}: {e}"}
-        peers = nat_snap.get("connections") or _count_connections(node)
-        boot = node.bootstrap_state if node is not None else None
-        last = self.last_announce
-        return {
-            "peer_id": self.peer_id,
-            "addrs": self._multiaddrs_now(),
-            "experiment": self.experiment,
-            "reachability": self.reachability,
-            "relay": nat_snap.get("relay"),
-            "relay_addrs": nat_snap.get("relay_addrs", []),
-            "peers": {k: int(peers.get(k, 0)) for k in ("direct", "relayed", "hole_punched")},
-            "connected_peers": len(node.host.get_connected_peers()) if node is not None else 0,
-            "routing_table": _routing_table_size(node),
-            "dht_mode": "server" if self._dht_server_now() else "client",
-            "bootstrap": {"peers": len(self.config.bootstrap), "attempts": boot.attempts if boot else 0,
-                          "successes": boot.successes if boot else 0,
-                          "last_error": boot.last_error if boot else None},
-            "new_swarm": self.config.new_swarm,
-            "records_announced": self.registry.records_announced if self.registry else 0,
-            "announced_uids": len(self._uids),
-            "state": self._state,
-            "last_announce_ok": last.ok if last is not None else None,
-            "heartbeats": self.heartbeats,
-            "zmq_endpoint": self.zmq_endpoint,
-            "rpc": self.rpc.stats.as_dict() if self.rpc is not None else None,
-            "dht_guard": self.dht_guard.stats.as_dict() if self.dht_guard is not None else None,
-            "records_dropped": self.record_policy.stats.as_dict(),
-            "admission": "open" if self.admission.open else "closed",
-            "shard_server": self.shard_server.stats.as_dict() if self.shard_server is not None else None,
-            "nat": {k: v for k, v in nat_snap.items() if k not in ("connections",)},
-        }
-
-
-def _listen_error(host: str, port: int) -> ListenError:
-    """Why listening on host:port failed, as far as a probe bind can tell (libp2p hides it)."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    code, reason = errno.EADDRNOTAVAIL, "the address was refused"
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-    except OSError as exc:
-        code, reason = exc.errno or code, exc.strerror or str(exc)
-    return ListenError(code, where, reason)
+        return service_snapshot(self)
 
 
 class _SwarmNat(NatTraversal):
@@ -448,20 +386,3 @@ def _rpc_server(host: IHost, submit: Callable[[list, Callable[[list], None]], No
     ``limits.max_queued_bytes`` of requests held in flight, and ``config.peer_limits``."""
     return RpcServer(host, submit, limits.wire(), max_inflight_bytes=limits.max_queued_bytes,
                      peer_limits=config.peer_limits)  # type: ignore[arg-type]
-
-
-def _count_connections(node: SwarmNode | None) -> dict[str, int]:
-    """Direct / relayed connection counts (when NAT traversal is off: no ledger to ask)."""
-    try:
-        return lp.connection_counts(node.host) if node is not None else {}
-    except lp.Libp2pInternalsError as e:  # the dashboard goes on without the counts
-        log.warning("%s", e)
-        return {}
-
-
-def _routing_table_size(node: SwarmNode | None) -> int:
-    try:
-        return lp.routing_table_size(node.dht) if node is not None else 0
-    except lp.Libp2pInternalsError as e:
-        log.warning("%s", e)
-        return 0
