@@ -10,7 +10,9 @@ Each client thread loops over a weighted mix of requests, most of them honest tr
 the rest hostile or broken: an unknown uid, NaN inputs, a wrong shape, a garbage header, a
 header whose tensor spec lies about its frame, a batch over ``max_batch_size``, a tensor over
 ``max_bytes``, a backward for a forward the server never saw. Over ZeroMQ (default) or, with
-``--libp2p``, over libp2p streams from one ``ClientNode``.
+``--libp2p``, over libp2p streams from one ``ClientNode`` (the messages over the size limit
+from a second one: the server resets a stream that carried one, failing whatever else was
+multiplexed on it, which is that client's own doing, not the server's).
 
 Every request ends in exactly one outcome: ``ok``, a typed error code from the server
 (``too_large``, ``non_finite``, ...), ``closed`` (the server dropped the connection, the
@@ -47,13 +49,14 @@ class Client:
     """One client thread's requests and their outcomes."""
 
     def __init__(self, transport: Any, uid: str, hidden: int, timeout: float, max_batch: int,
-                 max_bytes: int, rng: random.Random) -> None:
+                 max_bytes: int, rng: random.Random, big_transport: Any = None) -> None:
         self.transport, self.uid, self.hidden = transport, uid, hidden
+        self.big_transport = big_transport or transport
         self.timeout, self.max_batch, self.max_bytes, self.rng = timeout, max_batch, max_bytes, rng
         self.outcomes: Counter[str] = Counter()
         self.latencies: list[float] = []
 
-    def _send(self, kind: str, frames: list[Any], honest: bool = False) -> Any:
+    def _send(self, kind: str, frames: list[Any], honest: bool = False, transport: Any = None) -> Any:
         """One request; records ``kind:outcome``; returns the decoded reply or None."""
         from volunteer.client.remote_expert import CLIENT_LIMITS
         from volunteer.wire.errors import RemoteError, RemoteTimeoutError, UnreachableError
@@ -62,7 +65,7 @@ class Client:
         t0 = time.monotonic()
         reply, outcome = None, "ok"
         try:
-            reply = decode_reply(self.transport.request(frames, self.timeout), CLIENT_LIMITS)
+            reply = decode_reply((transport or self.transport).request(frames, self.timeout), CLIENT_LIMITS)
         except RemoteTimeoutError:
             outcome = "timeout"
         except UnreachableError:
@@ -118,7 +121,7 @@ class Client:
             self._send(kind, self._request("forward", [torch.randn(self.max_batch + 1 + rows, h)]))
         elif kind == "big_bytes":
             n = (self.max_bytes + 2**20) // (4 * h) + 1
-            self._send(kind, self._request("forward", [torch.zeros(n, h)]))
+            self._send(kind, self._request("forward", [torch.zeros(n, h)]), transport=self.big_transport)
         elif kind == "stale_backward":
             fid = self.rng.getrandbits(63)
             self._send(kind, self._request("backward", [torch.randn(rows, h)], forward_id=fid,
@@ -148,18 +151,22 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    node = None
+    node = big_node = big = None
     if args.libp2p:
         from volunteer.net.client_node import ClientNode
 
+        # a second peer sends the messages over the size limit: the server resets the stream of
+        # such a message, which would also fail the honest calls multiplexed on it
         node = ClientNode("soak", args.addr, listen_addrs=["/ip4/127.0.0.1/tcp/0"]).start()
+        big_node = ClientNode("soak", args.addr, listen_addrs=["/ip4/127.0.0.1/tcp/0"]).start()
         transports = [node.transport(args.libp2p, args.addr)] * args.threads
+        big = big_node.transport(args.libp2p, args.addr)
     else:
         from volunteer.client.zmq_transport import ZmqTransport
 
         transports = [ZmqTransport(args.endpoint) for _ in range(args.threads)]
     clients = [Client(t, args.uid, args.hidden, args.timeout, args.max_batch, args.max_bytes,
-                      random.Random(args.seed * 1000 + i)) for i, t in enumerate(transports)]
+                      random.Random(args.seed * 1000 + i), big) for i, t in enumerate(transports)]
     print(json.dumps({"event": "ready"}), flush=True)
     until = time.monotonic() + args.seconds
     threads = [threading.Thread(target=c.run, args=(until,), daemon=True) for c in clients]
@@ -176,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     pct = {f"p{q}": round(lat[min(len(lat) - 1, int(len(lat) * q / 100))] * 1e3, 2) for q in (50, 99)} if lat else {}
     print(json.dumps({"event": "summary", "outcomes": dict(outcomes), "latency_ms": pct,
                       "stuck_threads": sum(t.is_alive() for t in threads)}), flush=True)
-    if node is not None:
-        node.stop()
+    for n in (node, big_node):
+        if n is not None:
+            n.stop()
     return 0
 
 
