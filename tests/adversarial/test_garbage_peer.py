@@ -88,6 +88,11 @@ class Trainer:
         self.client.stop()
 
 
+def _dropped(snap: dict[str, Any]) -> int:
+    """How many DHT record entries/values the node dropped so far (all reasons)."""
+    return sum((snap["network"].get("records_dropped") or {}).values())
+
+
 def _in_thread(results: dict[str, Any], name: str, fn: Any, *args: Any) -> threading.Thread:
     def run() -> None:
         try:
@@ -112,6 +117,7 @@ def test_garbage_on_every_protocol_leaves_the_node_serving(tmp_path: Path,
     try:
         poll(lambda: trainer.client.servers(trainer.uids[0]), 60, "the trainer to find an expert")
         trainer.check()  # warm-up: both transports, lookups, status
+        dropped_before = _dropped(status(daemon))
         proc = psutil.Process(daemon.proc.pid)
         baseline = proc.memory_info().rss
         peak = baseline
@@ -147,6 +153,10 @@ def test_garbage_on_every_protocol_leaves_the_node_serving(tmp_path: Path,
                          "/ipfs/id/push/1.0.0", "/ipfs/ping/1.0.0"):
             assert libp2p_sent[protocol] >= 6, (protocol, libp2p_sent)
         assert sent_control["control"] == 7
+        after = status(daemon)
+        print(f"records dropped: {after['network'].get('records_dropped')}; "
+              f"rpc: {after['network'].get('rpc')}")
+        assert _dropped(after) > dropped_before  # the garbage records were dropped and counted
 
         # afterwards: still serving, lookups sane, status answers, memory bounded
         for _ in range(2):
