@@ -18,6 +18,14 @@ Failures are typed: no connection or the stream broke -> ``UnreachableError``, n
 time -> ``RemoteTimeoutError``; a timed-out caller leaves the stream usable (its late reply
 is dropped), while an interrupted write resets that stream (its framing is lost).
 
+What a server's replies can cost us is bounded by the reader itself, whatever the callers'
+timeouts: a reply's frame lengths are checked against ``limits`` (``REPLY_LIMITS``) before
+anything is allocated; once its call id arrived, its lengths must follow within
+``reply_timeout_s`` and its body within ``reply_timeout_s + size / min_reply_rate`` (a
+trickling server loses the stream, and its calls fail ``UnreachableError``); and a reply
+whose caller is no longer waiting (timed out, or a call id never sent) is discarded in
+bounded chunks, never buffered.
+
 ``Libp2pTransport(client_thread, rpc, peer_id, addrs)`` is the CONTRACT ``Transport``:
 thread-safe ``request(frames, timeout)`` that runs the call in the node's trio thread.
 """
@@ -36,13 +44,13 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-from volunteer.net.nat.connections import is_relayed
+from volunteer.net import libp2p_adapter as lp
 from volunteer.net.stream_io import (
     PROTOCOL_ID,
     BufferedStreamReader,
     encode_message,
-    read_body,
     read_call_id,
+    read_lengths,
 )
 from volunteer.net.trio_thread import TrioThread, TrioThreadError
 from volunteer.wire.errors import RemoteError, RemoteTimeoutError, UnreachableError
@@ -54,6 +62,8 @@ log = logging.getLogger(__name__)
 # carry one gradient per input).
 REPLY_LIMITS = WireLimits(max_header_bytes=1 << 20, max_tensors=64, max_elements=2**31,
                           max_bytes=512 * 2**20)
+REPLY_TIMEOUT_S = 30.0  # from a reply's call id to its frame lengths; base of the body's deadline
+MIN_REPLY_RATE = 256 * 1024  # bytes/s a server must sustain while a reply body is read
 
 Frame = bytes | memoryview
 # connector(peer_id, addrs): make sure a connection to the peer exists (raise if it cannot)
@@ -93,6 +103,8 @@ class RpcClientStats:
     timeouts: int = 0
     unreachable: int = 0
     streams_retired: int = 0
+    replies_dropped: int = 0  # late or unknown replies, discarded unread
+    reply_timeouts: int = 0  # streams reset because a reply came too slowly
 
 
 class RpcClient:
@@ -100,7 +112,11 @@ class RpcClient:
 
     def __init__(self, host: IHost, nursery: trio.Nursery, limits: WireLimits = REPLY_LIMITS,
                  max_streams: int = 2, connect_timeout: float = 10.0,
-                 connector: Connector | None = None, protocol: str = PROTOCOL_ID) -> None:
+                 connector: Connector | None = None, protocol: str = PROTOCOL_ID, *,
+                 reply_timeout_s: float = REPLY_TIMEOUT_S,
+                 min_reply_rate: int = MIN_REPLY_RATE) -> None:
+        if not reply_timeout_s > 0 or min_reply_rate < 1:
+            raise ValueError("RpcClient: reply_timeout_s must be > 0 and min_reply_rate >= 1")
         self.host = host
         self.protocol = protocol
         self.connector = connector
@@ -108,6 +124,8 @@ class RpcClient:
         self.limits = limits
         self.max_streams = max_streams
         self.connect_timeout = connect_timeout
+        self.reply_timeout_s = reply_timeout_s
+        self.min_reply_rate = min_reply_rate
         self.stats = RpcClientStats()
         self._pools: dict[ID, list[_Channel]] = {}
         self._open_locks: dict[ID, trio.Lock] = {}
@@ -179,15 +197,12 @@ class RpcClient:
             return chan
 
     def _has_direct(self, peer_id: ID) -> bool:
-        return any(not c.is_closed and not is_relayed(c)
+        return any(not lp.is_closed(c) and not lp.is_relayed(c)
                    for c in self.host.get_network().get_connections(peer_id))
 
     def _on_relayed_connection(self, peer_id: ID, stream: INetStream) -> bool:
-        muxed = getattr(stream, "muxed_conn", None)
-        for conn in self.host.get_network().get_connections(peer_id):
-            if getattr(conn, "muxed_conn", None) is muxed:
-                return is_relayed(conn)
-        return False
+        conn = lp.connection_of_stream(self.host, peer_id, stream)
+        return conn is not None and lp.is_relayed(conn)
 
     def _retire_relayed(self, pool: list[_Channel]) -> None:
         """Stop using relayed streams; each closes when its last in-flight call ends."""
@@ -217,16 +232,29 @@ class RpcClient:
             raise UnreachableError(f"could not reach {peer_id}: {type(e).__name__}: {e}") from None
 
     async def _read_replies(self, peer_id: ID, chan: _Channel) -> None:
+        """Hand each reply to its waiting caller (see module docstring for the bounds)."""
         reader = BufferedStreamReader(chan.stream)
         why = "stream closed"
         try:
             while True:
+                # Between replies: no deadline (each caller bounds its own wait).
                 call_id = await read_call_id(reader)
-                frames = await read_body(reader, self.limits)
-                slot = chan.pending.get(call_id)
-                if slot is not None and not slot.done.is_set():
+                with trio.fail_after(self.reply_timeout_s):
+                    lengths = await read_lengths(reader, self.limits)
+                total = sum(lengths)
+                with trio.fail_after(self.reply_timeout_s + total / self.min_reply_rate):
+                    slot = chan.pending.get(call_id)
+                    if slot is None or slot.done.is_set():  # nobody waits: never buffer it
+                        self.stats.replies_dropped += 1
+                        await reader.skip(total)
+                        continue
+                    frames = [await reader.read_exactly(n) if n else b"" for n in lengths]
+                if not slot.done.is_set():
                     slot.frames = frames
                     slot.done.set()
+        except trio.TooSlowError:
+            self.stats.reply_timeouts += 1
+            why = f"stream to {peer_id} reset: a reply came too slowly"
         except Exception as e:  # EOF, reset, oversize or garbage reply: drop the stream
             why = f"stream to {peer_id} closed: {type(e).__name__}"
         finally:
