@@ -54,6 +54,7 @@ def test_a_connection_after_our_session_ended_is_still_hole_punched() -> None:
     assert [ledger.kind(c) for c in (during, late, much_later, never)] == [
         HOLE_PUNCHED, HOLE_PUNCHED, DIRECT, DIRECT]
     assert ledger.hole_punches == 2
+    assert sessions.late == 1
 
 
 def test_session_set_behaves_as_the_set_dcutr_expects_and_stays_bounded() -> None:

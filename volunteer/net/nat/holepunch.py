@@ -51,6 +51,7 @@ class SessionSet(set):
         super().__init__()
         self.clock = clock
         self.ended: dict[Any, float] = {}
+        self.late = 0  # times ``punching`` said yes only thanks to the afterglow
 
     def _end(self, item: Any) -> None:
         if item in self:
@@ -77,7 +78,10 @@ class SessionSet(set):
         if item in self:
             return True
         ended = self.ended.get(item)
-        return ended is not None and self.clock() - ended < afterglow
+        if ended is not None and self.clock() - ended < afterglow:
+            self.late += 1
+            return True
+        return False
 
 
 class HolePuncher:
@@ -173,5 +177,6 @@ class HolePuncher:
         return {
             "attempts": self.attempts,
             "retries": self.retries,
+            "late": self.sessions.late,
             "hole_punched_total": self.ledger.hole_punches,
         }

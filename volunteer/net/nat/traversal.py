@@ -115,6 +115,9 @@ class NatTraversal:
             "hop_enabled": self.hop_enabled,
             "connections": ledger.counts(self.host),
             "hole_punches": ledger.hole_punches,
+            # of which landed after our own DCUtR session ended; punch budgets given back
+            "hole_punches_late": self.puncher.sessions.late if self.puncher else 0,
+            "punch_retries": self.puncher.retries if self.puncher else 0,
             "reservation_errors": dict(self.reservation_errors),
             "dialback_checks_served": self.dialback_server.checks_served,
             "ready_after_s": self.ready_after_s,
