@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import DaemonFactory
+from tests.conftest import DaemonFactory, cli_env
 from volunteer.client.remote_expert import RemoteExpert
 from volunteer.daemon.control_client import call
 from volunteer.daemon.footprint import measure
@@ -59,6 +59,16 @@ def test_optimizers_step_the_same_without_importing_dynamo() -> None:
     assert patched["weights"] == plain["weights"]
 
 
+@pytest.mark.timeout(120)
+def test_selfbench_does_not_import_sympy() -> None:
+    code = ("import sys\nfrom volunteer.experts.selfbench import measure\n"
+            "measure('ffn', 16, {}, 'cpu', 8, budget_s=0.02)\nprint('sympy' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == "False"
+
+
 def private_dirty_mib(pid: int) -> float:
     """Memory only this process wrote (heap, anonymous maps): what another copy would add."""
     with open(f"/proc/{pid}/smaps_rollup") as fh:
@@ -75,7 +85,9 @@ REFERENCE = "import sys, torch, libp2p, zmq, trio; print('ready', flush=True); s
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux smaps_rollup")
 def test_serving_daemon_holds_little_beyond_its_imports(tmp_path: Path, volunteer_daemon: DaemonFactory) -> None:
-    daemon = volunteer_daemon.start(tmp_path / "home", "--num-experts", "2", network=True)
+    # self-benchmark on, as a user runs it: its backward used to import sympy (~40 MiB)
+    daemon = volunteer_daemon.start(tmp_path / "home", "--num-experts", "2",
+                                    env=cli_env(network=True, VOLUNTEER_SELFBENCH="true"))
     uid = sorted(call(daemon.home, "status", wait_s=10.0)["experts"])[0]
     expert = RemoteExpert(uid, daemon.endpoint, timeout=30)
     try:
@@ -94,6 +106,7 @@ def test_serving_daemon_holds_little_beyond_its_imports(tmp_path: Path, voluntee
         ref.kill()
         ref.wait(30)
     # measured: ~15 MiB beyond the imports (the runtime, CLI libraries, network state); ~85
-    # when the first optimizer step imported torch._dynamo and sympy
+    # when the first optimizer step imported torch._dynamo and sympy, ~55 when only the
+    # self-benchmark's backward imported sympy
     assert extra < 50, (extra, mem)
     assert mem["uss_mib"] > 0 and mem["rss_mib"] >= mem["uss_mib"] and mem["threads"] >= 2

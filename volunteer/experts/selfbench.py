@@ -52,7 +52,10 @@ def measure(
             if train:
                 xs = [x.detach().requires_grad_(True) for x in inputs]
                 out = module(*xs)
-                out.backward(torch.ones_like(out))
+                # sum() then a scalar backward: the same all-ones output gradient, but
+                # backward(tensor) checks its shape with torch.fx's symbolic shapes, whose
+                # first use imports sympy: ~40 MiB for the rest of the daemon's life
+                out.sum().backward()
             else:
                 with torch.no_grad():
                     module(*inputs)
