@@ -1,14 +1,19 @@
 """``ServingLoop``: the runtime's single thread that does both IO and compute.
 
-One thread polls the attached ZeroMQ sockets and a wake-up pipe, hands readable sockets to
-their handlers (which submit requests), runs callbacks queued from other threads, and runs
-one batch whenever work is waiting. Doing IO and compute in the same thread removes two
-thread hand-offs per request (receive -> scheduler -> sender), which dominate the round trip
-of small requests on a 2-core machine; while a batch computes, libzmq's own IO thread keeps
-receiving, and the messages are picked up (and merged into the next batch) right after it.
+One thread polls the registered file descriptors (the frontend's listening and connection
+sockets, see ``volunteer.runtime.zmtp_server``) and a wake-up pipe with ``epoll``, hands
+ready descriptors to their handlers (which read requests and submit them), runs callbacks
+queued from other threads, runs periodic timers (connection deadlines), and runs one batch
+whenever work is waiting. Doing IO and compute in the same thread removes two thread
+hand-offs per request (receive -> scheduler -> sender), which dominate the round trip of
+small requests on a 2-core machine; while a batch computes, the kernel keeps receiving into
+the sockets' buffers, and the messages are picked up (and merged into the next batch) right
+after it.
 
-Other threads talk to the loop only through ``call_soon(fn, *args)`` and ``wake()``; every
-socket attached to the loop is used by the loop thread alone.
+Other threads talk to the loop only through ``call_soon(fn, *args)``, ``run_sync`` and
+``wake()``; ``register`` / ``modify`` / ``unregister`` / ``every`` are for the loop thread
+(or for setup code through ``call_soon``): every descriptor registered here is used by the
+loop thread alone.
 """
 
 from __future__ import annotations
@@ -17,29 +22,34 @@ import collections
 import contextlib
 import logging
 import os
+import select
 import threading
+import time
 from collections.abc import Callable
-
-import zmq
 
 log = logging.getLogger(__name__)
 
+READ = select.EPOLLIN
+WRITE = select.EPOLLOUT
+Handler = Callable[[int], None]  # gets the ready event mask
+
 
 class ServingLoop:
-    """Poll sockets + run work in one thread. ``step`` runs one unit of work, returns if more is ready."""
+    """Poll descriptors + run work in one thread. ``step`` runs one unit of work, returns if more is ready."""
 
     def __init__(self, step: Callable[[], bool], on_exit: Callable[[], None]) -> None:
         self._step = step
         self._on_exit = on_exit
         self._calls: collections.deque = collections.deque()
-        self._sources: dict[
-            zmq.Socket, tuple[Callable[[zmq.Socket], None], Callable[[zmq.Socket], None]]
-        ] = {}
-        self._poller = zmq.Poller()
+        self._handlers: dict[int, Handler] = {}
+        self._timers: list[list] = []  # [next_due, interval, fn]
+        self._exit_hooks: list[Callable[[], None]] = []
+        self._next_timer = 0.0
+        self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._epoll.register(self._wake_r, READ)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closed = False
@@ -78,24 +88,23 @@ class ServingLoop:
         elif not self.in_loop():
             self.wake()
 
-    def attach(
-        self,
-        sock: zmq.Socket,
-        on_readable: Callable[[zmq.Socket], None],
-        on_detach: Callable[[zmq.Socket], None],
-    ) -> None:
-        """Hand ``sock`` to the loop; ``on_detach(sock)`` runs in the loop when it lets go."""
-        self.call_soon(self._attach, sock, on_readable, on_detach)
-
-    def detach(self, sock: zmq.Socket, timeout: float = 10.0) -> bool:
-        """Take ``sock`` back (its on_detach runs in the loop); False if the loop is gone."""
+    def run_sync(self, fn: Callable[[], None], timeout: float = 10.0) -> bool:
+        """Run ``fn()`` in the loop thread and wait for it; False if the loop is gone (then
+        ``fn`` did not run, or ran inline in this thread after the loop's exit)."""
         if self.in_loop():
-            self._detach(sock)
+            _safe(fn)
             return True
         if not self.alive:
             return False
         done = threading.Event()
-        self.call_soon(lambda: (self._detach(sock), done.set()))
+
+        def call() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+
+        self.call_soon(call)
         return done.wait(timeout) or not self.alive
 
     def stop(self) -> None:
@@ -106,53 +115,113 @@ class ServingLoop:
             with self._lock:
                 self._finished = True
             self._run_calls()
-            if not self._closed:
-                self._closed = True
-                os.close(self._wake_r)
-                os.close(self._wake_w)
+            self._run_exit_hooks()
+            self._close()
         elif not self.in_loop():
             self._thread.join()
 
-    # -- loop thread --
+    # -- loop thread (or before start) --
 
-    def _attach(self, sock: zmq.Socket, on_readable: Callable, on_detach: Callable) -> None:
-        self._sources[sock] = (on_readable, on_detach)
-        self._poller.register(sock, zmq.POLLIN)
+    def register(self, fd: int, events: int, handler: Handler) -> None:
+        """Call ``handler(events)`` whenever ``fd`` is ready for ``events`` (READ / WRITE)."""
+        self._epoll.register(fd, events)
+        self._handlers[fd] = handler
 
-    def _detach(self, sock: zmq.Socket) -> None:
-        entry = self._sources.pop(sock, None)
-        if entry is not None:
-            self._poller.unregister(sock)
-            _safe(entry[1], sock)
+    def modify(self, fd: int, events: int) -> None:
+        self._epoll.modify(fd, events)
+
+    def unregister(self, fd: int) -> None:
+        """Forget ``fd`` (call before closing it)."""
+        if self._handlers.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
+
+    def every(self, interval_s: float, fn: Callable[[], None]) -> list:
+        """Run ``fn()`` every ``interval_s`` seconds (roughly); returns a handle for ``cancel``."""
+        timer = [time.monotonic() + interval_s, interval_s, fn]
+        self._timers.append(timer)
+        self._next_timer = min(self._next_timer, timer[0])
+        return timer
+
+    def cancel(self, timer: list) -> None:
+        with contextlib.suppress(ValueError):
+            self._timers.remove(timer)
+
+    def on_exit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` when the loop exits (to close what was registered)."""
+        self._exit_hooks.append(fn)
+
+    def remove_exit_hook(self, fn: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._exit_hooks.remove(fn)
+
+    # -- internals --
 
     def _run_calls(self) -> None:
         while self._calls:
             fn, args = self._calls.popleft()
             _safe(fn, *args)
 
+    def _run_timers(self) -> float | None:
+        """Run due timers; seconds until the next one (None: no timers)."""
+        if not self._timers:
+            return None
+        now = time.monotonic()
+        nearest = None
+        for timer in list(self._timers):
+            if timer[0] <= now:
+                timer[0] = now + timer[1]
+                _safe(timer[2])
+            if nearest is None or timer[0] < nearest:
+                nearest = timer[0]
+        return None if nearest is None else max(0.0, nearest - now)
+
+    def _run_exit_hooks(self) -> None:
+        hooks, self._exit_hooks = self._exit_hooks, []
+        for fn in hooks:
+            _safe(fn)
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._epoll.close()
+
     def _run(self) -> None:
         self.ident = threading.get_ident()
         more = False
-        poll = self._poller.poll
+        poll = self._epoll.poll
         wake_r = self._wake_r
-        sources = self._sources
+        handlers = self._handlers
         try:
             while not self._stopping:
                 if self._calls:
                     self._run_calls()
+                if self._timers and time.monotonic() >= self._next_timer:
+                    left = self._run_timers()
+                    self._next_timer = time.monotonic() + (left if left is not None else 3600.0)
+                if more or self._calls:
+                    timeout = 0.0
+                elif self._timers:
+                    timeout = max(0.0, self._next_timer - time.monotonic())
+                else:
+                    timeout = -1.0
                 try:
-                    events = poll(0 if (more or self._calls) else None)
-                except zmq.ZMQError as e:  # e.g. a socket closed under us
-                    log.warning("poll failed: %s", e)
+                    events = poll(timeout)
+                except InterruptedError:
                     events = []
-                for sock, _ in events:
-                    if sock == wake_r:
+                for fd, ev in events:
+                    if fd == wake_r:
                         with contextlib.suppress(BlockingIOError):
                             os.read(wake_r, 65536)
                         continue
-                    entry = sources.get(sock)
-                    if entry is not None:
-                        _safe(entry[0], sock)
+                    handler = handlers.get(fd)
+                    if handler is not None:
+                        try:
+                            handler(ev)
+                        except Exception:
+                            log.exception("error in the serving loop (fd %d handler)", fd)
                 if self._calls:
                     self._run_calls()
                 more = self._step()
@@ -162,11 +231,8 @@ class ServingLoop:
             with self._lock:
                 self._finished = True
             self._run_calls()
-            for sock in list(self._sources):
-                self._detach(sock)
-            self._closed = True
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._run_exit_hooks()
+            self._close()
 
 
 def _safe(fn: Callable, *args: object) -> None:

@@ -162,14 +162,21 @@ class Runtime:
 
     # -- entry point --
 
-    def submit(self, frames: list, reply: ReplyFn) -> None:
+    def submit(self, frames: list, reply: ReplyFn, held: int | None = None) -> None:
         """Queue one request (thread-safe, never blocks on compute); ``reply`` gets called once.
 
         Admission comes first: the request's payload bytes are reserved against
         ``max_queued_bytes`` before anything is decoded or validated, and given back when
         ``reply`` is called; beyond the bound the request is answered "overloaded" at once.
+        A frontend that reserved the message's bytes itself while reading them
+        (``reserve_bytes``) passes ``held``: those bytes are given back with the reply instead.
         """
-        nbytes = payload_nbytes(frames)
+        if held is not None:
+            if held:
+                reply = ReleasingReply(reply, self._release, held)
+            nbytes = 0
+        else:
+            nbytes = payload_nbytes(frames)
         if nbytes:
             refusal = self._reserve(nbytes)
             if refusal is not None:
@@ -299,6 +306,17 @@ class Runtime:
         with self._held_lock:
             return {"held": self._held, "peak": self._held_peak,
                     "max": self.limits.max_queued_bytes, "refused": self._held_refused}
+
+    def reserve_bytes(self, nbytes: int) -> RemoteError | None:
+        """Take ``nbytes`` of ``max_queued_bytes`` for a frontend reading a request (thread-safe);
+        None on success, else the typed refusal (``too_large`` / ``overloaded``). Give them
+        back with ``release_bytes``, or hand them to ``submit(..., held=)``."""
+        return self._reserve(nbytes) if nbytes > 0 else None
+
+    def release_bytes(self, nbytes: int) -> None:
+        """Give back bytes taken with ``reserve_bytes`` (not handed to ``submit``)."""
+        if nbytes > 0:
+            self._release(nbytes)
 
     # -- internals --
 
