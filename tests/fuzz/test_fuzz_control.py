@@ -175,33 +175,33 @@ def test_control_server_survives_and_still_pings() -> None:
 
 
 def test_a_trickling_client_is_cut_off_by_the_read_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A client that sends one byte at a time never holds a server slot past the deadline."""
+    """A client sending one byte every 0.2 s gets its "bad_request" answer (and the slot is
+    freed) while it is still sending: the read deadline is per request, not per byte."""
     from volunteer.daemon import control_server
 
     monkeypatch.setattr(control_server, "READ_TIMEOUT_S", 0.5)
     assert SERVER is not None
+    message = frame({"op": "ping", "pad": "x" * 200})
+    reply = b""
+    sent = 0
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(20.0)
         sock.connect(SERVER.path)
-        message = frame({"op": "ping"})
-        reply = b""
-        for byte in message[:-1]:  # never the last byte: the request is never complete
+        for byte in message[:-1]:  # never complete
             try:
                 sock.sendall(bytes([byte]))
-            except OSError:
+            except OSError:  # the server closed: its answer is waiting to be read
                 break
+            sent += 1
             sock.settimeout(0.2)
             try:
                 reply = sock.recv(65536)
             except TimeoutError:
                 continue
-            finally:
-                sock.settimeout(20.0)
             break
-        if not reply:
-            reply = sock.recv(65536)
+        sock.settimeout(20.0)
         while chunk := sock.recv(65536):
             reply += chunk
+    assert sent < len(message) - 1, "the server waited for the whole trickled request"
     answer = parse_stream(reply)
     assert answer["ok"] is False and answer["error"]["code"] == "bad_request"
 
