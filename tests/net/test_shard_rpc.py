@@ -335,3 +335,16 @@ def test_download_between_two_hosts(tmp_path, cache, shard):
     assert progress.by_source == {holder_ids[0]: header.num_chunks}
     assert server.stats.chunks == header.num_chunks and server.stats.headers == 1
     assert adopted == [("g.5", 3, header.root)]
+
+
+def test_transport_refusals_keep_their_code_and_garbage_is_bad_reply():
+    from volunteer.wire.messages import encode_error
+
+    with pytest.raises(ShardRequestError) as e:
+        decode_reply(encode_error(None, "overloaded", "node holds too many requests"))
+    assert e.value.code == "overloaded" and "too many" in e.value.message
+    for frame in (b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"op": "error", "code": 7}),
+                  b"\x00" * 10_000):
+        with pytest.raises(ShardRequestError) as e:
+            decode_reply([frame])
+        assert e.value.code == "bad_reply"

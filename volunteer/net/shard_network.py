@@ -14,18 +14,31 @@ gives the daemon a synchronous API, each call bounded by a timeout:
   this node leaves; returns the adopter's message once it serves the uid.
 
 The server side is the daemon's ``ShardServer`` installed on the host with ``RpcServer``
-(``protocol=SHARD_PROTOCOL_ID``), so a shard request gets the same framing bounds and
-per-stream backpressure as an expert call.
+(``protocol=SHARD_PROTOCOL_ID``), so a shard request gets the same framing bounds, per-stream
+backpressure, per-peer limits and read/write deadlines as an expert call. Its byte budget
+is sized for what a holder really holds: requests are tiny (under 100 bytes) while each one
+may hold a chunk reply (``DEFAULT_CHUNK_BYTES``, 1 MiB) until it is written. ``RpcServer``
+reserves a request's size until its reply is written, and every request that reads anything
+is at least ``MIN_REQUEST_BYTES``, so ``shard_inflight_bytes`` turns a bound on chunk-reply
+memory (``SHARD_REPLY_BYTES``, at most the node's ``ServingLimits.max_queued_bytes``) into
+a bound on requests in flight, all peers together; ``SHARD_PEER_LIMITS`` bounds each peer.
+
+``direct_transport`` (the ZeroMQ transport factory) is given to the constructor or set
+from another thread with ``set_direct_transport``; the pooled transports are guarded by a
+lock (created in the trio thread, closed from the daemon's).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
 from libp2p.peer.id import ID
 
+from volunteer.experts.shard import DEFAULT_CHUNK_BYTES
+from volunteer.net.peer_limits import PeerLimits
 from volunteer.net.records import ServerEntry
 from volunteer.net.rpc_client import RpcClient
 from volunteer.net.rpc_server import RpcServer
@@ -33,36 +46,91 @@ from volunteer.net.shard_download import DownloadProgress, Source, download_shar
 from volunteer.net.shard_rpc import (
     REPLY_LIMITS,
     REQUEST_LIMITS,
+    ROOT_BYTES,
     SHARD_PROTOCOL_ID,
     ShardClient,
+    ShardRequest,
     ShardRequestError,
     ShardServer,
     decode_reply,
+    encode_request,
 )
 from volunteer.net.trio_thread import TrioThread
+from volunteer.runtime.limits import ServingLimits
 from volunteer.wire.errors import UnreachableError
+from volunteer.wire.framing import frame_budget
 
 HOLDERS_TIMEOUT_S = 20.0
 MAX_STREAMS_PER_PEER = 2
+MAX_INFLIGHT_PER_STREAM = 16
+SHARD_REPLY_BYTES = 256 * 2**20  # chunk replies held in flight, all peers together (default)
+MIN_INFLIGHT_REQUESTS = 32
+MIN_REQUEST_BYTES = min(len(encode_request(ShardRequest(op, "x", bytes(ROOT_BYTES)))[0])
+                        for op in ("header", "chunk"))
+"""The smallest shard request that reads anything (a header or a chunk), as sent."""
+
+SHARD_PEER_LIMITS = PeerLimits(requests_per_s=200.0, burst=400, max_concurrent=16,
+                               min_read_rate=256 * 1024)
+"""Per peer: a downloader asks each holder for ``shard_download.PER_SOURCE`` (2) chunks at a
+time per shard, so 16 concurrent requests leave room for 8 shards at once; 200 requests/s
+is 200 MiB/s of 1 MiB chunks. ``min_read_rate`` also sets the reply-write deadline
+(30 s + size / 256 KiB/s: 34 s for a 1 MiB chunk, enough for a relayed path)."""
+
+
+def shard_inflight_bytes(reply_bytes: int) -> int:
+    """The shard ``RpcServer``'s budget (counted in request bytes) that lets at most
+    ``reply_bytes // DEFAULT_CHUNK_BYTES`` requests (at least ``MIN_INFLIGHT_REQUESTS``)
+    hold a reply at once, and never refuses a well-formed request as too large."""
+    requests = max(MIN_INFLIGHT_REQUESTS, reply_bytes // DEFAULT_CHUNK_BYTES)
+    return max(requests * MIN_REQUEST_BYTES, frame_budget(REQUEST_LIMITS)[1])
 
 
 class ShardNetwork:
     """Shard client + server on one libp2p host (see module docstring)."""
 
     def __init__(self, thread: TrioThread, host: Any, nursery: trio.Nursery, registry: Any,
-                 connector: Callable[[ID, list[str]], Any], server: ShardServer | None) -> None:
+                 connector: Callable[[ID, list[str]], Any], server: ShardServer | None, *,
+                 limits: ServingLimits | None = None,
+                 peer_limits: PeerLimits = SHARD_PEER_LIMITS,
+                 direct_transport: Callable[[str], Any] | None = None) -> None:
+        """``limits``: the node's serving limits (their ``max_queued_bytes`` caps the chunk
+        replies held in flight, see module docstring); ``direct_transport``: endpoint ->
+        sync ``Transport`` (e.g. the client library's ZmqTransport), None: libp2p only."""
         self._thread = thread
         self.registry = registry
         self.rpc = RpcClient(host, nursery, REPLY_LIMITS, max_streams=MAX_STREAMS_PER_PEER,
                              connect_timeout=30.0, connector=connector, protocol=SHARD_PROTOCOL_ID)
         self.client = ShardClient(self.rpc)
         self.server = server
-        # endpoint -> sync Transport (``request(frames, timeout)``), e.g. the client library's
-        # ZmqTransport; set by the daemon. None: shards travel over libp2p only.
-        self.direct_transport: Callable[[str], Any] | None = None
+        self._lock = threading.Lock()  # guards the two fields below (trio + daemon threads)
+        self._direct_transport = direct_transport
         self._transports: dict[str, Any] = {}
+        self.reply_bytes = SHARD_REPLY_BYTES if limits is None else \
+            min(SHARD_REPLY_BYTES, limits.max_queued_bytes)
+        self.rpc_server: RpcServer | None = None
         if server is not None:
-            RpcServer(host, server.submit, REQUEST_LIMITS, max_inflight=16, protocol=SHARD_PROTOCOL_ID).install()
+            self.rpc_server = RpcServer(host, server.submit, REQUEST_LIMITS,
+                                        max_inflight=MAX_INFLIGHT_PER_STREAM,
+                                        protocol=SHARD_PROTOCOL_ID,
+                                        max_inflight_bytes=shard_inflight_bytes(self.reply_bytes),
+                                        peer_limits=peer_limits)
+            self.rpc_server.install()
+
+    @property
+    def direct_transport(self) -> Callable[[str], Any] | None:
+        """The ZeroMQ transport factory (None: shards travel over libp2p only)."""
+        with self._lock:
+            return self._direct_transport
+
+    @direct_transport.setter
+    def direct_transport(self, factory: Callable[[str], Any] | None) -> None:
+        self.set_direct_transport(factory)
+
+    def set_direct_transport(self, factory: Callable[[str], Any] | None) -> None:
+        """Set (or clear) the ZeroMQ transport factory; safe from any thread. Transports
+        pooled from an earlier factory are kept until ``close``."""
+        with self._lock:
+            self._direct_transport = factory
 
     def holders(self, uids: Sequence[str], timeout: float = HOLDERS_TIMEOUT_S) -> dict[str, list[ServerEntry]]:
         """uid -> live entries listing it (see module docstring); {} entries on timeout."""
@@ -88,16 +156,24 @@ class ShardNetwork:
         return self._thread.call(run)
 
     def transport(self, endpoint: str) -> Any:
-        """The pooled direct transport to ``endpoint`` (one per endpoint, reused)."""
-        assert self.direct_transport is not None
-        if endpoint not in self._transports:
-            self._transports[endpoint] = self.direct_transport(endpoint)
-        return self._transports[endpoint]
+        """The pooled direct transport to ``endpoint`` (one per endpoint, reused);
+        ``UnreachableError`` when there is no factory (cleared, or closed)."""
+        with self._lock:
+            transport = self._transports.get(endpoint)
+            if transport is None:
+                if self._direct_transport is None:
+                    raise UnreachableError("no direct transport: shards go over libp2p")
+                transport = self._transports[endpoint] = self._direct_transport(endpoint)
+            return transport
 
     def close(self) -> None:
-        for transport in self._transports.values():
+        """Close the pooled direct transports and stop making new ones (any thread)."""
+        with self._lock:
+            transports = list(self._transports.values())
+            self._transports.clear()
+            self._direct_transport = None
+        for transport in transports:
             transport.close()
-        self._transports.clear()
 
     def offer(self, peer_id: str, addrs: Sequence[str], uid: str, version: int, root: bytes,
               timeout: float) -> str:
@@ -124,8 +200,8 @@ class _Router:
         name = peer_id.to_base58()
         endpoint = self.direct.get(name)
         if endpoint is not None:
-            transport = self.net.transport(endpoint)
             try:
+                transport = self.net.transport(endpoint)
                 reply = await trio.to_thread.run_sync(transport.request, frames, timeout, abandon_on_cancel=True)
                 decode_reply(reply)
                 self.progress.via[name] = "zmq"

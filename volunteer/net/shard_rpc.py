@@ -134,7 +134,11 @@ def error_reply(code: str, message: str) -> list[bytes]:
 
 
 def decode_reply(frames: Sequence[bytes]) -> tuple[dict, bytes]:
-    """(status map, payload) of a reply; raises ``ShardRequestError`` for error replies."""
+    """(status map, payload) of a reply; raises ``ShardRequestError`` for error replies,
+    including the transport's own refusals (``RpcServer`` answers an over-budget or
+    rate-limited request with a one-frame wire error: its code, e.g. ``overloaded``, is kept)."""
+    if len(frames) == 1:
+        raise _wire_refusal(frames[0])
     if len(frames) != 2:
         raise ShardRequestError("bad_reply", f"expected 2 frames, got {len(frames)}")
     try:
@@ -148,6 +152,21 @@ def decode_reply(frames: Sequence[bytes]) -> tuple[dict, bytes]:
         raise ShardRequestError(code if isinstance(code, str) else "error",
                                 (msg if isinstance(msg, str) else "")[:500])
     return status, bytes(frames[1])
+
+
+def _wire_refusal(frame: bytes) -> ShardRequestError:
+    """The ``ShardRequestError`` for a one-frame reply: a wire error header
+    (``volunteer.wire.messages.encode_error``) keeps its code, anything else is bad_reply."""
+    try:
+        if len(frame) <= MAX_STATUS_BYTES:
+            header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+            if isinstance(header, dict) and header.get("op") == "error":
+                code, msg = header.get("code"), header.get("msg")
+                if isinstance(code, str):
+                    return ShardRequestError(code[:64], (msg if isinstance(msg, str) else "")[:500])
+    except Exception:
+        pass
+    return ShardRequestError("bad_reply", "expected 2 frames, got 1")
 
 
 @dataclass
