@@ -36,15 +36,20 @@ class Restart:
     updates_before: dict[str, int]
     serving_after_s: float | None = None
     resumed_from: dict[str, int | None] = field(default_factory=dict)
+    updates_after: dict[str, int] = field(default_factory=dict)
+    weights_from: dict[str, str] = field(default_factory=dict)
     serving_uids: list[str] = field(default_factory=list)
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        rolled = [self.updates_before[u] - r for u, r in self.resumed_from.items()
-                  if r is not None and u in self.updates_before]
+        # what the uids it served before and serves again lost: their updates at the kill
+        # minus what the restarted copy holds (from its checkpoint, or a newer replica's shard)
+        rolled = [max(0, self.updates_before[u] - n) for u, n in self.updates_after.items()
+                  if u in self.updates_before]
         return {"volunteer": self.name, "serving_after_s": self.serving_after_s,
                 "came_back": self.serving_after_s is not None, "serving_uids": self.serving_uids,
-                "resumed_uids": sum(r is not None for r in self.resumed_from.values()),
+                "resumed_from_checkpoint": sum(r is not None for r in self.resumed_from.values()),
+                "weights_from": self.weights_from,
                 "updates_rolled_back": sum(rolled) if rolled else None, "error": self.error}
 
 
@@ -101,8 +106,11 @@ class FaultScheduler:
                 rec.serving_after_s = round(time.monotonic() - rec.killed_at, 2)
                 self._note("serving again", v)
                 rec.serving_uids = sorted(uids)
-                rec.resumed_from = {u: e.get("resumed_from_updates")
-                                    for u, e in (snap or {}).get("experts", {}).items()}
+                experts = (snap or {}).get("experts") or {}
+                hosted = ((snap or {}).get("shards") or {}).get("hosted") or {}
+                rec.resumed_from = {u: e.get("resumed_from_updates") for u, e in experts.items()}
+                rec.updates_after = {u: int(experts[u].get("updates_applied") or 0) for u in uids if u in experts}
+                rec.weights_from = {u: str(hosted.get(u, {}).get("weights_from")) for u in uids}
                 return
             time.sleep(0.5)
         rec.error = f"not serving within {self.restart_timeout:.0f}s of the kill"
