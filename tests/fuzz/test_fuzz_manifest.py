@@ -111,13 +111,13 @@ def test_manifest_loader_on_yaml_token_soup(data: bytes) -> None:
     check(data)
 
 
-@fuzz_settings()
+@fuzz_settings(0.5)
 @given(mutated_documents())
 def test_manifest_loader_on_mutated_shipped_manifests(data: bytes) -> None:
     check(data)
 
 
-@fuzz_settings()
+@fuzz_settings(0.5)
 @given(st.data())
 def test_manifest_loader_on_byte_mutations_of_shipped_manifests(data: st.DataObject) -> None:
     check(data.draw(mutated(SHIPPED[data.draw(st.sampled_from(sorted(SHIPPED)))])))
