@@ -43,6 +43,7 @@ from libp2p.kad_dht.value_store import ValueStore
 from libp2p.records.record import make_signed_put_record
 from libp2p.records.validator import NamespacedValidator, Validator
 
+from volunteer.net import libp2p_adapter as lp
 from volunteer.net import records
 from volunteer.net.dht_routing import cached_closest_peers, forget_closest, sessions_of
 from volunteer.net.dht_rpc import DhtRequestError, DhtSessions, get_value, put_value
@@ -252,9 +253,9 @@ def make_dht(host: IHost, *, server: bool = True, policy: records.RecordPolicy |
         validator=validator,
         validator_changed=True,
     )
-    dht.value_store = MergingValueStore(host=host, local_peer_id=host.get_id(), policy=policy,
-                                        max_keys_per_signer=max_keys_per_signer,
-                                        max_store_bytes=max_store_bytes)
+    lp.replace_value_store(dht, MergingValueStore(host=host, local_peer_id=host.get_id(), policy=policy,
+                                                  max_keys_per_signer=max_keys_per_signer,
+                                                  max_store_bytes=max_store_bytes))
     dht.registry_validator = registry_validator
     return dht
 
@@ -264,7 +265,7 @@ def configure_dht(dht: KadDHT, policy: records.RecordPolicy, *,
                   max_store_bytes: int | None = None) -> None:
     """Apply ``policy`` (TTL bound, admission filter, stats) to a DHT from ``make_dht``:
     what its handlers accept on PUT and what ``publish_value``/``lookup_value`` read."""
-    store = dht.value_store
+    store = lp.value_store(dht)
     if not isinstance(store, MergingValueStore):
         raise TypeError("configure_dht needs a DHT built by make_dht")
     store.policy = policy
@@ -279,7 +280,7 @@ def configure_dht(dht: KadDHT, policy: records.RecordPolicy, *,
 
 def policy_of(dht: KadDHT) -> records.RecordPolicy:
     """The record policy a DHT from ``make_dht`` applies (the default one otherwise)."""
-    store = getattr(dht, "value_store", None)
+    store = lp.value_store(dht)
     return store.policy if isinstance(store, MergingValueStore) else records.RecordPolicy()
 
 
@@ -290,9 +291,9 @@ async def publish_value(dht: KadDHT, key: str, value: bytes) -> int:
     records.check_value(key, value, max_ttl=p.max_ttl, admit=p.admit, stats=p.stats)
     key_bytes = key.encode()
     stored = 0
-    if dht.mode == DHTMode.SERVER:
+    if lp.dht_is_server(dht):
         try:
-            stored += dht.value_store.merge_in(key_bytes, value) is not None
+            stored += lp.value_store(dht).merge_in(key_bytes, value) is not None
         except records.RecordError as e:
             log.debug("this node's store refused %s: %s", key, e)
     peers = (await cached_closest_peers(dht, key_bytes))[:REPLICATION]
@@ -327,7 +328,7 @@ async def lookup_value(dht: KadDHT, key: str, *, policy: records.RecordPolicy | 
     p = policy or policy_of(dht)
     key_bytes = key.encode()
     values: list[bytes] = []
-    local = dht.value_store.get(key_bytes)
+    local = lp.value_store(dht).get(key_bytes)
     if local is not None:
         values.append(local.value)
     peers = (await cached_closest_peers(dht, key_bytes))[:LOOKUP_FANOUT]
