@@ -158,10 +158,12 @@ def test_partial_messages_of_many_peers_stay_under_the_budget():
         peers = [peer(fe.endpoint) for _ in range(8)]
         try:
             # each peer: a header frame, then a 60 KiB frame of which only 1 KiB ever comes
-            for s in peers:
+            for i, s in enumerate(peers, 1):
                 s.sendall(frame(head, more=True) + frame(bytes(KB), announced=body))
-            wait_for(lambda: rt.held_bytes()["refused"] == len(peers) - fits,
-                     what="the peers beyond the budget refused")
+                # one peer at a time: each reserves a whole frame at its header, or is refused
+                wait_for(lambda i=i: rt.held_bytes()["held"] == min(i, fits) * (body + len(head))
+                         and rt.held_bytes()["refused"] == max(0, i - fits),
+                         what=f"peer {i} held or refused")
             held = rt.held_bytes()
             assert held["held"] == fits * (body + len(head)) == limits.max_queued_bytes
             assert held["peak"] <= limits.max_queued_bytes
@@ -198,7 +200,8 @@ def test_the_oldest_idle_connection_makes_room_for_a_new_one():
     with serving(SMALL, max_connections=4) as (_rt, fe):
         idle = [peer(fe.endpoint) for _ in range(4)]
         try:
-            wait_for(lambda: fe.stats()["connections"] == 4, what="4 connections")
+            for s in idle:  # a PING answered: the server has read this peer's READY, in order
+                ping(s)
             with client(fe) as c:
                 assert decode_reply(c.request(forward(2), time.monotonic() + 30)).request_id == 2
             assert closed_by_server(idle[0])  # the oldest went
@@ -281,11 +284,15 @@ def test_a_peer_that_never_reads_its_replies_is_disconnected():
         wait_for(lambda: rt.held_bytes()["held"] == 0, what="requests given back")
 
 
+def ping(s: socket.socket) -> None:
+    s.sendall(bytes((0x04, 9)) + b"\x04PING" + b"\x00\x0a" + b"ab")
+    assert recv_exact(s, 9) == bytes((0x04, 7)) + b"\x04PONG" + b"ab"
+
+
 def test_ping_is_answered_with_pong():
     with serving(SMALL) as (_rt, fe):
         s = peer(fe.endpoint)
-        s.sendall(bytes((0x04, 9)) + b"\x04PING" + b"\x00\x0a" + b"ab")
-        assert recv_exact(s, 9) == bytes((0x04, 7)) + b"\x04PONG" + b"ab"
+        ping(s)
         s.sendall(message(forward(7)))
         head = recv_exact(s, 2)
         assert head[0] & MORE  # the reply's header frame
