@@ -132,10 +132,18 @@ def memory_figures(samples: list[tuple[float, int, int, int]], warm_s: float) ->
     warm_rss = statistics.median(s[1] for s in warm[:window])
     end_rss = statistics.median(s[1] for s in warm[-window:])
     bound = max(RSS_BOUND_MIB * mib, RSS_BOUND_FRACTION * warm_rss)
+    slope = 0.0
+    if len(warm) >= 2:  # least-squares trend after warm-up, MiB per minute
+        ts, rs = [s[0] for s in warm], [s[1] / mib for s in warm]
+        tm, rm = statistics.fmean(ts), statistics.fmean(rs)
+        var = sum((t - tm) ** 2 for t in ts)
+        slope = 60 * sum((t - tm) * (r - rm) for t, r in zip(ts, rs, strict=True)) / var if var else 0.0
+    deciles = [round(samples[min(len(samples) - 1, len(samples) * k // 10)][1] / mib, 1) for k in range(11)]
     return {"samples": len(samples), "rss_start_mib": round(samples[0][1] / mib, 1),
             "rss_warm_mib": round(warm_rss / mib, 1), "rss_peak_mib": round(max(s[1] for s in samples) / mib, 1),
             "rss_end_mib": round(end_rss / mib, 1), "rss_growth_mib": round((end_rss - warm_rss) / mib, 1),
             "rss_bound_mib": round(bound / mib, 1), "rss_flat": end_rss - warm_rss <= bound,
+            "rss_trend_mib_per_min": round(slope, 2), "rss_by_tenth_mib": deciles,
             "fds": [samples[0][2], samples[-1][2]], "threads": [samples[0][3], samples[-1][3]]}
 
 
@@ -264,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {key:32s} {n:8d}  ({split})")
         print(f"  honest latency {out['latency_ms']}")
         print(f"  RSS start {m.get('rss_start_mib')} MiB, warm {m.get('rss_warm_mib')}, peak {m.get('rss_peak_mib')}, "
-              f"end {m.get('rss_end_mib')} (growth {m.get('rss_growth_mib')}, bound {m.get('rss_bound_mib')}); "
+              f"end {m.get('rss_end_mib')} (growth {m.get('rss_growth_mib')}, bound {m.get('rss_bound_mib')}, "
+              f"trend {m.get('rss_trend_mib_per_min')} MiB/min; by tenth of the run {m.get('rss_by_tenth_mib')}); "
               f"fds {m.get('fds')}, threads {m.get('threads')}; after the soak: {out['after_soak']}")
         print("FAILED: " + "; ".join(out["failures"]) if out["failures"] else "all properties held")
     print(json.dumps(out))
