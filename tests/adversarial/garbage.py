@@ -5,8 +5,10 @@ and returns how many payloads it delivered, so a test can check that the attack 
 
 - ``attack_zmq``: raw TCP garbage on the ZeroMQ endpoint (random bytes, a greeting then
   junk, frames claiming 2**62 bytes), then a valid ZMTP handshake followed by garbage
-  messages -- each of those must be answered with a typed error reply -- and bulk garbage
-  messages (``bulk_mib`` MiB in all) that a node retaining what peers send would keep.
+  messages -- each of those must be answered with a typed error reply -- messages that
+  break a ZMTP-level bound (300 frames, a frame claiming 2**62 bytes: a typed refusal or a
+  closed connection), and bulk garbage messages (``bulk_mib`` MiB in all) that a node
+  retaining what peers send would keep.
 - ``attack_control``: random bytes, oversized lengths, broken JSON and unknown ops on the
   daemon's control socket.
 - ``attack_libp2p`` (async, trio): a fresh libp2p identity connects to the node, learns the
@@ -38,9 +40,10 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from volunteer.net import records
 from volunteer.net.host import build_host, run_host
+from volunteer.wire.errors import RemoteError
 from volunteer.wire.framing import pack_frames
 from volunteer.wire.messages import PROTOCOL_VERSION, decode_reply
-from volunteer.wire.zmtp import COMMAND, GREETING, LONG, ZmtpConnection
+from volunteer.wire.zmtp import COMMAND, GREETING, LONG, ZmtpConnection, ZmtpError
 
 KNOWN_PROTOCOLS = (
     "/volunteer/expert-rpc/1.0.0",
@@ -63,6 +66,10 @@ def _junk(rng: random.Random, n: int) -> bytes:
 # -- ZeroMQ ------------------------------------------------------------------------------
 
 
+_SOCKET_TYPE = b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+_READY_DEALER = bytes([COMMAND, 6 + len(_SOCKET_TYPE)]) + b"\x05READY" + _SOCKET_TYPE
+
+
 def _raw_tcp(host: str, port: int, payload: bytes) -> None:
     with socket.create_connection((host, port), timeout=10) as sock:
         sock.settimeout(2.0)
@@ -80,6 +87,8 @@ def attack_zmq(endpoint: str, rng: random.Random, bulk_mib: int = 256) -> Counte
         GREETING + _junk(rng, 512),
         GREETING[:10] + b"\x01\x00" + _junk(rng, 200),  # ZMTP 1.0
         GREETING + bytes([COMMAND | LONG]) + struct.pack(">Q", 2**62) + _junk(rng, 64),
+        # a valid handshake, then a data frame claiming 2**62 bytes
+        GREETING + _READY_DEALER + bytes([LONG]) + struct.pack(">Q", 2**62) + _junk(rng, 64),
     ):
         _raw_tcp(host, int(port), payload)
         sent["raw"] += 1
@@ -87,7 +96,7 @@ def attack_zmq(endpoint: str, rng: random.Random, bulk_mib: int = 256) -> Counte
     deadline = time.monotonic() + 30.0
     conn = ZmtpConnection(host, int(port), deadline)
     try:
-        garbage = [
+        for frames in (
             [b"\xc1"],  # never valid msgpack
             [_junk(rng, 64), _junk(rng, 10)],
             [msgpack.packb({"v": PROTOCOL_VERSION, "op": "forward", "uid": "demo.ffn.0.0", "id": 5,
@@ -95,28 +104,44 @@ def attack_zmq(endpoint: str, rng: random.Random, bulk_mib: int = 256) -> Counte
             [msgpack.packb({"v": PROTOCOL_VERSION, "op": "forward", "uid": "x" * 10_000, "id": 6})],
             [msgpack.packb({"v": PROTOCOL_VERSION, "op": "backward", "uid": "demo.ffn.0.0",
                             "id": 7, "fid": -1, "xi": False})],
-            [b"\x00"] * 300,  # too many frames
-        ]
-        for frames in garbage:
+        ):
             conn.send(frames, deadline)
-            reply = conn.recv(deadline)
-            try:
-                decode_reply(reply)
-            except Exception as exc:  # the typed error the node answered with
-                assert type(exc).__module__ == "volunteer.wire.errors", exc
-            else:
-                raise AssertionError("the node accepted a garbage request")
+            _expect_typed_error(conn.recv(deadline))
             sent["answered"] += 1
+    finally:
+        conn.close()
+    # messages that break a ZMTP-level bound: a typed refusal or a closed connection
+    for frames in ([b"\x00"] * 300, [b"\x00"] * 3000):
+        conn = ZmtpConnection(host, int(port), deadline)
+        try:
+            conn.send(frames, deadline)
+            try:
+                _expect_typed_error(conn.recv(deadline))
+            except ZmtpError:
+                pass  # the node hung up on us: fine
+            sent["cut_off"] += 1
+        finally:
+            conn.close()
+    deadline = time.monotonic() + 120.0
+    conn = ZmtpConnection(host, int(port), deadline)
+    try:
         chunk = _junk(rng, 4 << 20)
-        for i in range(bulk_mib // 4):  # bulk: 4 MiB garbage messages, each answered
+        for _ in range(bulk_mib // 4):  # bulk: 4 MiB garbage messages, each answered
             conn.send([b"\xc1" + chunk[:16], chunk], deadline)
-            conn.recv(deadline)
+            _expect_typed_error(conn.recv(deadline))
             sent["bulk_mib"] += 4
-            if i % 16 == 15 and time.monotonic() > deadline - 5:
-                break
     finally:
         conn.close()
     return sent
+
+
+def _expect_typed_error(reply: list) -> None:
+    """``reply`` must be an error reply with one of the wire's typed errors."""
+    try:
+        decode_reply(reply)
+    except RemoteError:
+        return
+    raise AssertionError("the node accepted a garbage request")
 
 
 # -- control socket --------------------------------------------------------------------

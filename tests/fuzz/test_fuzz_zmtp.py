@@ -52,6 +52,7 @@ def ready(socket_type: bytes) -> bytes:
 
 
 VALID_PREAMBLE = SERVER_GREETING + ready(b"ROUTER")
+READY_DEALER = ready(b"DEALER")
 
 
 class ScriptedPeer:
@@ -61,6 +62,7 @@ class ScriptedPeer:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.payloads: queue.Queue[bytes | None] = queue.Queue()
+        self.drained: queue.Queue[int] = queue.Queue()  # bytes each client sent, in order
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -74,8 +76,10 @@ class ScriptedPeer:
                 conn.settimeout(10.0)
                 conn.sendall(payload)
                 conn.shutdown(socket.SHUT_WR)
-                while conn.recv(65536):  # until the client closes (drains its PONGs etc.)
-                    pass
+                got = 0
+                while chunk := conn.recv(65536):  # until the client closes (PONGs etc.)
+                    got += len(chunk)
+                self.drained.put(got)
 
     def close(self) -> None:
         self.payloads.put(None)
@@ -173,6 +177,22 @@ def test_zmtp_reader_on_mutated_handshakes(data: st.DataObject) -> None:
 @given(zmtp_frames())
 def test_zmtp_reader_on_hostile_frames_after_a_valid_handshake(frames: bytes) -> None:
     talk_to(VALID_PREAMBLE + frames)
+
+
+def test_a_message_of_more_frames_than_sendmsg_takes_at_once_is_sent_whole() -> None:
+    """sendmsg() refuses more than IOV_MAX (1024) buffers with EMSGSIZE: a message of 3000
+    frames (6000 parts) must still go out, in batches, byte for byte."""
+    frames = [bytes([i % 251]) * (i % 300) for i in range(3000)]
+    expected = sum(len(f) + (2 if len(f) < 256 else 9) for f in frames)
+    with scripted_peer() as peer:  # its own peer: ``drained`` holds this connection only
+        peer.payloads.put(VALID_PREAMBLE)
+        deadline = time.monotonic() + 20.0
+        conn = ZmtpConnection("127.0.0.1", peer.port, deadline)
+        try:
+            conn.send(frames, deadline)
+        finally:
+            conn.close()
+        assert peer.drained.get(timeout=20) == len(GREETING) + len(READY_DEALER) + expected
 
 
 @fuzz_settings()

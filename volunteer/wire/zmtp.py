@@ -36,6 +36,16 @@ _SIZE = struct.Struct(">Q")
 _PROPERTY_SIZE = struct.Struct(">I")
 
 DEFAULT_SPIN_S = 200e-6
+# sendmsg() takes at most IOV_MAX buffers (1024 on Linux; EMSGSIZE beyond): a message of
+# many frames goes out in batches of this many parts
+def _iov_max() -> int:
+    try:
+        return max(16, min(int(os.sysconf("SC_IOV_MAX")), 1024))
+    except (AttributeError, ValueError, OSError):
+        return 1024
+
+
+MAX_IOV = _iov_max()
 Buffer = bytes | bytearray | memoryview
 
 # At most one waiter per process polls before sleeping (see ``ZmtpConnection._wait_readable``):
@@ -306,7 +316,7 @@ class ZmtpConnection:
     def _send_all(self, parts: list[Buffer], deadline: float) -> None:
         while parts:
             try:
-                sent = self._sock.sendmsg(parts)
+                sent = self._sock.sendmsg(parts[:MAX_IOV])
             except BlockingIOError:
                 if self._pollout is None:
                     self._pollout = select.poll()
