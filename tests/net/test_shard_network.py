@@ -14,12 +14,8 @@ import pytest
 import trio
 
 from tests.net.swarm_helpers import swarm, wait_for
-from volunteer.net.peer_limits import PeerLimits
-from volunteer.net.shard_network import (
-    SHARD_PEER_LIMITS,
-    ShardNetwork,
-    shard_inflight_bytes,
-)
+from volunteer.net.peer_limits import SHARD_PEER_LIMITS, PeerLimits
+from volunteer.net.shard_network import ShardNetwork, shard_inflight_bytes
 from volunteer.net.shard_rpc import (
     REPLY_LIMITS,
     SHARD_PROTOCOL_ID,

@@ -189,7 +189,7 @@ class Supervisor:
         from volunteer.client.zmq_transport import ZmqTransport
 
         self.runtime.side = (self.shard_server.accepts, self.shard_server.submit)
-        self.network.shards.direct_transport = ZmqTransport
+        self.network.shards.set_direct_transport(ZmqTransport)
         self.network_ready_s = time.monotonic() - started
 
     def network_load(self) -> float:

@@ -67,6 +67,13 @@ DHT_PEER_LIMITS = PeerLimits(requests_per_s=200.0, burst=1000, max_concurrent=6,
 """Kademlia (``dht_guard``): messages per peer; ``max_concurrent`` counts its open KAD
 streams (``DhtSessions`` keeps <= 3 busy + 2 idle per peer)."""
 
+SHARD_PEER_LIMITS = PeerLimits(requests_per_s=200.0, burst=400, max_concurrent=16,
+                               min_read_rate=256 * 1024)
+"""Per peer: a downloader asks each holder for ``volunteer.net.shard_download.PER_SOURCE`` (2) chunks at a
+time per shard, so 16 concurrent requests leave room for 8 shards at once; 200 requests/s
+is 200 MiB/s of 1 MiB chunks. ``min_read_rate`` also sets the reply-write deadline
+(30 s + size / 256 KiB/s: 34 s for a 1 MiB chunk, enough for a relayed path)."""
+
 
 class _PeerState:
     __slots__ = ("inflight", "stamp", "tokens")

@@ -187,7 +187,7 @@ class NetworkService:
                 self.nat = _make_nat(self.node, self.config)
                 await nursery.start(self.nat.run)
             self.shards = ShardNetwork(self._thread, self.node.host, nursery, self.registry, self._connect,
-                                       self.shard_server)
+                                       self.shard_server, limits=self.limits)
             await self._apply_dht_mode()
             nursery.start_soon(self._dht_mode_watch)
             nursery.start_soon(self._heartbeat)

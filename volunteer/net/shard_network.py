@@ -38,7 +38,7 @@ import trio
 from libp2p.peer.id import ID
 
 from volunteer.experts.shard import DEFAULT_CHUNK_BYTES
-from volunteer.net.peer_limits import PeerLimits
+from volunteer.net.peer_limits import SHARD_PEER_LIMITS, PeerLimits
 from volunteer.net.records import ServerEntry
 from volunteer.net.rpc_client import RpcClient
 from volunteer.net.rpc_server import RpcServer
@@ -68,13 +68,6 @@ MIN_INFLIGHT_REQUESTS = 32
 MIN_REQUEST_BYTES = min(len(encode_request(ShardRequest(op, "x", bytes(ROOT_BYTES)))[0])
                         for op in ("header", "chunk"))
 """The smallest shard request that reads anything (a header or a chunk), as sent."""
-
-SHARD_PEER_LIMITS = PeerLimits(requests_per_s=200.0, burst=400, max_concurrent=16,
-                               min_read_rate=256 * 1024)
-"""Per peer: a downloader asks each holder for ``shard_download.PER_SOURCE`` (2) chunks at a
-time per shard, so 16 concurrent requests leave room for 8 shards at once; 200 requests/s
-is 200 MiB/s of 1 MiB chunks. ``min_read_rate`` also sets the reply-write deadline
-(30 s + size / 256 KiB/s: 34 s for a 1 MiB chunk, enough for a relayed path)."""
 
 
 def shard_inflight_bytes(reply_bytes: int) -> int:
