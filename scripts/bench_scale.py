@@ -11,7 +11,9 @@ hidden 16, grid 16 x 16). Then a trainer-side ``ClientNode`` (DHT client, public
    says it hosts (its ``status``) is found in the DHT with that daemon as a serving holder
    (``ClientNode.servers``), polled; also from the first spawn;
 2. ``lookups``: every hosted uid looked up ``--rounds`` more times (a fresh lookup, no
-   cache); success = a serving holder that really hosts it is returned. Must be 100%;
+   cache); success = a serving holder that really hosts it is returned. Must be 100%.
+   ``resolve``: what a beam search's last step does, ``--rounds`` times: a fresh
+   ``DhtDirectory`` resolves every hosted uid in one call. Must be 100% too;
 3. ``train``: a ``RemoteMixtureOfExperts`` (beam search over a ``DhtDirectory``, k_best 4)
    takes ``--steps`` forward/backward steps through the swarm; every step must succeed;
 4. ``memory``: RSS, USS (private) and PSS (shared pages split among their users) of every
@@ -202,6 +204,38 @@ def measure_lookups(client: Any, daemons: list[Daemon], rounds: int) -> dict[str
             "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 1) if ms else None}
 
 
+def measure_resolve(client: Any, daemons: list[Daemon], rounds: int) -> dict[str, Any]:
+    """What a beam search's last step does: a fresh ``DhtDirectory`` (empty cache) resolves
+    every hosted uid in one call (all parent prefixes looked up concurrently)."""
+    want = sorted(holders(daemons))
+    ok, total, ms = 0, 0, []
+    for _ in range(rounds):
+        directory = client.directory()
+        try:
+            t0 = time.perf_counter()
+            got = directory.resolve(want)
+            ms.append((time.perf_counter() - t0) * 1e3)
+        except Exception:
+            got = {}
+        finally:
+            directory.close()
+        ok += len(set(got) & set(want))
+        total += len(want)
+    return {"n": total, "ok": ok, "success": round(ok / total, 4) if total else 0.0,
+            "call_ms_max": round(max(ms), 1) if ms else None}
+
+
+def dht_guard_totals(daemons: list[Daemon]) -> dict[str, int]:
+    """Sum of the daemons' DHT guard counters (refusals explain failed lookups)."""
+    out: dict[str, int] = {}
+    for d in daemons:
+        d.poll_serving()
+        for key, value in ((d.snap.get("network") or {}).get("dht_guard") or {}).items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[key] = out.get(key, 0) + value
+    return out
+
+
 def train(client: Any, steps: int) -> dict[str, Any]:
     """A few DMoE steps through the swarm (beam search over the DHT, k_best 4)."""
     import torch
@@ -218,7 +252,10 @@ def train(client: Any, steps: int) -> dict[str, Any]:
                                  backward_timeout=20.0, timeout_after_k_min=2.0)
     model = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), moe, nn.Linear(hidden, 2))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    times, answered, ok = [], set(), 0
+    times: list[float] = []
+    answered: set[str] = set()
+    errors: list[str] = []
+    ok = 0
     try:
         for _ in range(steps):
             x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
@@ -229,7 +266,7 @@ def train(client: Any, steps: int) -> dict[str, Any]:
                 loss.backward()
                 opt.step()
             except Exception as exc:
-                print(f"  training step failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                errors.append(f"{type(exc).__name__}: {exc}"[:300])
                 continue
             times.append(time.perf_counter() - t0)
             ok += 1
@@ -239,7 +276,7 @@ def train(client: Any, steps: int) -> dict[str, Any]:
         moe.close()
         directory.close()
     return {"steps": steps, "ok": ok, "step_s_median": round(statistics.median(times), 3) if times else None,
-            "experts_answered": len(answered)}
+            "experts_answered": len(answered), "errors": errors[:3]}
 
 
 def used_mib() -> float:
@@ -295,6 +332,7 @@ def run(cfg: dict[str, Any], base: Path, quiet: bool) -> dict[str, Any]:
         disc = measure_discovery(client, daemons, deadline)
         disc["from_first_spawn_s"] = round(time.monotonic() - t_start, 2)
         lookups = measure_lookups(client, daemons, cfg["rounds"])
+        resolved = measure_resolve(client, daemons, cfg["rounds"])
         trained = train(client, cfg["steps"])
         memory = {"serving": at_serving, "after_train": measure_memory(daemons)}
         memory["machine_used_mib"] = {"before": used_before, "after": used_mib()}
@@ -302,7 +340,8 @@ def run(cfg: dict[str, Any], base: Path, quiet: bool) -> dict[str, Any]:
         return {"daemons": len(daemons), "experts_per_daemon": cfg["experts"],
                 "all_serving_s": round(all_serving - t_start, 2),
                 "join_to_serving_s": {"mean": round(statistics.mean(joins), 2), "max": round(max(joins), 2)},
-                "discoverable": disc, "lookups": lookups, "train": trained, "memory": memory}
+                "discoverable": disc, "lookups": lookups, "resolve": resolved, "train": trained,
+                "dht_guard": dht_guard_totals(daemons), "memory": memory}
     finally:
         if client is not None:
             client.stop()
@@ -331,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         out["error"] = str(exc)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    ok = ("error" not in out and out["lookups"]["success"] == 1.0
+    ok = ("error" not in out and out["lookups"]["success"] == 1.0 and out["resolve"]["success"] == 1.0
           and out["train"]["ok"] == out["train"]["steps"])
     if not args.json:
         print_summary(out)
@@ -350,8 +389,10 @@ def print_summary(out: dict[str, Any]) -> None:
     print(f"  discoverable: {d['pairs']} (uid, daemon) pairs found {d['after_all_serving_s']:.1f}s after all "
           f"served ({d['from_first_spawn_s']:.1f}s after the first spawn)")
     print(f"  lookups: {lk['ok']}/{lk['n']} ({lk['success']:.2%}), p50 {lk['p50_ms']} ms, p99 {lk['p99_ms']} ms")
+    rs = out["resolve"]
+    print(f"  resolve (fresh DhtDirectory, all uids at once): {rs['ok']}/{rs['n']} ({rs['success']:.2%})")
     print(f"  train: {tr['ok']}/{tr['steps']} steps, median {tr['step_s_median']} s, "
-          f"{tr['experts_answered']} experts answered")
+          f"{tr['experts_answered']} experts answered" + "".join(f"\n    failed: {e}" for e in tr["errors"]))
     print(f"  memory per daemon after training: RSS {mem['rss_mib']['mean']:.0f} (max {mem['rss_mib']['max']:.0f}) MiB, "
           f"USS {mem['uss_mib']['mean']:.0f} (max {mem['uss_mib']['max']:.0f}), PSS {mem['pss_mib']['mean']:.0f} "
           f"(max {mem['pss_mib']['max']:.0f}); all daemons: PSS {mem['pss_mib']['sum'] / 1024:.2f} GiB; machine "
