@@ -173,6 +173,7 @@ def test_every_error_code_maps_to_its_class():
         "unreachable",
         "cache_miss",
         "non_finite",
+        "grad_norm",
     }
     for code, cls in ERROR_CLASSES.items():
         err = error_from_code(code, "msg")
