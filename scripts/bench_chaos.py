@@ -6,15 +6,19 @@ on a bridge when run as root, else on loopback) and 2 trainer processes
 calls experts over ZeroMQ, one over libp2p) train one model through the swarm. Phases:
 
 1. ``calm``: no faults (the baseline, same processes, same run);
-2. ``chaos``: every ``round_s`` one volunteer is killed -9 and restarted in its home, one is
-   SIGSTOPped for longer than the call timeout, one link loses packets (``chaos_faults.py``);
+2. ``chaos``: every ``round_s`` one volunteer is killed -9 and restarted in its home (unless
+   the last one killed is not serving again yet: then that kill is skipped and counted), one
+   is SIGSTOPped for longer than the call timeout + slack, one link loses 20 % of its
+   packets each way (``chaos_faults.py``, ``chaos_lab.py``: netem where the kernel has it,
+   else iptables' random drop; none in a loopback lab, and the output says so);
 3. ``after``: faults over, every restarted volunteer serving again.
 
 Reported: trained steps/s per phase and ``chaos / calm``; lost updates (backward calls that
 failed) per trainer; failed steps; every call's wall time against its deadline; restarts
 (time to serving, what was resumed, updates rolled back); non-finite tensors in every
 checkpoint after a graceful stop. Exit status 1 when a property fails: a call returned past
-its deadline (+ slack), a trainer hung or stopped training during chaos, an expert holds a
+its deadline + ``SLACK_S`` + the time its trainer was kept off the CPU meanwhile (measured,
+so a machine busier than its cores does not pass for a hang), a trainer hung or stopped training during chaos, an expert holds a
 non-finite tensor, a restarted volunteer did not come back serving, a call failed with an
 untyped error. Timings are reported, never judged.
 
