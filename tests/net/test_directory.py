@@ -122,6 +122,38 @@ def test_fallback_transport_switches_on_unreachable_only():
     assert zmq.closed and p2p.closed
 
 
+class Slow(Canned):
+    """A transport whose request takes ``cost`` seconds on a fake clock."""
+
+    def __init__(self, clock, cost, **kw):
+        super().__init__(**kw)
+        self.clock, self.cost, self.timeouts = clock, cost, []
+
+    def request(self, frames, timeout):
+        self.timeouts.append(timeout)
+        self.clock.t += self.cost
+        return super().request(frames, timeout)
+
+
+def test_fallback_gets_only_the_time_left_and_the_primary_is_retried_later():
+    import pytest
+
+    from volunteer.wire.errors import RemoteTimeoutError, UnreachableError
+    clock = FakeClock()
+    zmq = Slow(clock, 0.75, error=UnreachableError("reset"))
+    p2p = Slow(clock, 0.0, result=[b"ok"])
+    t = FallbackTransport(zmq, p2p, clock=clock)
+    assert t.request([b"x"], 2.0) == [b"ok"]
+    assert p2p.timeouts == [1.25]  # 2.0 s deadline minus the 0.75 s ZeroMQ spent
+    assert t.request([b"x"], 2.0) == [b"ok"] and zmq.calls == 1  # no retry yet
+    clock.t += t.retry_primary_s
+    zmq.error, zmq.result = None, [b"zmq"]
+    assert t.request([b"x"], 2.0) == [b"zmq"] and not t.failed_over  # back on ZeroMQ
+    stuck = FallbackTransport(Slow(clock, 3.0, error=UnreachableError("slow reset")), p2p, clock=clock)
+    with pytest.raises(RemoteTimeoutError):
+        stuck.request([b"x"], 2.0)  # nothing left for the fallback: a typed timeout, in time
+
+
 class FakeClock:
     def __init__(self):
         self.t = 1000.0

@@ -25,13 +25,13 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from volunteer.net import records
 from volunteer.net.records import Admit, RecordStats, ServerEntry
 from volunteer.net.server_choice import MeasuredTransport, ServerScores
-from volunteer.wire.errors import UnreachableError
+from volunteer.wire.errors import RemoteTimeoutError, UnreachableError
 
 if TYPE_CHECKING:
     from volunteer.net.client_node import ClientNode
@@ -165,20 +165,35 @@ class DhtDirectory:
 
 class FallbackTransport:
     """ZeroMQ first; if it cannot reach the server (``UnreachableError``: e.g. the ZeroMQ
-    port is firewalled although the libp2p port is public), libp2p from then on."""
+    port is firewalled although the libp2p port is public), libp2p, within the same call's
+    deadline (the fallback gets only the time left, so a call never takes twice its
+    timeout). After a failover the primary is tried again every ``retry_primary_s``, so one
+    connection reset does not send a server over the slower path for good."""
 
-    def __init__(self, primary: Transport, fallback: Transport) -> None:
+    retry_primary_s = 30.0
+
+    def __init__(self, primary: Transport, fallback: Transport,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.primary = primary
         self.fallback = fallback
+        self.clock = clock
         self.failed_over = False
+        self._retry_at = 0.0
 
     def request(self, frames: Sequence[Any], timeout: float) -> list:
-        if not self.failed_over:
+        start = self.clock()
+        if not self.failed_over or start >= self._retry_at:
             try:
-                return self.primary.request(frames, timeout)
+                out = self.primary.request(frames, timeout)
+                self.failed_over = False
+                return out
             except UnreachableError:
                 self.failed_over = True
-        return self.fallback.request(frames, timeout)
+                self._retry_at = self.clock() + self.retry_primary_s
+        left = timeout - (self.clock() - start)
+        if left <= 0:
+            raise RemoteTimeoutError(f"no time left for the libp2p fallback after {timeout:.1f} s")
+        return self.fallback.request(frames, left)
 
     def close(self) -> None:
         for t in (self.primary, self.fallback):
