@@ -1,14 +1,12 @@
 """``ServingLoop``: the runtime's single thread that does both IO and compute.
 
-One thread polls the registered file descriptors (the frontend's listening and connection
-sockets, see ``volunteer.runtime.zmtp_server``) and a wake-up pipe with ``epoll``, hands
+One thread polls the registered file descriptors and a wake-up pipe with ``epoll``, hands
 ready descriptors to their handlers (which read requests and submit them), runs callbacks
 queued from other threads, runs periodic timers (connection deadlines), and runs one batch
-whenever work is waiting. Doing IO and compute in the same thread removes two thread
-hand-offs per request (receive -> scheduler -> sender), which dominate the round trip of
-small requests on a 2-core machine; while a batch computes, the kernel keeps receiving into
-the sockets' buffers, and the messages are picked up (and merged into the next batch) right
-after it.
+whenever work is waiting. The runtime's loop runs the batches (its ``step``) and has no
+descriptors of its own; the ZeroMQ frontend runs a second loop, with no ``step``, for its
+sockets (``volunteer.runtime.zmtp_server``), so requests keep arriving while a batch
+computes and are merged into the next batch right after it.
 
 Other threads talk to the loop only through ``call_soon(fn, *args)``, ``run_sync`` and
 ``wake()``; ``register`` / ``modify`` / ``unregister`` / ``every`` are for the loop thread
@@ -37,7 +35,9 @@ Handler = Callable[[int], None]  # gets the ready event mask
 class ServingLoop:
     """Poll descriptors + run work in one thread. ``step`` runs one unit of work, returns if more is ready."""
 
-    def __init__(self, step: Callable[[], bool], on_exit: Callable[[], None]) -> None:
+    def __init__(self, step: Callable[[], bool], on_exit: Callable[[], None],
+                 name: str = "volunteer-runtime") -> None:
+        self.name = name
         self._step = step
         self._on_exit = on_exit
         self._calls: collections.deque = collections.deque()
@@ -60,7 +60,7 @@ class ServingLoop:
     # -- any thread --
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="volunteer-runtime", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
     def in_loop(self) -> bool:

@@ -2,12 +2,15 @@
 
 Clients are ZeroMQ DEALER / REQ sockets (libzmq's, or ``volunteer.wire.zmtp``): the server
 side is the project's own ZMTP 3.0 reader, ``volunteer.runtime.zmtp_server.ZmtpServer``,
-run by the runtime's ``ServingLoop`` thread (epoll, non-blocking sockets). The loop thread
-reads frames into buffers of their exact size (the tensor decoder wraps them as they are),
-calls ``runtime.submit`` and, since replies are produced in that same thread, writes them
-straight back with ``sendmsg`` from the tensors' memory. Replies produced in other threads
-(the shard server behind ``Runtime.side``) are handed to the loop with ``call_soon``. No
-extra thread, no hand-off per request.
+run by one IO thread of its own (a second ``ServingLoop``: epoll, non-blocking sockets, no
+compute). It reads frames into buffers of their exact size (the tensor decoder wraps them as
+they are) and calls ``runtime.submit``, which queues the request and wakes the runtime's
+loop; replies, produced in the runtime's loop (or by the shard server behind
+``Runtime.side``), are handed back with ``call_soon`` and written with ``sendmsg`` straight
+from the tensors' memory. The IO thread plays the part libzmq's IO thread played: requests
+keep arriving, whole, while a batch computes (a message larger than the kernel's socket
+buffers would otherwise only move between batches, and large requests could never queue
+behind each other), and replies leave while the next batch computes.
 
 ROUTER semantics as libzmq has them for these peers: a reply goes back on the connection
 that sent the request; a REQ peer's empty delimiter frame is stripped from the request and
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import logging
 
+from volunteer.runtime.loop import ServingLoop
 from volunteer.runtime.runtime import Runtime
 from volunteer.runtime.zmtp_conn import ZmtpConn
 from volunteer.runtime.zmtp_server import ZmtpServer, ZmtpServerLimits
@@ -69,48 +73,53 @@ class ZmqFrontend:
         self.endpoint: str | None = None
         self._overrides = dict(server or {})
         self._server: ZmtpServer | None = None
+        self._io: ServingLoop | None = None
         self._wire = runtime.limits.wire()
 
     def start(self) -> None:
         """Bind and attach to the runtime's loop; ``.endpoint`` is valid on return (clients
         that connect before the loop picks the socket up wait in the listen backlog)."""
-        loop = self.runtime.loop
-        if not loop.alive:
+        if not self.runtime.loop.alive:
             raise RuntimeError("start the runtime before its frontends")
         host, port = _parse_endpoint(self.bind)
-        server = ZmtpServer(loop, server_limits(self.runtime.limits, **self._overrides),
+        io = ServingLoop(_no_work, _nothing, name="volunteer-zmtp")
+        server = ZmtpServer(io, server_limits(self.runtime.limits, **self._overrides),
                             self.runtime.reserve_bytes, self.runtime.release_bytes,
                             self._on_message, self._on_refused)
         try:
             bound_host, bound_port = server.bind(host, port)
         except OSError as e:
+            io.stop()
             raise OSError(
                 f"cannot bind the ZeroMQ frontend to {self.bind}: {e}; pick another address/port"
             ) from e
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.endpoint = f"tcp://{shown}:{bound_port}"
-        self._server = server
-        loop.call_soon(server.attach)
+        self._server, self._io = server, io
+        io.call_soon(server.attach)
+        io.start()
 
     def stop(self) -> None:
         """Stop listening and close every connection (pending replies are dropped)."""
-        server, self._server = self._server, None
-        if server is None:
+        server, io = self._server, self._io
+        self._server = self._io = None
+        if server is None or io is None:
             return
-        if not self.runtime.loop.run_sync(server.close):
-            server.close()  # the loop is gone (runtime stopped first): nothing else uses it
+        if not io.run_sync(server.close):
+            server.close()  # the IO thread is gone: nothing else uses the server
+        io.stop()
 
     def stats(self) -> dict[str, int]:
         """Connection and message counters of the server (see ``ZmtpServer.stats``)."""
-        server = self._server
-        if server is None:
+        server, io = self._server, self._io
+        if server is None or io is None:
             return {}
         out: dict[str, int] = {}
-        if not self.runtime.loop.run_sync(lambda: out.update(server.stats())):
+        if not io.run_sync(lambda: out.update(server.stats())):
             out.update(server.stats())
         return out
 
-    # -- loop thread only --
+    # -- IO thread only --
 
     def _on_message(self, conn: ZmtpConn, frames: list, held: int) -> None:
         # REQ peers put an empty delimiter frame first; it goes back in front of the reply
@@ -129,18 +138,26 @@ class ZmqFrontend:
         self._reply_to(conn, envelope)(encode_error(rid, error.code, error.message))
 
     def _reply_to(self, conn: ZmtpConn, envelope: list) -> object:
-        loop = self.runtime.loop
+        io = self._io
         server = self._server
 
-        def reply(frames: list) -> None:
-            if server is None:
+        def reply(frames: list) -> None:  # any thread: the runtime's loop, mostly
+            if server is None or io is None:
                 return
-            if loop.in_loop():
+            if io.in_loop():
                 server.send(conn, [*envelope, *frames] if envelope else frames)
-            elif loop.alive:
-                loop.call_soon(server.send, conn, [*envelope, *frames])
+            elif io.alive:
+                io.call_soon(server.send, conn, [*envelope, *frames] if envelope else frames)
 
         return reply
+
+
+def _no_work() -> bool:
+    return False
+
+
+def _nothing() -> None:
+    return None
 
 
 def _parse_endpoint(endpoint: str) -> tuple[str, int]:

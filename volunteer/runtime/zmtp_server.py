@@ -1,10 +1,10 @@
-"""``ZmtpServer``: a ZeroMQ ROUTER, spoken by the project itself, on the serving loop.
+"""``ZmtpServer``: a ZeroMQ ROUTER, spoken by the project itself, on a ``ServingLoop``.
 
 libzmq's ROUTER buffers whatever its peers send: it keeps reading the parts of a multipart
 message that never ends (no bound on their number) and accepts any number of connections.
-This server reads the ZMTP 3.0 (NULL) frames itself, with non-blocking sockets polled by
-the runtime's ``ServingLoop`` (epoll; the same thread that runs the batches), so every byte
-it holds is counted and refused at the frame header that would break a bound:
+This server reads the ZMTP 3.0 (NULL) frames itself, with non-blocking sockets polled by a
+``ServingLoop`` (epoll; ``ZmqFrontend`` gives it an IO thread of its own), so every byte it
+holds is counted and refused at the frame header that would break a bound:
 
 - **per frame**: ``max_frame_bytes`` (larger: the connection is closed, as libzmq's
   ``MAXMSGSIZE`` did); **per message**: ``max_frames`` frames (more: closed) and
