@@ -21,7 +21,9 @@ hidden 16, grid 16 x 16). Then a trainer-side ``ClientNode`` (DHT client, public
    once all serve and again after training; the machine's used memory (MemTotal -
    MemAvailable) before and after (only meaningful on an otherwise idle machine).
 
-The exit status is 1 unless every daemon served, every expert was discoverable, every
+A daemon that exits before it serves is started again once, as a user would, and reported
+under ``failed_starts`` (the run then still fails). The exit status is 1 unless every
+daemon served at its first try, every expert was discoverable, every
 lookup succeeded and every training step went through. Every daemon and home is removed at
 the end, also on failure or Ctrl-C.
 
@@ -57,6 +59,7 @@ PRESETS = {
     "full": {"daemons": 64, "experts": 3, "wave": 4, "rounds": 3, "steps": 10, "timeout_s": 2400},
 }
 EXPERIMENT = "scale"
+RESTARTS = 1  # a daemon that exits before serving is started again once (counted, reported)
 MIB = 2**20
 
 
@@ -77,12 +80,17 @@ class Daemon:
         self.index = index
         self.home = base / f"v{index:03d}"
         self.log_path = base / f"v{index:03d}.log"
+        self.args = args
         self.spawned = time.monotonic()
         self.serving_at: float | None = None
         self.snap: dict[str, Any] = {}
-        with self.log_path.open("wb") as log:
+        self.failed_starts: list[str] = []  # why earlier tries exited (each was rerun once)
+        self._spawn()
+
+    def _spawn(self) -> None:
+        with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "volunteer", "join", EXPERIMENT, "--home", str(self.home), *args],
+                [sys.executable, "-m", "volunteer", "join", EXPERIMENT, "--home", str(self.home), *self.args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env())
 
     def status(self) -> dict[str, Any] | None:
@@ -98,7 +106,12 @@ class Daemon:
     def poll_serving(self) -> bool:
         """True once the node serves its experts and announced them (status refreshed)."""
         if self.proc.poll() is not None:
-            raise BenchError(f"daemon {self.index} exited with {self.proc.returncode}:\n{self.tail()}")
+            why = f"exited with {self.proc.returncode}: {self.tail(1)}"
+            if self.serving_at is not None or len(self.failed_starts) >= RESTARTS:
+                raise BenchError(f"daemon {self.index} {why}\n{self.tail()}")
+            self.failed_starts.append(why)  # as a user would: run `volunteer join` again
+            self._spawn()
+            return False
         snap = self.status()
         if snap is None or snap.get("state") != "serving" or not hosted(snap):
             return False
@@ -341,7 +354,8 @@ def run(cfg: dict[str, Any], base: Path, quiet: bool) -> dict[str, Any]:
         memory = {"serving": at_serving, "after_train": measure_memory(daemons)}
         memory["machine_used_mib"] = {"before": used_before, "after": used_mib()}
         joins = [d.serving_at - d.spawned for d in daemons if d.serving_at is not None]
-        return {"daemons": len(daemons), "experts_per_daemon": cfg["experts"],
+        failed = [f"daemon {d.index}: {w}"[:400] for d in daemons for w in d.failed_starts]
+        return {"daemons": len(daemons), "experts_per_daemon": cfg["experts"], "failed_starts": failed,
                 "all_serving_s": round(all_serving - t_start, 2),
                 "join_to_serving_s": {"mean": round(statistics.mean(joins), 2), "max": round(max(joins), 2)},
                 "discoverable": disc, "lookups": lookups, "resolve": resolved, "train": trained,
@@ -374,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         out["error"] = str(exc)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    ok = ("error" not in out and out["lookups"]["success"] == 1.0 and out["resolve"]["success"] == 1.0
+    ok = ("error" not in out and not out["failed_starts"] and out["lookups"]["success"] == 1.0 and out["resolve"]["success"] == 1.0
           and out["train"]["ok"] == out["train"]["steps"])
     if not args.json:
         print_summary(out)
@@ -390,6 +404,8 @@ def print_summary(out: dict[str, Any]) -> None:
     used = out["memory"]["machine_used_mib"]
     print(f"{out['daemons']} daemons x {out['experts_per_daemon']} experts: all serving after "
           f"{out['all_serving_s']:.1f}s (join -> serving mean {out['join_to_serving_s']['mean']:.1f}s)")
+    for line in out["failed_starts"]:
+        print(f"  a start failed and was rerun: {line}")
     print(f"  discoverable: {d['pairs']} (uid, daemon) pairs found {d['after_all_serving_s']:.1f}s after all "
           f"served ({d['from_first_spawn_s']:.1f}s after the first spawn)")
     print(f"  lookups: {lk['ok']}/{lk['n']} ({lk['success']:.2%}), p50 {lk['p50_ms']} ms, p99 {lk['p99_ms']} ms")
