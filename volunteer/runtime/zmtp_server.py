@@ -102,6 +102,7 @@ class ZmtpServer:
         self._scratch = bytearray(SCRATCH)
         self._scratch_mv = memoryview(self._scratch)
         self._timer: list | None = None
+        self._accept_paused = False
         self.counters = dict.fromkeys(
             ("accepted", "refused_connections", "evicted", "messages", "refused_messages",
              "closed_protocol", "closed_timeout", "closed_slow_reader", "closed_by_peer"), 0)
@@ -167,8 +168,10 @@ class ZmtpServer:
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # e.g. out of descriptors: try again on the next event
-                log.warning("accept failed: %s", e)
+            except OSError as e:  # e.g. out of descriptors: pause accepting until the next tick
+                log.warning("accept failed: %s; pausing accepts", e)
+                self.loop.modify(listener.fileno(), 0)
+                self._accept_paused = True
                 return
             if len(self._conns) >= self.limits.max_connections and not self._evict():
                 self.counters["refused_connections"] += 1
@@ -244,6 +247,11 @@ class ZmtpServer:
         except OSError as e:
             self.counters["closed_by_peer"] += 1
             self._close(conn, f"socket: {e}")
+            return
+        except Exception:  # a bug here must cost one connection, never the server
+            log.exception("closing a ZMTP connection after an unexpected error")
+            self.counters["closed_protocol"] += 1
+            self._close(conn, "internal error")
             return
         if conn.sock is not None:
             now = time.monotonic()
@@ -330,6 +338,9 @@ class ZmtpServer:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         lim = self.limits
+        if self._accept_paused and self._listener is not None:
+            self._accept_paused = False
+            self.loop.modify(self._listener.fileno(), READ)
         for conn in list(self._conns.values()):
             why = None
             if conn.state != READY and now - conn.created > lim.handshake_timeout_s:
