@@ -114,6 +114,8 @@ def start_network(
         service.start(timeout=timeout)
     except BaseException as exc:
         _stop_quietly(service)
+        if not isinstance(_leaf(exc), (OSError, TimeoutError)):  # a bug, not the environment:
+            log.error("the peer network crashed while starting", exc_info=exc)  # keep the trace
         raise NetworkStartError(_start_failure(exc, config.listen_port, service.listen_host)) from None
     try:
         report = service.announce(list(uids), "serving", load)
