@@ -246,3 +246,21 @@ def test_directory_admit_filter_drops_and_counts():
     assert d.children(["ffn.1."]) == {"ffn.1.": [1]} and stats.get("not_admitted") == 3
     open_dir = DhtDirectory(client, cache_ttl=60.0)
     assert open_dir.children(["ffn.1."]) == {"ffn.1.": [1, 2, 3]}  # no filter: unchanged
+
+
+def test_an_empty_lookup_is_cached_only_briefly(monkeypatch):
+    from volunteer.net import dht_directory
+
+    now = [100.0]
+    monkeypatch.setattr(dht_directory.time, "monotonic", lambda: now[0])
+    client = FakeClient({"ffn.": [entry("A", ["1"])]})
+    d = DhtDirectory(client, cache_ttl=60.0)
+    assert d.children(["ffn.", "ffn.1."]) == {"ffn.": [1], "ffn.1.": []}
+    now[0] += dht_directory.EMPTY_CACHE_TTL / 2
+    d.children(["ffn.", "ffn.1."])
+    assert client.asked == [["ffn.", "ffn.1."]]  # both from the cache, briefly
+    now[0] += dht_directory.EMPTY_CACHE_TTL
+    client.entries["ffn.1."] = [entry("A", ["0"])]  # the server's first announce landed
+    assert d.children(["ffn.", "ffn.1."]) == {"ffn.": [1], "ffn.1.": [0]}
+    assert client.asked[-1] == ["ffn.1."]  # the empty answer was asked again, the full one not
+    d.close()

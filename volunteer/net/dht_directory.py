@@ -47,6 +47,10 @@ def best_server(entries: Sequence[ServerEntry], child: str,
     return (scores or ServerScores()).choose(cands, rng)
 
 
+EMPTY_CACHE_TTL = 0.5
+"""Seconds an empty lookup result is reused (a full one: ``cache_ttl``)."""
+
+
 class DhtDirectory:
     """ExpertDirectory backed by a ``ClientNode`` (see module docstring)."""
 
@@ -71,7 +75,10 @@ class DhtDirectory:
         with self._lock:
             for p in prefixes:
                 hit = self._cache.get(p)
-                if hit is not None and now - hit[0] < self.cache_ttl:
+                # An empty answer may be a lookup that failed or came too early (the servers'
+                # first announce, a rate-limited DHT peer): it is trusted only briefly.
+                ttl = self.cache_ttl if hit and hit[1] else min(self.cache_ttl, EMPTY_CACHE_TTL)
+                if hit is not None and now - hit[0] < ttl:
                     out[p] = hit[1]
         missing = [p for p in dict.fromkeys(prefixes) if p not in out]
         if missing:
