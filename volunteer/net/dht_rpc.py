@@ -143,26 +143,38 @@ class DhtSessions:
         except RuntimeError:
             pass
 
+    # The pool is shared by every task of the node: requests take and give back streams
+    # whenever ``reap`` or ``close`` awaits a stream's close. Both therefore detach the
+    # streams they close from the pool first, in one step with no await, and only then
+    # close them. ``close`` used to iterate ``self._idle`` across those awaits: a request
+    # that gave back a stream to a new peer meanwhile raised "dictionary changed size
+    # during iteration" out of ``SwarmNode.set_dht_server`` and killed the start of a
+    # daemon joining a swarm of 20-30 (scripts/bench_scale.py).
     async def reap(self) -> None:
         """Close streams idle longer than ``IDLE_CLOSE`` (run as a background task)."""
         while True:
             await trio.sleep(IDLE_CLOSE / 2)
-            now = time.monotonic()
-            for peer, idle in list(self._idle.items()):
-                keep = [(t, s) for t, s in idle if now - t < IDLE_CLOSE]
-                for t, s in idle:
-                    if now - t >= IDLE_CLOSE:
-                        await _close(s)
-                if keep:
-                    self._idle[peer] = keep
-                else:
-                    self._idle.pop(peer, None)
+            for stream in self._detach_stale(time.monotonic()):
+                await _close(stream)
+
+    def _detach_stale(self, now: float) -> list[INetStream]:
+        """Remove the streams idle since ``IDLE_CLOSE`` from the pool; return them."""
+        stale: list[INetStream] = []
+        for peer, idle in list(self._idle.items()):
+            keep = [(t, s) for t, s in idle if now - t < IDLE_CLOSE]
+            stale.extend(s for t, s in idle if now - t >= IDLE_CLOSE)
+            if keep:
+                self._idle[peer] = keep
+            else:
+                del self._idle[peer]
+        return stale
 
     async def close(self) -> None:
-        for idle in self._idle.values():
-            for _t, s in idle:
+        """Close every idle stream (streams given back meanwhile stay pooled)."""
+        idle, self._idle = self._idle, {}
+        for streams in idle.values():
+            for _t, s in streams:
                 await _close(s)
-        self._idle.clear()
 
 
 async def _close(stream: INetStream) -> None:
