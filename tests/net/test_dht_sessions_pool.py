@@ -62,6 +62,33 @@ def test_close_survives_a_stream_given_back_to_a_new_peer_meanwhile():
     assert _pooled(sessions) == {_peer(9): ["late"]} and not late.closed
 
 
+class _SlowStream(_Stream):
+    """A stream whose close takes ``IDLE_CLOSE * 0.4`` (mock clock), as a remote one may."""
+
+    async def close(self) -> None:
+        await trio.sleep(IDLE_CLOSE * 0.4)
+        self.closed = True
+
+
+def test_close_runs_alongside_the_reaper():
+    """The daemon's case: the background reaper drops stale peers from the pool while
+    ``close`` (a switch to DHT server mode at start) still walks it."""
+    sessions = DhtSessions(host=None)  # type: ignore[arg-type]
+    long_ago = time.monotonic() - 10 * IDLE_CLOSE
+    streams = [_SlowStream(f"s{i}") for i in range(6)]
+    for i, s in enumerate(streams):
+        sessions._idle[_peer(i)] = [(long_ago, s)]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sessions.reap)
+            await sessions.close()  # raised RuntimeError once the reaper popped a peer
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=MockClock(autojump_threshold=0))
+    assert all(s.closed for s in streams) and sessions._idle == {}
+
+
 def test_reap_keeps_streams_given_back_while_it_closes_stale_ones():
     sessions = DhtSessions(host=None)  # type: ignore[arg-type]
     fresh = _Stream("fresh")
