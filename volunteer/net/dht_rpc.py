@@ -143,13 +143,15 @@ class DhtSessions:
         except RuntimeError:
             pass
 
-    # The pool is shared by every task of the node: requests take and give back streams
-    # whenever ``reap`` or ``close`` awaits a stream's close. Both therefore detach the
-    # streams they close from the pool first, in one step with no await, and only then
-    # close them. ``close`` used to iterate ``self._idle`` across those awaits: a request
-    # that gave back a stream to a new peer meanwhile raised "dictionary changed size
-    # during iteration" out of ``SwarmNode.set_dht_server`` and killed the start of a
-    # daemon joining a swarm of 20-30 (scripts/bench_scale.py).
+    # The pool is shared by every task of the node: requests take and give back streams,
+    # and the reaper drops stale peers, whenever ``reap`` or ``close`` awaits a stream's
+    # close. Both therefore detach the streams they close from the pool first, in one step
+    # with no await, and only then close them. ``close`` used to iterate ``self._idle``
+    # across those awaits: the reaper (every IDLE_CLOSE / 2) popping a peer meanwhile, or a
+    # request giving a stream back to a new one, raised "dictionary changed size during
+    # iteration" out of ``SwarmNode.set_dht_server`` (the switch to DHT server mode in
+    # ``NetworkService.start``). The more peers, the longer ``close`` takes: it killed the
+    # start of daemons joining a swarm of 20-30 (scripts/bench_scale.py --preset full).
     async def reap(self) -> None:
         """Close streams idle longer than ``IDLE_CLOSE`` (run as a background task)."""
         while True:
