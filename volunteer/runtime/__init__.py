@@ -4,13 +4,19 @@ bridge) submit requests through ``Runtime.submit``, the in-process entry point.
 
 Files:
 
-- ``limits.py``: ``ServingLimits`` (batch, queue, message and activation-cache bounds).
+- ``limits.py``: ``ServingLimits``, the one definition of every serving limit (the manifest's
+  ``serving`` section, ``max_grad_norm`` included; the wire limits derive from it).
 - ``task_pool.py``: ``Task`` and ``TaskPool`` (FIFO per (uid, op)).
 - ``validation.py``: request -> ``Task`` (arity, shapes, batch size), typed errors.
 - ``activation_cache.py``: ``ActivationCache`` of forward graphs for backward without recompute.
 - ``executor.py``: ``BatchExecutor`` (forward/backward of one batch, CPU and CUDA).
 - ``stats.py``: ``ExpertStats`` (counts, rates, batch histogram, latency percentiles, errors).
-- ``loop.py``: ``ServingLoop``, the one thread that does socket IO and compute (no hand-offs).
+- ``loop.py``: ``ServingLoop``, an epoll loop thread (one computes, one does the ZMTP IO).
 - ``runtime.py``: ``Runtime`` (submit, batching scheduler, drain/stop, ``exclusive()``, stats).
-- ``zmq_frontend.py``: ``ZmqFrontend`` (ROUTER socket on TCP, port 0 allowed).
+- ``zmq_frontend.py``: ``ZmqFrontend``, the ZeroMQ ROUTER endpoint on TCP (port 0 allowed),
+  served by our own ZMTP server on an IO thread of its own.
+- ``zmtp_server.py``: ``ZmtpServer`` (accept, epoll IO, every buffered byte reserved against
+  ``max_queued_bytes``, caps on frames, connections and unsent replies, deadlines).
+- ``zmtp_conn.py``: one connection's ZMTP 3.0 parsing (greeting, READY, frames), bounds
+  checked at each frame header before anything is allocated.
 """

@@ -6,7 +6,8 @@ it from the calling thread, instead of through libzmq, takes libzmq's IO thread 
 client's path: a request is one ``sendmsg`` of the caller's buffers (no copy into a libzmq
 message, no hand-off to an IO thread) and a reply is read by the thread that waits for it,
 straight into the buffers it returns (on 2 cores, a bare loop of forward+backward request
-pairs to a ZeroMQ ROUTER went from 0.83 to 0.60 ms per pair). The server side stays libzmq.
+pairs to a ZeroMQ ROUTER went from 0.83 to 0.60 ms per pair). The server side is the
+runtime's own bounded ZMTP server (``volunteer.runtime.zmtp_server``).
 
 Everything read from the peer is untrusted: the greeting, commands and frame headers are
 checked, every size is bounded (``max_reply_bytes``, ``max_frames``) before a buffer is
