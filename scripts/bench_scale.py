@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--daemons", type=int, help="override the preset's number of daemons")
     ap.add_argument("--timeout", type=float, help="override the preset's deadline for the whole run, s")
     ap.add_argument("--json", action="store_true", help="print only the JSON figures")
+    ap.add_argument("--keep-logs", type=Path, metavar="DIR",
+                    help="copy every daemon's log (vNNN.log) into DIR before the homes are removed")
     args = ap.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
     if args.daemons:
@@ -387,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         out["error"] = str(exc)
     finally:
+        if args.keep_logs is not None:
+            args.keep_logs.mkdir(parents=True, exist_ok=True)
+            for path in base.glob("v*.log"):
+                shutil.copy2(path, args.keep_logs / path.name)
         shutil.rmtree(base, ignore_errors=True)
     ok = ("error" not in out and not out["failed_starts"] and out["lookups"]["success"] == 1.0 and out["resolve"]["success"] == 1.0
           and out["train"]["ok"] == out["train"]["steps"])
