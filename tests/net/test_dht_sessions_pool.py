@@ -6,7 +6,7 @@ pool's dict across those awaits, and a stream given back to a new peer meanwhile
 "dictionary changed size during iteration" out of ``NetworkService.start`` (a daemon
 joining a 20-30 daemon swarm in scripts/bench_scale.py). ``reap`` overwrote a peer's list
 with the copy it took before the await, losing streams given back meanwhile (never
-closed, never reused).
+closed, never reused). ``RpcClient.close`` walked its stream pools the same way.
 
 The race is made deterministic: a stand-in stream's ``close`` gives a stream back to the
 pool, as a concurrent request finishing at that moment does, before it yields.
@@ -117,3 +117,32 @@ def test_detach_stale_empties_peers_with_only_stale_streams():
     sessions._idle[_peer(2)] = [(now - IDLE_CLOSE, _Stream("old2")), (now, new)]
     assert [s.name for s in sessions._detach_stale(now)] == ["old", "old2"]
     assert _pooled(sessions) == {_peer(2): ["new"]}
+
+
+def test_rpc_client_close_survives_a_call_picking_a_stream_meanwhile():
+    """``RpcClient.close`` had the same loop: a call for a new peer while a reset awaited."""
+    from volunteer.net.rpc_client import RpcClient, _Channel
+    from volunteer.wire.limits import WireLimits
+
+    client = RpcClient(None, None, WireLimits(), protocol="/test/1")  # type: ignore[arg-type]
+
+    class _ResetStream:
+        def __init__(self, during_reset=None) -> None:
+            self.during_reset, self.was_reset = during_reset, False
+
+        async def reset(self) -> None:
+            if self.during_reset is not None:
+                self.during_reset()
+            await trio.lowlevel.checkpoint()
+            self.was_reset = True
+
+    late = _Channel(_ResetStream())  # type: ignore[arg-type]
+    first = _ResetStream(lambda: client._pools.setdefault(_peer(9), []).append(late))
+    chans = [_Channel(first), _Channel(_ResetStream())]  # type: ignore[arg-type]
+    for i, chan in enumerate(chans):
+        client._pools[_peer(i)] = [chan]
+
+    trio.run(client.close)
+
+    assert all(c.broken and c.stream.was_reset for c in chans)
+    assert client._pools == {_peer(9): [late]} and not late.broken

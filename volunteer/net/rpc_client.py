@@ -263,11 +263,15 @@ class RpcClient:
                 await _reset(chan.stream)
 
     async def close(self) -> None:
-        for pool in self._pools.values():
-            for chan in pool:
+        """Fail and reset every stream. The pools are detached first (no await between):
+        a call picking a stream for a new peer while a reset awaits would otherwise change
+        the dict under the loop ("dictionary changed size during iteration", as
+        ``DhtSessions.close`` did at daemon start)."""
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            for chan in list(pool):
                 chan.fail_all("client closed")
                 await _reset(chan.stream)
-        self._pools.clear()
 
 
 async def _reset(stream: INetStream) -> None:
