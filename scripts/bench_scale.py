@@ -27,7 +27,7 @@ daemon served at its first try, every expert was discoverable, every
 lookup succeeded and every training step went through. Every daemon and home is removed at
 the end, also on failure or Ctrl-C.
 
-    python scripts/bench_scale.py --preset smoke|default|full [--json]
+    python scripts/bench_scale.py --preset smoke|default|full [--json] [--keep-logs DIR]
 """
 
 from __future__ import annotations
