@@ -16,7 +16,12 @@ import torch
 from tests.client.helpers import Token, make_experts, reference_moe
 from volunteer.client.directory import StaticDirectory
 from volunteer.client.moe import NotEnoughExpertsError, RemoteMixtureOfExperts
-from volunteer.wire.errors import DrainingError, OverloadedError, UnreachableError
+from volunteer.wire.errors import (
+    DrainingError,
+    OverloadedError,
+    RemoteTimeoutError,
+    UnreachableError,
+)
 
 HIDDEN = 8
 CELLS = [(0, 0), (0, 2), (1, 1), (2, 0), (2, 2), (1, 2)]
@@ -124,6 +129,26 @@ def test_fewer_than_k_min_alive_raises_before_calling():
         with pytest.raises(NotEnoughExpertsError, match=r"only 1 alive expert\(s\) found"):
             layer(torch.randn(4, HIDDEN))
         assert experts["m.ffn.1.1"].calls == 0
+    finally:
+        layer.close()
+
+
+class _TimingOutDirectory:
+    """A directory whose DHT lookups time out (what ``ClientNode`` raises past its deadline)."""
+
+    def children(self, prefixes):
+        raise RemoteTimeoutError("DHT lookup took longer than 10 s")
+
+    def resolve(self, uids):
+        raise RemoteTimeoutError("DHT lookup took longer than 10 s")
+
+
+def test_a_directory_that_times_out_is_not_enough_experts_not_a_crash():
+    layer = RemoteMixtureOfExperts(in_features=HIDDEN, grid_size=[2, 2], uid_prefix="m.ffn",
+                                   directory=_TimingOutDirectory(), k_best=2, k_min=1)
+    try:
+        with pytest.raises(NotEnoughExpertsError, match=r"directory failed.*longer than"):
+            layer(torch.randn(4, HIDDEN))
     finally:
         layer.close()
 

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -185,6 +185,15 @@ class RemoteMixtureOfExperts(nn.Module):
                 except Exception:  # a directory hiccup must not break the step
                     log.warning("directory.invalidate(%r) failed", uid, exc_info=True)
 
+    def _search(self, grid_scores: Any, avoided: Any) -> Any:
+        """Beam search; a directory that fails (a DHT lookup timed out, a peer unreachable)
+        is ``NotEnoughExpertsError`` like any step without enough experts."""
+        try:
+            return beam_search(grid_scores, self.uid_prefix, self.directory, self.beam_size,
+                               self.k_best, avoided)
+        except RemoteError as exc:
+            raise NotEnoughExpertsError(f"the expert directory failed: {exc}") from exc
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"expected (..., {self.in_features}) input, got {tuple(x.shape)}")
@@ -196,14 +205,10 @@ class RemoteMixtureOfExperts(nn.Module):
             return x.new_zeros(x.shape)
 
         avoided = self.avoid.active()
-        found = beam_search(
-            grid_scores, self.uid_prefix, self.directory, self.beam_size, self.k_best, avoided
-        )
+        found = self._search(grid_scores, avoided)
         if avoided and any(len(uids) < self.k_min for uids in found.uids):
             # avoidance is a hint, not a ban: rather retry avoided experts than fail the step
-            found = beam_search(
-                grid_scores, self.uid_prefix, self.directory, self.beam_size, self.k_best
-            )
+            found = self._search(grid_scores, frozenset())
         counts = [len(uids) for uids in found.uids]
         short = [b for b, c in enumerate(counts) if c < self.k_min]
         if short:

@@ -43,6 +43,7 @@ from volunteer.net.records import ServerEntry
 from volunteer.net.registry import ExpertRegistry
 from volunteer.net.rpc_client import REPLY_LIMITS, Libp2pTransport, RpcClient
 from volunteer.net.trio_thread import TrioThread
+from volunteer.wire.errors import RemoteTimeoutError
 from volunteer.wire.limits import WireLimits
 
 if TYPE_CHECKING:
@@ -165,10 +166,15 @@ class ClientNode:
         return self._thread.call(_sync_async(self.node.connected_peers))
 
     def _lookup(self, async_fn: Any, *args: Any) -> Any:
+        """Run a DHT lookup in the network thread; past ``lookup_timeout`` it raises the typed
+        ``RemoteTimeoutError`` (trio's own TooSlowError must not escape into a training loop)."""
         async def bounded() -> Any:
             with trio.fail_after(self.lookup_timeout):
                 return await async_fn(*args)
-        return self._thread.call(bounded)
+        try:
+            return self._thread.call(bounded)
+        except trio.TooSlowError:
+            raise RemoteTimeoutError(f"DHT lookup took longer than {self.lookup_timeout:g} s") from None
 
     def children(self, prefixes: Sequence[str]) -> dict[str, list[int]]:
         """Uncached DHT lookup (``DhtDirectory`` caches)."""
