@@ -91,7 +91,8 @@ class ClientNode:
 
     @property
     def multiaddrs(self) -> list[str]:
-        return self.node.multiaddrs()
+        """This node's addresses (read in the network thread, which owns the host)."""
+        return self._thread.run_sync(self.node.multiaddrs)
 
     def start(self, timeout: float = 60.0) -> ClientNode:
         self._thread.start(self._main, timeout=timeout)
@@ -100,7 +101,8 @@ class ClientNode:
     @property
     def reachability(self) -> str:
         """``public`` / ``private`` / ``unknown`` (unknown until the background check ends)."""
-        return str(getattr(self.nat, "reachability", "unknown") if self.nat else "unknown")
+        return self._thread.run_sync(
+            lambda: str(self.nat.reachability) if self.nat is not None else "unknown")
 
     async def _main(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
