@@ -20,10 +20,17 @@ mkdir -p "$LOGS"
 echo "netlab_repeat: $N runs, logs in $LOGS"
 
 lab_leftovers() {
-  # Namespaces named by tests/netlab/lab.py (vl<pid>x<n>-...) and processes of its programs.
-  ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^vl[0-9]+x[0-9]+-' || true
-  pgrep -af 'tests\.netlab\.(node|dmoe_volunteer|dmoe_trainer)|volunteer join .*natlab|volunteer join .*natshards' \
-    | grep -v pgrep || true
+  # What run $1 (its pytest pid) left: namespaces named by tests/netlab/lab.py after that pid
+  # (vl<pid>x<n>-...), and lab programs started from this checkout (cwd = $ROOT). Labs of
+  # other checkouts running at the same time (a CI run beside this loop) are not counted.
+  local owner="${1:-[0-9]+}"
+  ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^vl${owner}x[0-9]+-" || true
+  local p
+  for p in $(pgrep -f 'tests\.netlab\.(node|dmoe_volunteer|dmoe_trainer)|volunteer join .*natlab|volunteer join .*natshards' || true); do
+    if [ "$(readlink "/proc/$p/cwd" 2>/dev/null)" = "$ROOT" ]; then
+      echo "process $p: $(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null)"
+    fi
+  done
 }
 
 before="$(lab_leftovers)"
@@ -36,12 +43,14 @@ passed=0
 for i in $(seq 1 "$N"); do
   log="$LOGS/run$i.txt"
   t0=$(date +%s)
-  "$PY" -m pytest -q -rfE -m netlab tests/netlab -p no:cacheprovider "$@" >"$log" 2>&1
+  "$PY" -m pytest -q -rfE -m netlab tests/netlab -p no:cacheprovider "$@" >"$log" 2>&1 &
+  run_pid=$!
+  wait "$run_pid"
   rc=$?
   dt=$(( $(date +%s) - t0 ))
   summary="$(tail -n 1 "$log")"
-  leak="$(lab_leftovers)"
-  if [ -n "$leak" ] && [ "$leak" != "$before" ]; then
+  leak="$(lab_leftovers "$run_pid")"
+  if [ -n "$leak" ]; then
     echo "run $i/$N: FAIL (leak) ${dt}s  $summary"
     echo "left behind:"
     echo "$leak"
