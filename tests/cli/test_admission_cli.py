@@ -11,6 +11,7 @@ import yaml
 from tests.conftest import run_cli
 from volunteer.manifest.admission import parse_admission
 from volunteer.net import admission as adm
+from volunteer.net import admission_files as admf
 
 
 def one_line_error(result, code: int = 2) -> str:
@@ -28,7 +29,7 @@ def test_owner_and_volunteer_workflow(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     assert key.stat().st_mode & 0o777 == 0o600
     spec = parse_admission(yaml.safe_load(made.stdout)["admission"])  # paste-ready manifest lines
-    assert spec.owner == adm.owner_key_text(adm.load_owner_key(key))
+    assert spec.owner == adm.owner_key_text(admf.load_owner_key(key))
 
     before = run_cli("admission", "show", "--experiment", "exp", "--home", str(home), "--json")
     assert before.returncode == 0, before.stderr
@@ -43,7 +44,7 @@ def test_owner_and_volunteer_workflow(tmp_path: Path) -> None:
 
     installed = run_cli("admission", "install", str(token_file), "--experiment", "exp", "--home", str(home))
     assert installed.returncode == 0, installed.stderr
-    stored = adm.load_token(home, "exp")
+    stored = admf.load_token(home, "exp")
     policy = adm.AdmissionPolicy(spec.owner, (), "exp")
     assert stored is not None and policy.admits(peer_id, stored)
 
@@ -65,7 +66,7 @@ def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
 
 def test_bad_input_is_one_line_with_exit_2(tmp_path: Path) -> None:
     key, home = tmp_path / "owner.key", tmp_path / "home"
-    owner = adm.create_owner_key(key)
+    owner = admf.create_owner_key(key)
     line = one_line_error(run_cli("admission", "issue", "--key", str(key), "--experiment", "exp",
                                   "--peer", "QmNotAPeer"))
     assert "bad peer id" in line
@@ -86,7 +87,7 @@ def test_bad_input_is_one_line_with_exit_2(tmp_path: Path) -> None:
     line = one_line_error(run_cli("admission", "install", str(other), "--experiment", "another",
                                   "--home", str(home)))
     assert "not 'another'" in line
-    assert adm.load_token(home, "exp") is None
+    assert admf.load_token(home, "exp") is None
 
 
 def test_help_explains_the_workflow() -> None:

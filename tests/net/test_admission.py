@@ -23,6 +23,7 @@ from volunteer.manifest.admission import (
     peer_id_problem,
 )
 from volunteer.net import admission as adm
+from volunteer.net import admission_files as admf
 
 NOW = 1_800_000_000.0
 SHA_PEER = "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"
@@ -34,7 +35,7 @@ def new_peer() -> str:
 
 @pytest.fixture(scope="module")
 def owner(tmp_path_factory: pytest.TempPathFactory):
-    return adm.create_owner_key(tmp_path_factory.mktemp("owner") / "owner.key")
+    return admf.create_owner_key(tmp_path_factory.mktemp("owner") / "owner.key")
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_signature_without_the_domain_is_forged(owner, peers):
 
 
 def test_token_from_another_owner_is_refused(owner, peers, tmp_path):
-    stranger = adm.create_owner_key(tmp_path / "stranger.key")
+    stranger = admf.create_owner_key(tmp_path / "stranger.key")
     with pytest.raises(adm.WrongOwnerError):
         verify(token_for(stranger, peers[0]), owner, peers[0])
     # claiming the real owner's key in the payload does not help: the signature then fails
@@ -301,29 +302,29 @@ def test_policy_rejects_bad_owner_key():
 
 def test_owner_key_file_created_private_and_never_overwritten(tmp_path):
     path = tmp_path / "owner.key"
-    key = adm.create_owner_key(path)
+    key = admf.create_owner_key(path)
     assert path.stat().st_mode & 0o777 == 0o600
     before = path.read_bytes()
     with pytest.raises(adm.OwnerKeyFileError, match="refusing to overwrite"):
-        adm.create_owner_key(path)
+        admf.create_owner_key(path)
     assert path.read_bytes() == before
-    assert adm.owner_public_key(adm.load_owner_key(path)) == adm.owner_public_key(key)
+    assert adm.owner_public_key(admf.load_owner_key(path)) == adm.owner_public_key(key)
 
 
 def test_owner_key_file_problems(tmp_path):
     with pytest.raises(adm.OwnerKeyFileError, match="no such owner key file"):
-        adm.load_owner_key(tmp_path / "missing.key")
+        admf.load_owner_key(tmp_path / "missing.key")
     path = tmp_path / "owner.key"
-    adm.create_owner_key(path)
+    admf.create_owner_key(path)
     os.chmod(path, 0o644)
     with pytest.raises(adm.OwnerKeyFileError, match="chmod 600"):
-        adm.load_owner_key(path)
+        admf.load_owner_key(path)
     bad = tmp_path / "bad.key"
     for text in (b"", b"hello\n", f"{adm.OWNER_KEY_HEADER}\nzz\n".encode(), b"\x00" * 4096):
         bad.write_bytes(text)
         os.chmod(bad, 0o600)
         with pytest.raises(adm.OwnerKeyFileError, match="not an owner key file"):
-            adm.load_owner_key(bad)
+            admf.load_owner_key(bad)
 
 
 # ---- the node's own token ---------------------------------------------------------------
@@ -331,17 +332,17 @@ def test_owner_key_file_problems(tmp_path):
 
 def test_install_and_load_token(owner, peers, tmp_path):
     home = tmp_path / "home"
-    assert adm.load_token(home, "exp") is None
+    assert admf.load_token(home, "exp") is None
     token = token_for(owner, peers[0], issued=time.time())
     text = (adm.encode_token_text(token) + "\n").encode()
-    got = adm.install_token(home, "exp", text, peer_id=peers[0], now=time.time())
+    got = admf.install_token(home, "exp", text, peer_id=peers[0], now=time.time())
     assert got.peer_id == peers[0]
-    path = adm.token_path(home, "exp")
+    path = admf.token_path(home, "exp")
     assert path == home / "admission" / "exp.token"
     assert path.stat().st_mode & 0o777 == 0o600
-    assert adm.load_token(home, "exp") == token
-    adm.install_token(home, "exp", token)  # raw bytes work too
-    assert adm.load_token(home, "exp") == token
+    assert admf.load_token(home, "exp") == token
+    admf.install_token(home, "exp", token)  # raw bytes work too
+    assert admf.load_token(home, "exp") == token
 
 
 @pytest.mark.parametrize(("case", "error"), [
@@ -354,22 +355,22 @@ def test_install_refuses_bad_tokens_and_writes_nothing(owner, peers, tmp_path, c
             "peer": token_for(owner, peers[1]), "expired": token_for(owner, peers[0], issued=NOW - 10**8),
             "tampered": repack(good, exp=int(time.time()) + 10**6)}[case]
     with pytest.raises(error):
-        adm.install_token(tmp_path, "exp", data, peer_id=peers[0], now=time.time())
-    assert not adm.token_path(tmp_path, "exp").exists()
+        admf.install_token(tmp_path, "exp", data, peer_id=peers[0], now=time.time())
+    assert not admf.token_path(tmp_path, "exp").exists()
 
 
 def test_corrupt_token_file_is_a_typed_error(tmp_path):
-    path = adm.token_path(tmp_path, "exp")
+    path = admf.token_path(tmp_path, "exp")
     path.parent.mkdir()
     path.write_bytes(b"\x92\xc4")
     with pytest.raises(adm.MalformedTokenError, match="install a new token"):
-        adm.load_token(tmp_path, "exp")
+        admf.load_token(tmp_path, "exp")
 
 
 def test_token_path_refuses_names_that_escape_the_home(tmp_path):
     for name in ("../x", "a/b", "", "X"):
         with pytest.raises(adm.AdmissionError):
-            adm.token_path(tmp_path, name)
+            admf.token_path(tmp_path, name)
 
 
 # ---- the manifest section ---------------------------------------------------------------

@@ -61,7 +61,8 @@ def _utc(ts: float) -> str:
 @admission_app.command()
 def keygen(out: Path = typer.Argument(..., help="File to create for the owner key (never overwritten).")) -> None:
     """Create an experiment owner key and print the manifest lines that name it."""
-    from volunteer.net.admission import create_owner_key, owner_key_text
+    from volunteer.net.admission import owner_key_text
+    from volunteer.net.admission_files import create_owner_key
 
     with _admission_errors():
         key = create_owner_key(out)
@@ -80,7 +81,8 @@ def issue(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the token here instead of stdout."),
 ) -> None:
     """Sign a token admitting one peer id to an experiment (one base64 line)."""
-    from volunteer.net.admission import encode_token_text, issue_token, load_owner_key
+    from volunteer.net.admission import encode_token_text, issue_token
+    from volunteer.net.admission_files import load_owner_key
 
     now = time.time()
     with _admission_errors():
@@ -106,7 +108,8 @@ def install(
 ) -> None:
     """Check a token (signature, experiment, this node's peer id, expiry) and install it."""
     from volunteer.daemon.home import resolve_home
-    from volunteer.net.admission import AdmissionError, install_token, token_path
+    from volunteer.net.admission import AdmissionError
+    from volunteer.net.admission_files import install_token, token_path
 
     with _admission_errors():
         root = resolve_home(home)
@@ -132,7 +135,8 @@ def show(
 ) -> None:
     """Print this node's peer id (send it to the owner) and its token for the experiment, if any."""
     from volunteer.daemon.home import resolve_home
-    from volunteer.net.admission import decode_token, load_token, token_path
+    from volunteer.net.admission import decode_token
+    from volunteer.net.admission_files import load_token, token_path
 
     with _admission_errors():
         root = resolve_home(home)

@@ -16,7 +16,8 @@ signer holds no valid token (nor is listed in ``admission.peers``). An open expe
   keeps a token from ever passing as a registry entry or anything else the key signs).
   Tokens come from peers, so decoding treats them as hostile: at most ``MAX_TOKEN_BYTES``,
   exact types and keys, bounded lengths, and each refusal is a typed ``AdmissionError``.
-- A node keeps its own token at ``<home>/admission/<experiment>.token`` (raw bytes, 0600).
+- A node keeps its own token at ``<home>/admission/<experiment>.token`` (raw bytes, 0600;
+  owner key files and token storage: ``admission_files.py``).
   Tokens travel between people as one line of base64 (``encode_token_text``).
 """
 
@@ -25,20 +26,17 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import msgpack
 from nacl.bindings import crypto_core_ed25519_is_valid_point
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from volunteer.fsutil import atomic_write_bytes
 from volunteer.manifest.admission import (
     PUBLIC_KEY_BYTES,
     AdmissionSpec,
@@ -121,59 +119,7 @@ class AdmissionToken:
 # ---- owner keys -------------------------------------------------------------------------
 
 
-def create_owner_key(path: Path) -> SigningKey:
-    """Create a new owner key file at ``path`` (0600); refuse when the file already exists."""
-    path = Path(path)
-    key = _new_signing_key()
-    text = f"{OWNER_KEY_HEADER}\n{bytes(key).hex()}\n".encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise OwnerKeyFileError(f"{path} already exists; refusing to overwrite an owner key "
-                                "(pick another file name)") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return key
-
-
-def load_owner_key(path: Path) -> SigningKey:
-    """Load an owner key file written by ``create_owner_key``; OwnerKeyFileError if unusable."""
-    path = Path(path)
-    try:
-        mode = path.stat().st_mode & 0o777
-        with open(path, "rb") as f:
-            data = f.read(MAX_OWNER_KEY_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise OwnerKeyFileError(f"{path}: no such owner key file (create one with "
-                                "`volunteer admission keygen FILE`)") from None
-    except IsADirectoryError:
-        raise OwnerKeyFileError(f"{path} is a directory, not an owner key file") from None
-    if mode & 0o077:
-        raise OwnerKeyFileError(f"owner key file {path} has permissions {oct(mode)}; it must be "
-                                f"readable by its owner only: run `chmod 600 {path}`")
-    lines = data.decode("ascii", errors="replace").splitlines()
-    seed = None
-    if len(data) <= MAX_OWNER_KEY_FILE_BYTES and len(lines) == 2 and lines[0] == OWNER_KEY_HEADER:
-        try:
-            seed = bytes.fromhex(lines[1].strip())
-        except ValueError:
-            seed = None
-    if seed is None or len(seed) != SEED_BYTES:
-        raise OwnerKeyFileError(f"{path} is not an owner key file written by "
-                                "`volunteer admission keygen`")
-    key = SigningKey(seed)
-    if not crypto_core_ed25519_is_valid_point(bytes(key.verify_key)):
-        raise OwnerKeyFileError(f"{path} holds an invalid Ed25519 seed")
-    return key
-
-
-def _new_signing_key() -> SigningKey:
+def new_signing_key() -> SigningKey:
     """A fresh key whose public half is a valid point (as libp2p's Ed25519 keys are made)."""
     while True:
         key = SigningKey.generate()
@@ -194,7 +140,7 @@ def owner_key_text(key: SigningKey) -> str:
 # ---- tokens -----------------------------------------------------------------------------
 
 
-def _check_experiment(experiment: object) -> str:
+def check_experiment(experiment: object) -> str:
     if not isinstance(experiment, str) or not NAME_RE.match(experiment):
         raise AdmissionError(f"bad experiment name {experiment!r}: expected the manifest's "
                              "experiment.name (lowercase letters, digits, '-' or '_')")
@@ -204,7 +150,7 @@ def _check_experiment(experiment: object) -> str:
 def issue_token(owner_key: SigningKey, experiment: str, peer_id: str, expires: float,
                 issued_at: float | None = None) -> bytes:
     """Sign a token admitting ``peer_id`` to ``experiment`` until ``expires`` (unix seconds)."""
-    _check_experiment(experiment)
+    check_experiment(experiment)
     problem = peer_id_problem(peer_id)
     if problem:
         raise AdmissionError(f"bad peer id: {problem}")
@@ -236,7 +182,7 @@ def _int(obj: dict, key: str) -> int:
     return value
 
 
-def _parse(data: object) -> tuple[AdmissionToken, bytes, bytes]:
+def parse_token(data: object) -> tuple[AdmissionToken, bytes, bytes]:
     """Structure only (no signature or curve check): the token, its payload, its signature."""
     if not isinstance(data, bytes) or not 0 < len(data) <= MAX_TOKEN_BYTES:
         raise MalformedTokenError(f"a token must be 1 to {MAX_TOKEN_BYTES} bytes")
@@ -274,7 +220,7 @@ def _check_signature(token: AdmissionToken, payload: bytes, signature: bytes) ->
 
 def decode_token(data: object) -> AdmissionToken:
     """Decode a token and check it is signed by the owner key it names (not which owner)."""
-    token, payload, signature = _parse(data)
+    token, payload, signature = parse_token(data)
     if not crypto_core_ed25519_is_valid_point(token.owner):
         raise MalformedTokenError("token owner must be a valid Ed25519 public key")
     _check_signature(token, payload, signature)
@@ -300,7 +246,7 @@ def _verify_signed(data: object, owner: bytes, experiment: str) -> AdmissionToke
     The owner (a valid point: the policy checked it) is compared first, so tokens of other
     owners cost no curve or signature check.
     """
-    token, payload, signature = _parse(data)
+    token, payload, signature = parse_token(data)
     if token.owner != owner:
         raise WrongOwnerError(f"token signed by {token.owner_text[:24]}..., not by the "
                               f"experiment owner {format_owner_key(owner)[:24]}...")
@@ -360,7 +306,7 @@ class AdmissionPolicy:
             parse_owner_key(format_owner_key(owner_public_key))  # 32 bytes, a valid point
         self.owner = owner_public_key
         self.listed = frozenset(listed_peers)
-        self.experiment = _check_experiment(experiment)
+        self.experiment = check_experiment(experiment)
         self._cache: OrderedDict[bytes, AdmissionToken | AdmissionError] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -437,53 +383,3 @@ class AdmissionPolicy:
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return result
-
-
-# ---- the node's own token ---------------------------------------------------------------
-
-
-def token_path(home: Path, experiment: str) -> Path:
-    """Where a node keeps its token for ``experiment``: ``<home>/admission/<experiment>.token``."""
-    return Path(home) / ADMISSION_DIR / (_check_experiment(experiment) + TOKEN_SUFFIX)
-
-
-def load_token(home: Path, experiment: str) -> bytes | None:
-    """This node's token for ``experiment`` (None when none is installed).
-
-    Raises MalformedTokenError naming the file when it is not a token (install a new one).
-    """
-    path = token_path(home, experiment)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_TOKEN_BYTES + 1)
-    except FileNotFoundError:
-        return None
-    try:
-        _parse(data)
-    except MalformedTokenError as exc:
-        raise MalformedTokenError(f"{path}: {exc}; install a new token with `volunteer admission "
-                                  f"install TOKEN_FILE --experiment {experiment}`") from None
-    return data
-
-
-def install_token(home: Path, experiment: str, data: bytes, *, peer_id: str | None = None,
-                  now: float | None = None) -> AdmissionToken:
-    """Validate ``data`` (raw or base64) and store it as this node's token for ``experiment``.
-
-    Refuses tokens that do not parse, carry a bad signature, or name another experiment; with
-    ``peer_id``, also tokens for another peer, and with ``now``, expired ones.
-    """
-    raw = decode_token_text(data)
-    token = decode_token(raw)
-    if token.experiment != experiment:
-        raise WrongExperimentError(f"token is for experiment {token.experiment!r}, not {experiment!r}")
-    if peer_id is not None and token.peer_id != peer_id:
-        raise WrongPeerError(f"token is for peer {token.peer_id}, but this node is {peer_id}: ask "
-                             f"the owner for a token for {peer_id}")
-    if now is not None and token.expired(now):
-        raise ExpiredTokenError("token expired at " + time.strftime(
-            "%Y-%m-%d %H:%M UTC", time.gmtime(token.expires)) + "; ask the owner for a new one")
-    path = token_path(home, experiment)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    atomic_write_bytes(path, raw, mode=0o600)
-    return token

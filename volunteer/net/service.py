@@ -68,7 +68,8 @@ from libp2p.abc import IHost
 from volunteer.manifest.admission import OPEN, AdmissionSpec
 from volunteer.net import dht_store, records
 from volunteer.net import libp2p_adapter as lp
-from volunteer.net.admission import AdmissionError, AdmissionPolicy, load_token
+from volunteer.net.admission import AdmissionError, AdmissionPolicy
+from volunteer.net.admission_files import load_token
 from volunteer.net.config import NetworkConfig, NetworkSection, network_config
 from volunteer.net.dht_guard import DhtGuard, install_dht_guard
 from volunteer.net.dialing import dial
