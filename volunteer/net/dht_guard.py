@@ -38,6 +38,7 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 
 from volunteer.net.peer_limits import DHT_PEER_LIMITS, PeerLimiter, PeerLimits
 from volunteer.net.records import MAX_VALUE_BYTES
+from volunteer.net.stream_io import reset_quietly
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class DhtGuard:
             peer = None
         if self.peers.try_enter(peer) is not None:
             self.stats.streams_refused += 1
-            await _reset(stream)
+            await reset_quietly(stream)
             return
         guarded = _GuardedStream(stream, self, peer)
         try:
@@ -84,7 +85,7 @@ class DhtGuard:
         finally:
             self.peers.leave(peer)
             if guarded.refused:
-                await _reset(stream)
+                await reset_quietly(stream)
 
 
 class _GuardedStream:
@@ -158,17 +159,10 @@ class _GuardedStream:
 
     async def close(self) -> None:
         if self.refused:
-            await _reset(self._stream)
+            await reset_quietly(self._stream)
         else:
             await self._stream.close()
 
-
-async def _reset(stream: INetStream) -> None:
-    with trio.move_on_after(1.0):
-        try:
-            await stream.reset()
-        except Exception:
-            pass
 
 
 def install_dht_guard(host: IHost, dht: KadDHT, limits: PeerLimits = DHT_PEER_LIMITS,

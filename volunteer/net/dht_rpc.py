@@ -37,6 +37,7 @@ from libp2p.records.record import make_signed_put_record
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from volunteer.net.records import MAX_VALUE_BYTES
+from volunteer.net.stream_io import close_quietly, reset_quietly
 
 PER_PEER_STREAMS = 3
 MAX_IDLE_PER_PEER = 2
@@ -118,7 +119,7 @@ class DhtSessions:
                 self._give_back(peer, stream)
             else:
                 with trio.CancelScope(shield=True):
-                    await _reset(stream)
+                    await reset_quietly(stream)
 
     def _take_idle(self, peer: ID) -> INetStream | None:
         idle = self._idle.get(peer)
@@ -139,7 +140,7 @@ class DhtSessions:
 
     def _close_later(self, stream: INetStream) -> None:
         try:
-            trio.lowlevel.spawn_system_task(_close, stream)
+            trio.lowlevel.spawn_system_task(close_quietly, stream)
         except RuntimeError:
             pass
 
@@ -157,7 +158,7 @@ class DhtSessions:
         while True:
             await trio.sleep(IDLE_CLOSE / 2)
             for stream in self._detach_stale(time.monotonic()):
-                await _close(stream)
+                await close_quietly(stream)
 
     def _detach_stale(self, now: float) -> list[INetStream]:
         """Remove the streams idle since ``IDLE_CLOSE`` from the pool; return them."""
@@ -176,23 +177,9 @@ class DhtSessions:
         idle, self._idle = self._idle, {}
         for streams in idle.values():
             for _t, s in streams:
-                await _close(s)
+                await close_quietly(s)
 
 
-async def _close(stream: INetStream) -> None:
-    with trio.move_on_after(1.0):
-        try:
-            await stream.close()
-        except Exception:
-            pass
-
-
-async def _reset(stream: INetStream) -> None:
-    with trio.move_on_after(1.0):
-        try:
-            await stream.reset()
-        except Exception:
-            pass
 
 
 def _closer_peers(host: IHost, reply: Message) -> list[ID]:

@@ -51,6 +51,7 @@ from volunteer.net.stream_io import (
     encode_message,
     read_call_id,
     read_lengths,
+    reset_quietly,
 )
 from volunteer.net.trio_thread import TrioThread, TrioThreadError
 from volunteer.wire.errors import RemoteError, RemoteTimeoutError, UnreachableError
@@ -148,7 +149,7 @@ class RpcClient:
                 finally:
                     chan.pending.pop(call_id, None)
                     if chan.retired and not chan.pending:
-                        self.nursery.start_soon(_reset, chan.stream)
+                        self.nursery.start_soon(reset_quietly, chan.stream)
         except trio.TooSlowError:
             self.stats.timeouts += 1
             raise RemoteTimeoutError(f"no reply from {peer_id} within {timeout:.1f} s") from None
@@ -174,7 +175,7 @@ class RpcClient:
                 if not ok:  # error or cancelled mid-write: the stream's framing is lost
                     chan.fail_all("stream reset after an interrupted write")
                     with trio.CancelScope(shield=True):
-                        await _reset(chan.stream)
+                        await reset_quietly(chan.stream)
 
     async def _pick(self, peer_id: ID, addrs: Sequence[str]) -> _Channel:
         pool = self._pools.setdefault(peer_id, [])
@@ -211,7 +212,7 @@ class RpcClient:
                 chan.retired = True
                 self.stats.streams_retired += 1
                 if not chan.pending:
-                    self.nursery.start_soon(_reset, chan.stream)
+                    self.nursery.start_soon(reset_quietly, chan.stream)
         pool[:] = [c for c in pool if not c.retired]
 
     async def _open_stream(self, peer_id: ID, addrs: Sequence[str]) -> INetStream:
@@ -260,7 +261,7 @@ class RpcClient:
         finally:
             chan.fail_all(why)
             with trio.CancelScope(shield=True):
-                await _reset(chan.stream)
+                await reset_quietly(chan.stream)
 
     async def close(self) -> None:
         """Fail and reset every stream. The pools are detached first (no await between):
@@ -271,15 +272,8 @@ class RpcClient:
         for pool in pools.values():
             for chan in list(pool):
                 chan.fail_all("client closed")
-                await _reset(chan.stream)
+                await reset_quietly(chan.stream)
 
-
-async def _reset(stream: INetStream) -> None:
-    try:
-        with trio.move_on_after(1.0):
-            await stream.reset()
-    except Exception:
-        pass
 
 
 class Libp2pTransport:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+import trio
 from libp2p.abc import INetStream
 
 from volunteer.wire.errors import BadRequestError, TooLargeError
@@ -150,3 +151,22 @@ async def read_body(reader: BufferedStreamReader,
     """The frames after a call id; raises TooLargeError/BadRequestError/StreamClosedError."""
     lengths = await read_lengths(reader, limits)
     return [await reader.read_exactly(n) if n else b"" for n in lengths]
+
+
+async def reset_quietly(stream: INetStream, timeout: float = 1.0) -> None:
+    """Reset ``stream``, giving up after ``timeout`` s; errors are ignored (the peer may be
+    gone, which is often why we reset)."""
+    with trio.move_on_after(timeout):
+        try:
+            await stream.reset()
+        except Exception:
+            pass
+
+
+async def close_quietly(stream: INetStream, timeout: float = 1.0) -> None:
+    """Close ``stream`` politely, giving up after ``timeout`` s; errors are ignored."""
+    with trio.move_on_after(timeout):
+        try:
+            await stream.close()
+        except Exception:
+            pass
