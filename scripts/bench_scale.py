@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
@@ -49,6 +48,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_shards import daemon_status, env  # noqa: E402  (the same daemons, one way to run them)
 
 # ``timeout_s`` only guards against a hung run: each daemon start costs ~5 s of CPU (importing
 # torch and libp2p), so on a busy 2-core machine smoke takes minutes, not the ~40 s it takes
@@ -65,12 +67,6 @@ MIB = 2**20
 
 class BenchError(Exception):
     """The run did not get what it measures (a daemon died, a deadline passed)."""
-
-
-def env() -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if not k.startswith("VOLUNTEER_")}
-    out.update({"VOLUNTEER_LISTEN_HOST": "127.0.0.1", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"})
-    return out
 
 
 class Daemon:
@@ -94,14 +90,7 @@ class Daemon:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env())
 
     def status(self) -> dict[str, Any] | None:
-        from volunteer.daemon.control_client import call
-
-        if not (self.home / "control.json").exists():
-            return None
-        try:
-            return call(self.home, "status", wait_s=10.0)
-        except Exception:
-            return None
+        return daemon_status(self.home)
 
     def poll_serving(self) -> bool:
         """True once the node serves its experts and announced them (status refreshed)."""

@@ -71,6 +71,18 @@ network: {{public: "{public}"}}
     return path
 
 
+def daemon_status(home: Path) -> dict[str, Any] | None:
+    """The status snapshot of the daemon in ``home``, or None (not up yet, or not answering)."""
+    from volunteer.daemon.control_client import call
+
+    if not (home / "control.json").exists():
+        return None
+    try:
+        return call(home, "status", wait_s=10.0)
+    except Exception:
+        return None
+
+
 class Daemon:
     """One ``volunteer join`` process with its own home."""
 
@@ -83,14 +95,7 @@ class Daemon:
                                      env=env())
 
     def status(self) -> dict[str, Any] | None:
-        from volunteer.daemon.control_client import call
-
-        if not (self.home / "control.json").exists():
-            return None
-        try:
-            return call(self.home, "status", wait_s=10.0)
-        except Exception:
-            return None
+        return daemon_status(self.home)
 
     def wait(self, cond: Any, timeout: float, what: str) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
