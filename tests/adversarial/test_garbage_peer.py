@@ -37,8 +37,8 @@ import trio
 from tests.adversarial.garbage import attack_control, attack_libp2p, attack_zmq
 from tests.conftest import DaemonFactory, DaemonProc, run_cli
 from tests.integration.shard_helpers import poll, status
+from volunteer.client.node import ClientNode
 from volunteer.client.remote_expert import RemoteExpert
-from volunteer.net.client_node import ClientNode
 from volunteer.net.records import dht_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

@@ -14,10 +14,10 @@ import torch
 from tests.conftest import DaemonFactory
 from tests.integration.shard_helpers import poll, status
 from tests.runtime.servers import make_backends
+from volunteer.client.node import ClientNode
 from volunteer.client.zmq_transport import ZmqTransport
 from volunteer.daemon.network import start_network
 from volunteer.manifest import load_manifest
-from volunteer.net.client_node import ClientNode
 from volunteer.net.config import NetworkConfig
 from volunteer.runtime.runtime import Runtime
 from volunteer.runtime.zmq_frontend import ZmqFrontend

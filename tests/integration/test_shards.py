@@ -29,8 +29,8 @@ from tests.integration.shard_helpers import (
 )
 from tests.integration.toy_trainer import ToyTrainer
 from volunteer.client.moe import RemoteMixtureOfExperts
+from volunteer.client.node import ClientNode
 from volunteer.manifest import load_manifest
-from volunteer.net.client_node import ClientNode
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)

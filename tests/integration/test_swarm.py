@@ -24,8 +24,8 @@ from tests.conftest import DaemonFactory, DaemonProc, cli_env, run_cli
 from tests.integration.toy_trainer import ToyTrainer
 from tests.runtime.servers import wait_for
 from volunteer.client.moe import RemoteMixtureOfExperts
+from volunteer.client.node import ClientNode
 from volunteer.manifest import load_manifest
-from volunteer.net.client_node import ClientNode
 from volunteer.net.host import load_or_create_identity, peer_id_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

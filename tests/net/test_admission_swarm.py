@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from volunteer.client.node import ClientNode
 from volunteer.manifest.admission import OPEN, AdmissionSpec
 from volunteer.net import records
 from volunteer.net.admission import AdmissionError, AdmissionPolicy, issue_token, owner_key_text
 from volunteer.net.admission_files import create_owner_key, install_token
-from volunteer.net.client_node import ClientNode
 from volunteer.net.config import NetworkConfig
 from volunteer.net.host import load_or_create_identity, peer_id_of
 from volunteer.net.service import NetworkService

@@ -16,8 +16,8 @@ import torch
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.peer.id import ID
 
+from volunteer.client.node import ClientNode
 from volunteer.experts.backend import ExpertBackend, OptimizerSpec
-from volunteer.net.client_node import ClientNode
 from volunteer.net.host import parse_peer_addr
 from volunteer.net.nat.connections import is_relayed
 from volunteer.net.service import NetworkService

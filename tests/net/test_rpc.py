@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from volunteer.client.node import ClientNode
 from volunteer.client.remote_expert import RemoteExpert
 from volunteer.experts.backend import ExpertBackend, OptimizerSpec
-from volunteer.net.client_node import ClientNode
 from volunteer.net.service import NetworkService
 from volunteer.net.stream_io import (
     PROTOCOL_ID,

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
+from volunteer.client.node import ClientNode
 from volunteer.manifest.schema import NetworkConfig as ManifestNetwork
-from volunteer.net.client_node import ClientNode
 from volunteer.net.config import NetworkConfig
 from volunteer.net.service import ListenError, NetworkService
 from volunteer.net.trio_thread import TrioThreadError

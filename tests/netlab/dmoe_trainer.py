@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> None:
     from torch import nn
 
     from volunteer.client.moe import NotEnoughExpertsError, RemoteMixtureOfExperts
-    from volunteer.net.client_node import ClientNode
+    from volunteer.client.node import ClientNode
     from volunteer.net.host import quiet_libp2p_logging
 
     quiet_libp2p_logging()

@@ -13,6 +13,11 @@ Files:
 - ``dispatch.py``: the parallel forward/backward of all expert calls as one autograd node,
   with deadlines, ``k_min`` and ``timeout_after_k_min``.
 - ``moe.py``: ``RemoteMixtureOfExperts``, the layer; ``NotEnoughExpertsError``.
+- ``node.py``: ``ClientNode``: the trainer's peer (DHT client, no experts) that reaches
+  NATed volunteers by itself (relay circuits + DCUtR via ``NatTraversal``).
+- ``dht_directory.py``: ``DhtDirectory``: the ``ExpertDirectory`` over the DHT.
+- ``server_choice.py``: choosing among a uid's servers by client-side measurements, not
+  by the load a server reports about itself.
 
 The main names are importable from here; submodules load on first access (no import-time work).
 """
@@ -23,11 +28,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from volunteer.client.dht_directory import DhtDirectory
     from volunteer.client.directory import ExpertDirectory, StaticDirectory
     from volunteer.client.moe import NotEnoughExpertsError, RemoteMixtureOfExperts
+    from volunteer.client.node import ClientNode
     from volunteer.client.remote_expert import RemoteExpert
 
 __all__ = [
+    "ClientNode",
+    "DhtDirectory",
     "ExpertDirectory",
     "NotEnoughExpertsError",
     "RemoteExpert",
@@ -36,6 +45,8 @@ __all__ = [
 ]
 
 _LAZY = {
+    "ClientNode": "volunteer.client.node",
+    "DhtDirectory": "volunteer.client.dht_directory",
     "ExpertDirectory": "volunteer.client.directory",
     "StaticDirectory": "volunteer.client.directory",
     "NotEnoughExpertsError": "volunteer.client.moe",

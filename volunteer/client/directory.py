@@ -15,7 +15,7 @@ the protocol): RemoteMixtureOfExperts calls it, when present, with experts that 
 ``StaticDirectory`` answers from a fixed mapping uid -> endpoint/Transport (tests, local runs,
 the demo trainer). ``StaticDirectory.from_endpoints`` builds that mapping by asking each
 server which experts it hosts with the wire ``info`` op. The DHT-backed implementation lives
-in ``volunteer.net.dht_directory``.
+in ``volunteer.client.dht_directory``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Peer network (trio + py-libp2p): host and identity, bootstrap, Kademlia DHT expert
 registry with signed records, expert RPC over reused libp2p streams, and the bridge to the
-runtime. NAT traversal lives in ``volunteer.net.nat``.
+runtime. NAT traversal lives in ``volunteer.net.nat``. The trainer's side (``ClientNode``,
+``DhtDirectory``, server choice) lives in ``volunteer.client``, which imports this package;
+this package never imports ``volunteer.client``.
 
 Files (one concept each):
 
@@ -36,17 +38,12 @@ Files (one concept each):
   in bytes (``ByteBudget``), per peer (``PeerLimits``) and in time.
 - ``rpc_client.py``: ``RpcClient`` (per-peer stream pools that leave relayed connections
   once a direct one exists; replies bounded in size and time) and ``Libp2pTransport``.
-- ``server_choice.py``: choosing among a uid's servers by client-side measurements, not
-  by the load a server reports about itself.
 - ``trio_thread.py``: ``TrioThread``: a trio loop in a thread with a sync facade.
 - ``service.py``: ``NetworkService``: the daemon's facade (announce, heartbeat, drain,
   snapshot), running ``SwarmNode`` + ``RpcServer`` + ``NatTraversal``; serves the DHT
   only when reachable, announces relay-only addresses when private.
 - ``service_snapshot.py``: the service's status snapshot (JSON-serialisable, loop-owned
   state read in the network thread).
-- ``client_node.py``: ``ClientNode``: the trainer's peer (DHT client, no experts) that
-  reaches NATed volunteers by itself (relay circuits + DCUtR via ``NatTraversal``).
-- ``dht_directory.py``: ``DhtDirectory``: the client ``ExpertDirectory`` over the DHT.
 - ``dialing.py``: ``dial``: reach a peer by its record's addresses (direct, else relayed).
 - ``shard_rpc.py``: the shard protocol (header, chunk, adopt): ``ShardServer``, ``ShardClient``.
 - ``shard_download.py``: ``download_shard``: one shard from every holder at once, verified

@@ -47,7 +47,7 @@ from volunteer.wire.errors import RemoteTimeoutError
 from volunteer.wire.limits import WireLimits
 
 if TYPE_CHECKING:
-    from volunteer.net.dht_directory import DhtDirectory
+    from volunteer.client.dht_directory import DhtDirectory
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class ClientNode:
         return Libp2pTransport(self._thread, self.rpc, peer_id, addrs)
 
     def directory(self, **options: Any) -> DhtDirectory:
-        from volunteer.net.dht_directory import DhtDirectory
+        from volunteer.client.dht_directory import DhtDirectory
 
         return DhtDirectory(self, **options)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from volunteer.net.client_node import ClientNode
+from volunteer.client.node import ClientNode
 from volunteer.wire.errors import RemoteTimeoutError
 
 

@@ -28,13 +28,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from volunteer.client.server_choice import MeasuredTransport, ServerScores
+from volunteer.client.zmq_transport import ZmqTransport
 from volunteer.net import records
 from volunteer.net.records import Admit, RecordStats, ServerEntry
-from volunteer.net.server_choice import MeasuredTransport, ServerScores
 from volunteer.wire.errors import RemoteTimeoutError, UnreachableError
 
 if TYPE_CHECKING:
-    from volunteer.net.client_node import ClientNode
+    from volunteer.client.node import ClientNode
     from volunteer.wire.transport import Transport
 
 
@@ -220,8 +221,4 @@ def _prefix_queries(uid: str) -> list[str]:
 
 
 def _zmq_transport(endpoint: str) -> Any:
-    try:
-        from volunteer.client.zmq_transport import ZmqTransport
-    except ImportError:
-        return None
     return ZmqTransport(endpoint)

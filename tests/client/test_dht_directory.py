@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from volunteer.client.dht_directory import DhtDirectory, FallbackTransport, best_server
+from volunteer.client.server_choice import MeasuredTransport, ServerScores
 from volunteer.client.zmq_transport import ZmqTransport
-from volunteer.net.dht_directory import DhtDirectory, FallbackTransport, best_server
 from volunteer.net.records import RecordStats, ServerEntry
-from volunteer.net.server_choice import MeasuredTransport, ServerScores
 from volunteer.wire.errors import RemoteTimeoutError, UnreachableError
 
 

@@ -9,13 +9,13 @@ import time
 import msgpack
 import pytest
 
-from volunteer.net.records import ServerEntry
-from volunteer.net.server_choice import (
+from volunteer.client.server_choice import (
     LOAD_WEIGHT,
     MeasuredTransport,
     ServerScores,
     error_reply_code,
 )
+from volunteer.net.records import ServerEntry
 from volunteer.wire.errors import RemoteTimeoutError, UnreachableError
 
 
