@@ -109,7 +109,7 @@ class Swarm:
 
 def bench_swarm(n: int, cfg: dict, home: Path) -> dict:
     from volunteer.client.beam_search import beam_search
-    from volunteer.net.client_node import ClientNode
+    from volunteer.client.node import ClientNode
     from volunteer.net.registry import ExpertRegistry
 
     swarm = Swarm(n, home / f"swarm{n}")
@@ -226,9 +226,9 @@ def bench_rpc(cfg: dict, home: Path) -> dict:
     """1 x 64 forward to one runtime: ZeroMQ vs libp2p streams (pool of 1, 2, 4 streams)."""
     import torch
 
+    from volunteer.client.node import ClientNode
     from volunteer.client.zmq_transport import ZmqTransport
     from volunteer.experts.backend import ExpertBackend, OptimizerSpec
-    from volunteer.net.client_node import ClientNode
     from volunteer.net.service import NetworkService
     from volunteer.runtime.limits import ServingLimits
     from volunteer.runtime.runtime import Runtime

@@ -320,7 +320,7 @@ def stop_all(daemons: list[Daemon]) -> None:
 
 
 def run(cfg: dict[str, Any], base: Path, quiet: bool) -> dict[str, Any]:
-    from volunteer.net.client_node import ClientNode
+    from volunteer.client.node import ClientNode
 
     t_start = time.monotonic()
     deadline = t_start + cfg["timeout_s"]

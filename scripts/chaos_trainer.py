@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch import nn
 
     from volunteer.client.moe import NotEnoughExpertsError, RemoteMixtureOfExperts
-    from volunteer.net.client_node import ClientNode
+    from volunteer.client.node import ClientNode
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)

@@ -10,7 +10,7 @@ experts are hosted by volunteer daemons (``volunteer join demo``). The expert gr
 (prefix, dims) and width h come from the experiment manifest.
 
 With ``--bootstrap`` (the product path) the trainer joins the experiment's swarm as a
-client-mode peer (``volunteer.net.client_node.ClientNode``: queries the DHT, stores
+client-mode peer (``volunteer.client.node.ClientNode``: queries the DHT, stores
 nothing) and finds experts by beam search through the DHT (``DhtDirectory``): volunteers
 that join or leave during training are picked up or dropped by themselves. With
 ``--endpoint`` (no DHT) each endpoint is asked which experts it hosts (the wire ``info``
@@ -86,7 +86,7 @@ class _Swarm:
     """The DHT path: a client-mode peer and its directory, closed together."""
 
     def __init__(self, args: argparse.Namespace, experiment: str) -> None:
-        from volunteer.net.client_node import ClientNode
+        from volunteer.client.node import ClientNode
 
         host = args.listen_host or ("127.0.0.1" if all(a.startswith("/ip4/127.") for a in args.bootstrap)
                                     else "0.0.0.0")

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     node = big_node = big = None
     if args.libp2p:
-        from volunteer.net.client_node import ClientNode
+        from volunteer.client.node import ClientNode
 
         # a second peer sends the messages over the size limit: the server resets the stream of
         # such a message, which would also fail the honest calls multiplexed on it

@@ -29,7 +29,7 @@ Contract every group keeps (the averager relies on it, the tests check it):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -91,4 +91,28 @@ class AveragingGroup(Protocol):
 
     def close(self) -> None:
         """Leave the group: stop answering and stop being listed."""
+        ...
+
+
+# submit(sender_peer_id, request_frames, reply): answer by calling reply(frames) once, from any
+# thread; must not block (hand the work to a worker thread).
+ChannelSubmit = Callable[[str, list, Callable[[list], None]], None]
+
+
+class PeerChannel(Protocol):
+    """Carries averaging frames between two hosts: a trainer's ``ClientNode`` or a volunteer
+    daemon's ``NetworkService`` implement it over libp2p streams (protocol
+    ``/volunteer/averaging/1.0.0``). ``SwarmGroup`` is built on one, so trainers and the
+    daemon's replicas of one expert share every byte of the averaging path."""
+
+    def request(self, peer: str, addrs: Sequence[str], frames: list[bytes],
+                timeout: float) -> list[bytes]:
+        """Send one message to ``peer`` (reached by ``addrs`` if not connected) and return its
+        reply frames within ``timeout`` s; ``RemoteTimeoutError`` / ``UnreachableError``
+        otherwise."""
+        ...
+
+    def serve(self, submit: ChannelSubmit) -> None:
+        """Hand every inbound averaging message to ``submit`` (peer id authenticated by the
+        connection, never taken from the message)."""
         ...
