@@ -7,6 +7,8 @@
     svc.announce(uids, "serving", load) # published before it returns; heartbeats follow
     svc.set_draining()                  # re-announced as draining before it returns
     svc.shards.holders(uids)            # who holds which shard (``shard_network.py``)
+    ch = svc.open_channel("/volunteer/averaging/1.0.0", ChannelLimits(...))
+    ch.serve(submit); ch.request(peer, addrs, frames, timeout)  # ``protocol_channel.py``
     svc.stop()                          # withdraws the records (best effort), stops
 
 Configuration is typed: a frozen ``NetworkConfig`` (``volunteer.net.config``; a manifest
@@ -16,7 +18,7 @@ Configuration is typed: a frozen ``NetworkConfig`` (``volunteer.net.config``; a 
 
 Thread ownership: the node, registry, NAT traversal, RPC server and shard network are
 created in the trio thread and owned by it. The sync facade reads them only through the
-bridge (``TrioThread.run_sync`` / ``call``): ``snapshot()``, ``multiaddrs``,
+bridge (``TrioThread.run_sync`` / ``call``): ``snapshot()``, ``multiaddrs``, ``open_channel``,
 ``reachability`` and ``dht_server`` run in the loop and return plain values, and
 ``announce`` / ``set_load`` hand their values to the loop. Reaches into py-libp2p
 internals go through ``volunteer.net.libp2p_adapter``.
@@ -78,17 +80,20 @@ from volunteer.net.listen_error import ListenError, listen_error
 from volunteer.net.nat import reachability as rb
 from volunteer.net.nat.traversal import NatTraversal
 from volunteer.net.node import NodeConfig, SwarmNode
+from volunteer.net.protocol_channel import ChannelLimits, ProtocolChannel
 from volunteer.net.registry import AnnounceReport, ExpertRegistry
 from volunteer.net.rpc_server import RpcServer
 from volunteer.net.service_snapshot import service_snapshot
 from volunteer.net.shard_network import ShardNetwork
-from volunteer.net.shard_rpc import ShardServer
+from volunteer.net.shard_rpc import SHARD_PROTOCOL_ID, ShardServer
+from volunteer.net.stream_io import PROTOCOL_ID
 from volunteer.net.trio_thread import TrioThread, TrioThreadError
 from volunteer.runtime.limits import ServingLimits
 
 log = logging.getLogger(__name__)
 
 ANNOUNCE_TIMEOUT = 20.0
+_BUILTIN_PROTOCOLS = (PROTOCOL_ID, SHARD_PROTOCOL_ID)
 
 
 class NetworkService:
@@ -150,6 +155,8 @@ class NetworkService:
         self._state = "serving"
         self._load = 0.0
         self._announce_lock: trio.Lock | None = None
+        self._nursery: trio.Nursery | None = None
+        self.channels: dict[str, ProtocolChannel] = {}
         self.last_announce: AnnounceReport | None = None
         self.heartbeats = 0
         self._listen_error: ListenError | None = None
@@ -177,6 +184,7 @@ class NetworkService:
                                        admission_token=self.admission_token)
         self._announce_lock = trio.Lock()
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.node.run)
             if not self.node.host.get_addrs():
                 self._listen_error = listen_error(self.listen_host, self.listen_port)
@@ -353,6 +361,23 @@ class NetworkService:
         assert self.registry is not None
         with trio.move_on_after(timeout):
             await self.registry.announce([], state="draining", load=self._load)
+
+    # ------------------------------------------------------------------ more protocols
+    def open_channel(self, protocol: str, limits: ChannelLimits) -> ProtocolChannel:
+        """Serve and call one more protocol on this host (``protocol_channel.py``), with the
+        node's connector (direct, else relayed, then hole-punched); ValueError if served."""
+        return self._thread.run_sync(self._open_channel_now, protocol, limits)
+
+    def _open_channel_now(self, protocol: str, limits: ChannelLimits) -> ProtocolChannel:
+        self._thread.check_owner("the host's protocols")
+        if self.node is None or self._nursery is None:
+            raise TrioThreadError("the network service is not running")
+        if protocol in self.channels or protocol in _BUILTIN_PROTOCOLS:
+            raise ValueError(f"protocol {protocol} is served already")
+        channel = ProtocolChannel(self._thread, self.node.host, self._nursery, protocol, limits,
+                                  connector=self._connect)
+        self.channels[protocol] = channel
+        return channel
 
     # ------------------------------------------------------------------ snapshot
     def snapshot(self) -> dict:
