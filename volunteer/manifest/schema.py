@@ -101,6 +101,22 @@ class ShardConfig:
 
 
 @dataclass(frozen=True)
+class AveragingSection:
+    """How replicas of one expert uid stay one expert (``volunteer.daemon.replicas``): every
+    ``replica_period_s`` seconds a node hosting a uid runs one elastic exchange with a random
+    other holder of it, each side moving ``replica_alpha`` of the way towards the other's
+    weights (the Elastic Gossip thesis's pull; 0.5 makes both equal to their mean).
+    ``replica_period_s: 0`` turns replica averaging off (replicas then drift apart)."""
+
+    replica_period_s: float = 30.0
+    replica_alpha: float = 0.5
+
+    @property
+    def replicas_enabled(self) -> bool:
+        return self.replica_period_s > 0
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A validated experiment manifest; ``source`` is where it was read from."""
 
@@ -113,6 +129,7 @@ class Manifest:
     source: str = ""
     shards: ShardConfig = ShardConfig()
     admission: AdmissionSpec = OPEN
+    averaging: AveragingSection = AveragingSection()
 
     def fingerprint(self) -> str:
         """Hash of everything a checkpoint's tensors depend on.

@@ -18,6 +18,7 @@ from volunteer.manifest.admission import parse_admission
 from volunteer.manifest.errors import ManifestError, describe
 from volunteer.manifest.schema import (
     PUBLIC_CHOICES,
+    AveragingSection,
     ExperimentInfo,
     ExpertSpec,
     GridSpec,
@@ -43,6 +44,8 @@ MAX_GRID_SIZE = 2**20
 MAX_GRID_DIMS = 4
 MAX_ADDRS = 64
 MAX_OPTIONS = 32
+MIN_REPLICA_PERIOD_S = 0.5
+MAX_REPLICA_PERIOD_S = 86400.0
 
 
 class _Section:
@@ -153,7 +156,7 @@ def _serving(sv: _Section) -> ServingLimits:
 def validate_document(doc: Any, file: str, known_kinds: Collection[str] | None = None) -> Manifest:
     """Turn a parsed YAML document into a ``Manifest`` or raise ``ManifestError``."""
     top = _Section(doc, "", file, ("experiment", "expert", "grid", "optimizer", "serving", "network", "shards",
-                                   "admission"))
+                                   "admission", "averaging"))
 
     exp = top.section("experiment", ("name", "version", "description", "seed"))
     description = exp.data.get("description", "")
@@ -238,5 +241,17 @@ def validate_document(doc: Any, file: str, known_kinds: Collection[str] | None =
         chunk_bytes=sh.integer("chunk_bytes", ds.chunk_bytes, 1 << 16, 1 << 26),
     )
     admission = parse_admission(doc.get("admission"), file)
+    averaging = _averaging(top.section("averaging", ("replica_period_s", "replica_alpha"), required=False))
     return Manifest(experiment, expert, grid, optimizer, serving, network, source=file, shards=shards,
-                    admission=admission)
+                    admission=admission, averaging=averaging)
+
+
+def _averaging(av: _Section) -> AveragingSection:
+    """The ``averaging`` section: replica averaging's period (0: off) and elastic alpha."""
+    d = AveragingSection()
+    period = av.number("replica_period_s", d.replica_period_s, 0.0, MAX_REPLICA_PERIOD_S)
+    if 0 < period < MIN_REPLICA_PERIOD_S:
+        raise av.fail("replica_period_s", f"0 (off) or a number in [{MIN_REPLICA_PERIOD_S:g}, "
+                                          f"{MAX_REPLICA_PERIOD_S:g}]", period)
+    return AveragingSection(replica_period_s=period,
+                            replica_alpha=av.number("replica_alpha", d.replica_alpha, 0.0, 1.0, lo_open=True))
