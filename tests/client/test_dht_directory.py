@@ -249,7 +249,7 @@ def test_directory_admit_filter_drops_and_counts():
 
 
 def test_an_empty_lookup_is_cached_only_briefly(monkeypatch):
-    from volunteer.net import dht_directory
+    from volunteer.client import dht_directory
 
     now = [100.0]
     monkeypatch.setattr(dht_directory.time, "monotonic", lambda: now[0])
