@@ -24,11 +24,17 @@ does not collide with one the caller runs on the same host. ``nat=True`` runs it
 Dial-back servers are ``relays`` if given, else the bootstrap peers. ``holepunch=False``
 keeps relayed connections relayed (no DCUtR).
 Use as a context manager, or call ``start()`` / ``stop()``.
+
+Averaging: ``averaging_group(run_id, admit=..., admission_token=...)`` joins the run's
+``SwarmGroup`` (members found through the DHT under ``_avg.<run_id>.``, exchanges on
+``/volunteer/averaging/1.0.0``); the node then also takes relay reservations when it is not
+public, so NATed trainers reach each other (``node_channel.py``). ``stop()`` leaves the groups.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +53,10 @@ from volunteer.wire.errors import RemoteTimeoutError
 from volunteer.wire.limits import WireLimits
 
 if TYPE_CHECKING:
+    from volunteer.client.averaging.swarm_group import SwarmGroup
     from volunteer.client.dht_directory import DhtDirectory
+    from volunteer.client.node_channel import NodeAveraging
+    from volunteer.net.records import Admit
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +93,8 @@ class ClientNode:
         self.nat_error: str | None = None
         self._nat_ready: trio.Event | None = None
         self.nursery: trio.Nursery | None = None
+        self.averaging: NodeAveraging | None = None
+        self._averaging_lock = threading.Lock()
 
     @property
     def peer_id(self) -> str:
@@ -156,6 +167,8 @@ class ClientNode:
         return self._thread.call(async_fn, *args)
 
     def stop(self) -> None:
+        if self.averaging is not None:
+            self.averaging.close()  # withdraws the group entries while the loop still runs
         self._thread.stop()
 
     def __enter__(self) -> ClientNode:
@@ -203,6 +216,27 @@ class ClientNode:
         if self.rpc is None:
             raise RuntimeError("ClientNode is not started")
         return Libp2pTransport(self._thread, self.rpc, peer_id, addrs)
+
+    def averaging_group(self, run_id: str, *, admit: Admit | None = None,
+                        admission_token: bytes | None = None, reachable: bool = True,
+                        ttl: float = 30.0, compression: str | None = None,
+                        cache_s: float = 2.0, members_only: bool = True) -> SwarmGroup:
+        """Join run ``run_id``'s averaging group (see ``node_channel.py``). ``admit``: the
+        experiment's filter (``AdmissionPolicy.admits_entry``); ``admission_token``: this
+        node's token in a closed experiment; ``reachable``: take relay reservations when
+        not public; ``compression``: ``"fp16"`` halves the bytes of float32 tensors."""
+        from volunteer.client.node_channel import NodeAveraging
+
+        if self.rpc is None:
+            raise RuntimeError("ClientNode is not started")
+        with self._averaging_lock:
+            if self.averaging is None:
+                self.averaging = NodeAveraging(self)
+        if reachable:
+            self.averaging.make_reachable()
+        return self.averaging.group(run_id, admit=admit, admission_token=admission_token,
+                                    ttl=ttl, compression=compression, cache_s=cache_s,
+                                    members_only=members_only)
 
     def directory(self, **options: Any) -> DhtDirectory:
         from volunteer.client.dht_directory import DhtDirectory
