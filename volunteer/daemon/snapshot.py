@@ -27,6 +27,12 @@ Shape (all JSON; every section present, values may be null)::
     shards        replication, capacity, free, hosted {uid: state, version, root, weights_from, reason,
                   other_replicas, replica_versions, version_spread}, dropped {uid: why}, moves,
                   downloads {uid: progress}, cache {directory, bytes, max_bytes}
+    replicas      replica averaging (``volunteer.daemon.replicas.ReplicaSync.status``): enabled,
+                  period_s, alpha, rounds, last_round_at, lookup_errors, uids {uid: replicas
+                  [peer ids], replica_count, last_divergence (relative L2 before the pull),
+                  exchanges_ok, exchanges_failed, failures {code: n}, inbound_ok,
+                  inbound_refused {code: n}, last_exchange_at, last_exchange_age_s, last_peer};
+                  null without a peer network or with ``averaging.replica_period_s: 0``
     health        level (ok|idle|degraded|starting|draining), why (one line or null)
 """
 
@@ -111,8 +117,20 @@ def build_snapshot(sup: Supervisor, stats: dict[str, dict[str, Any]], include_us
         "settings": sup.settings.as_dict(),
         "network": network,
         "shards": sup.shards.status() if sup.shards is not None else None,
+        "replicas": _replicas(sup),
         "health": {"level": level, "why": why},
     }
+
+
+def _replicas(sup: Supervisor) -> dict[str, Any] | None:
+    """The replicas section (None when the supervisor runs no replica averaging)."""
+    sync = getattr(sup, "replicas", None)
+    if sync is None:
+        return None
+    try:
+        return sync.status()
+    except Exception as exc:  # the dashboard must render even when averaging is unwell
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def live_line_text(snap: dict[str, Any]) -> str:

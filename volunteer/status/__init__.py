@@ -7,6 +7,8 @@ Files:
   addresses, reachability, relay, peers direct/relayed/hole-punched, DHT announce state).
 - ``shards_view.py``: ``shard_rows(snapshot)``, the shards section (hosted uids, where their
   weights came from, replicas, downloads with bars), and the live line's download text.
+- ``replicas_view.py``: ``replica_rows(snapshot)``, the replicas section (per hosted uid:
+  other replicas, divergence before the last elastic pull, exchanges ok / failed).
 - ``plain.py``: ``render_plain(snapshot) -> str``, stable line-oriented text for pipes/logs.
 - ``dashboard.py``: ``render_dashboard(snapshot)``, a rich renderable for terminals
   (``NO_COLOR`` is honoured by rich's console).

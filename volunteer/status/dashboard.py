@@ -12,6 +12,7 @@ from rich.text import Text
 from volunteer.status import fmt
 from volunteer.status.network_view import network_rows
 from volunteer.status.plain import expert_rows
+from volunteer.status.replicas_view import replica_rows
 from volunteer.status.shards_view import shard_rows
 
 STATE_STYLE = {"serving": "green", "starting": "yellow", "draining": "yellow", "stopped": "red"}
@@ -74,6 +75,14 @@ def render_dashboard(snapshot: dict[str, Any]) -> Group:
         for key, value in srows:
             shards.add_row(key, Text(value))  # plain text: bars look like markup
         parts.append(Panel(shards, title="shards", title_align="left"))
+    rrows = replica_rows(snapshot)
+    if rrows:
+        replicas = Table.grid(padding=(0, 2))
+        replicas.add_column(style="bold", no_wrap=True)
+        replicas.add_column()
+        for key, value in rrows:
+            replicas.add_row(key, Text(value))
+        parts.append(Panel(replicas, title="replicas", title_align="left"))
     level = str(health.get("level", "n/a"))
     why = Text(f"health: {level}", style=LEVEL_STYLE.get(level, ""))
     if health.get("why"):

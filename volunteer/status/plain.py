@@ -6,6 +6,7 @@ from typing import Any
 
 from volunteer.status import fmt
 from volunteer.status.network_view import network_rows
+from volunteer.status.replicas_view import replica_rows
 from volunteer.status.shards_view import shard_rows
 
 
@@ -69,6 +70,9 @@ def render_plain(snapshot: dict[str, Any]) -> str:
     srows = shard_rows(snapshot)
     if srows:
         lines += [*_block("shards", srows), ""]
+    rrows = replica_rows(snapshot)
+    if rrows:
+        lines += [*_block("replicas", rrows), ""]
     net = network_rows(snapshot)
     if net:
         lines += _block("network", net)
