@@ -99,10 +99,25 @@ def test_three_members_find_each_other_and_exchange(swarm):
     finally:
         for g in groups:
             g.close()
-    # Left: the handlers no longer answer, and the entries are withdrawn.
+    # Left: the handlers no longer answer, and the entries are withdrawn (tombstones).
     assert nodes[1].averaging.server.groups() == []
     with pytest.raises(OverloadedError):
         groups[0].exchange(groups[1].me, Exchange("elastic", 1, [torch.ones(1)]), 20.0)
+    poll(lambda: nodes[2].lookup(["_avg.three."])["_avg.three."] == [])
+
+
+def test_entries_are_refreshed_before_they_expire(swarm):
+    _boot, nodes = swarm
+    a, b = join_all(nodes[:2], "fresh", ttl=2.0)
+    try:
+        # five publishes take ~2.7 s (one every ttl / 3): past the first entry's expiry
+        poll(lambda: a.provider.publishes >= 5 and b.provider.publishes >= 5)
+        assert a.provider.refresh() and [p for p, _ in a.provider.refresh()] == sorted(
+            [a.me, b.me])
+        assert a.members() == [b.me]
+    finally:
+        a.close()
+        b.close()
 
 
 def test_fp16_exchange(swarm):
@@ -241,7 +256,7 @@ def test_a_stranger_without_a_token_is_never_a_member(swarm):
         poll(lambda: {a.me, b.me} <= set(s.members()))  # the DHT holds every entry...
         poll(lambda: set(a.members()) == {b.me} and set(b.members()) == {a.me})
         a.serve(plus_one())
-        assert s.me in {p for p, _ in s._provider()}  # ...the stranger's own included
+        assert s.me in {p for p, _ in s.provider()}  # ...the stranger's own included
         for _ in range(5):
             assert s.me not in a.members() and s.me not in b.members()
             time.sleep(0.2)

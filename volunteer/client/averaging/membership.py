@@ -158,11 +158,15 @@ class DhtMembership:
             return list(self._members)
 
     def _spawn_refresh(self) -> None:
-        if self._nursery is None:
+        """In the loop: start a background lookup (never raise here: a callback's exception
+        would end the loop)."""
+        try:
+            if self._nursery is None:
+                raise RuntimeError("not started")
+            self._nursery.start_soon(self._lookup)
+        except RuntimeError:  # not started, or the node is stopping (nursery closed)
             with self._lock:
                 self._refreshing = False
-            return
-        self._nursery.start_soon(self._lookup)
 
     async def _lookup(self) -> None:
         found: list[tuple[str, list[str]]] | None = None

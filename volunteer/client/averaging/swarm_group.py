@@ -164,7 +164,7 @@ class SwarmGroup:
         self.compression = compression
         self.limits = limits
         self._me = me
-        self._provider = members
+        self.provider = members
         self._on_close = on_close
         self._addrs: dict[str, list[str]] = {}
         self._closed = False
@@ -176,7 +176,7 @@ class SwarmGroup:
     def members(self) -> list[str]:
         """The other members the provider lists now (deduplicated, never ``me``)."""
         listed: dict[str, list[str]] = {}
-        for peer, addrs in self._provider():
+        for peer, addrs in self.provider():
             if peer != self._me and peer not in listed:
                 listed[peer] = list(addrs)
         self._addrs.update(listed)
@@ -193,7 +193,7 @@ class SwarmGroup:
             return
 
         def members_only(sender: str, request: Exchange) -> list[torch.Tensor]:
-            if sender == self._me or sender not in {p for p, _a in self._provider()}:
+            if sender == self._me or sender not in {p for p, _a in self.provider()}:
                 raise OverloadedError(f"{sender[-8:]} is not a member of {self.group} as this "
                                       "peer sees it (yet); try later")
             return handler(sender, request)
