@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from volunteer.client.averaging.averager import Averager
 from volunteer.client.averaging.group import Exchange
+from volunteer.client.averaging.methods import AveragingConfig
 from volunteer.client.averaging.swarm_group import ExchangeServer
 from volunteer.client.averaging.wire import decode_answer, encode_exchange
 from volunteer.client.node import ClientNode
@@ -286,5 +288,50 @@ def test_hostile_bytes_to_the_server_are_refused_typed(swarm):
                 decode_answer(channel.request(b.me, addrs, frames, 20.0))
         assert a.exchange(b.me, Exchange("elastic", 1, [torch.zeros(1)]), 20.0)[0].item() == 1.0
     finally:
+        a.close()
+        b.close()
+
+
+def test_averagers_elastic_gossip_moves_two_trainers_together(swarm):
+    """End to end: two ClientNodes' Averagers (elasticGossip, alpha 0.5) over SwarmGroup;
+    one symmetric pull each way and both end at the pair's mean."""
+    _boot, nodes = swarm
+    a, b = join_all(nodes[:2], "elastic")
+    pa, pb = torch.nn.Parameter(torch.zeros(16)), torch.nn.Parameter(torch.full((16,), 4.0))
+    config = AveragingConfig("elasticGossip", period=1, alpha=0.5, timeout=20.0)
+    av_a, av_b = Averager([pa], a, config, seed=0), Averager([pb], b, config, seed=1)
+    try:
+        assert av_a.gossip(1) == b.me  # a pulled halfway; b answered and queued its pull
+        assert torch.allclose(pa.data, torch.full((16,), 2.0))
+        poll(lambda: av_b.apply_pending() == 1)  # the trainer applies it between its steps
+        assert torch.allclose(pb.data, torch.full((16,), 2.0))
+        pb.data += 2.0  # b trains on; the pull now goes the other way over b's own stream
+        assert av_b.gossip(2) == a.me
+        poll(lambda: av_a.apply_pending() == 1)
+        assert torch.allclose(pa.data, pb.data) and torch.allclose(pa.data, torch.full((16,), 3.0))
+        assert av_a.stats()["exchanges_failed"] == {} and av_b.stats()["inbound_refused"] == {}
+    finally:
+        av_a.close()
+        av_b.close()
+        a.close()
+        b.close()
+
+
+def test_averagers_grad_all_reduce_over_the_swarm(swarm):
+    _boot, nodes = swarm
+    a, b = join_all(nodes[:2], "allreduce")
+    pa, pb = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    pa.grad, pb.grad = torch.full((4,), 1.0), torch.full((4,), 3.0)
+    config = AveragingConfig("gradAllReduce", timeout=20.0)
+    av_a, av_b = Averager([pa], a, config), Averager([pb], b, config)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            rounds = [pool.submit(av.all_reduce_grads, 1) for av in (av_a, av_b)]
+            assert [r.result(60) for r in rounds] == [1, 1]
+        assert torch.equal(pa.grad, torch.full((4,), 2.0))
+        assert torch.equal(pb.grad, torch.full((4,), 2.0))
+    finally:
+        av_a.close()
+        av_b.close()
         a.close()
         b.close()
