@@ -53,7 +53,7 @@ class NodeAveraging:
         self.server = ExchangeServer(self.channel)
         self.reachable = False
         self._lock = threading.Lock()
-        self._groups: list[SwarmGroup] = []
+        self._groups: dict[str, SwarmGroup | None] = {}  # prefix -> group (None: joining)
 
     def _open(self, limits: ChannelLimits) -> ProtocolChannel:
         c = self.client
@@ -99,24 +99,39 @@ class NodeAveraging:
         """Join run ``run_id``'s group: announce, and return the ``SwarmGroup``."""
         c = self.client
         prefix = group_prefix(run_id)
-        registry = ExpertRegistry(c.node.dht, c.registry.key_pair, c.experiment, ttl=ttl,
-                                  admission_token=admission_token)
-        membership = DhtMembership(c._thread, registry, prefix, addrs=self.addrs,
-                                   reachability=self.reachability, admit=admit,
-                                   cache_s=cache_s,
-                                   lookup_timeout=lookup_timeout or c.lookup_timeout)
-        membership.start(c.nursery)
-        group = SwarmGroup(self.server, self.channel, prefix, c.peer_id, membership,
-                           compression=compression, members_only=members_only,
-                           on_close=membership.close)
         with self._lock:
-            self._groups.append(group)
+            if prefix in self._groups:
+                raise ValueError(f"run_id: this node is already a member of {run_id!r}; "
+                                 "close that group first")
+            self._groups[prefix] = None
+        try:
+            registry = ExpertRegistry(c.node.dht, c.registry.key_pair, c.experiment, ttl=ttl,
+                                      admission_token=admission_token)
+            membership = DhtMembership(c._thread, registry, prefix, addrs=self.addrs,
+                                       reachability=self.reachability, admit=admit,
+                                       cache_s=cache_s,
+                                       lookup_timeout=lookup_timeout or c.lookup_timeout)
+            membership.start(c.nursery)
+        except BaseException:
+            with self._lock:
+                self._groups.pop(prefix, None)
+            raise
+
+        def leave() -> None:
+            membership.close()
+            with self._lock:
+                self._groups.pop(prefix, None)
+
+        group = SwarmGroup(self.server, self.channel, prefix, c.peer_id, membership,
+                           compression=compression, members_only=members_only, on_close=leave)
+        with self._lock:
+            self._groups[prefix] = group
         return group
 
     def close(self) -> None:
         """Leave every group (withdrawing the entries) and stop answering."""
         with self._lock:
-            groups, self._groups = self._groups, []
+            groups = [g for g in self._groups.values() if g is not None]
         for g in groups:
             g.close()
         self.server.close()
