@@ -358,10 +358,12 @@ class Averager:
             return out
 
     def close(self) -> None:
-        """Stop averaging: inbound exchanges are refused (draining), pushes stop."""
+        """Stop averaging: inbound exchanges are refused (draining), queued pushes are
+        dropped, and pushes already on their way are waited for (each is bounded by
+        ``config.timeout``), so no thread of ours touches the group after ``close``."""
         self._closed = True
-        self._pool.shutdown(wait=False, cancel_futures=True)
         with self._cond:
             self._grads.clear()
             self._pending.clear()
             self._cond.notify_all()
+        self._pool.shutdown(wait=True, cancel_futures=True)
