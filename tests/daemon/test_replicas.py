@@ -154,6 +154,9 @@ def test_one_elastic_exchange_meets_halfway_and_records_divergence(pair) -> None
     assert st["replicas"] == ["peer-b"] and st["replica_count"] == 1 and st["last_peer"] == "peer-b"
     assert st["exchanges_ok"] == 1 and st["exchanges_failed"] == 0 and st["last_exchange_at"] == a.now
     assert b.uid_status()["inbound_ok"] == 1
+    # Both sides' weights moved without an optimizer step: their revision says so.
+    assert a.backends[UID].weights_revision == 1 and b.backends[UID].weights_revision == 1
+    assert a.backends[UID].updates_applied == 0
     # The copy and the pull took the lock on both sides.
     assert a.pause.entered >= 2 and b.pause.entered >= 1
 
@@ -193,6 +196,7 @@ def test_unknown_holder_and_too_frequent_exchanges_are_refused(pair) -> None:
     assert a.uid_status()["failures"] == {"overloaded": 1}
     assert _dist(a.weights(), before_a) == 0 and _dist(b.weights(), before_b) == 0
     assert b.uid_status()["inbound_refused"] == {"overloaded": 1}
+    assert not hasattr(b.backends[UID], "weights_revision")  # refused: nothing moved
 
     b.sees("peer-a")  # b's next read lists a
     b.now += 10.0

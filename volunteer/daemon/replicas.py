@@ -26,6 +26,8 @@ execution, so the optimizer never steps while a pull changes the weights, and a 
 is consistent. It is taken only around the copy and the pull, never across the network.
 Weights are changed through their ``.data`` aliases, as the optimizer steps them
 (``volunteer.experts.backend``): a forward graph cached for a later backward stays valid.
+Each pull adds one to the backend's ``weights_revision`` (its weights changed, its
+``updates_applied`` did not), for whoever decides whether a checkpoint or shard is stale.
 
 Nothing here blocks serving: rounds run in their own thread ("volunteer-replicas"); every
 exchange is bounded by ``exchange_timeout(nbytes)``; inbound exchanges run in the
@@ -132,7 +134,9 @@ class _ReplicaGroup:
             except RemoteError as exc:
                 self.sync._count_refusal(self.uid, exc.code)
                 raise
-            return handler(sender, request)
+            answer = handler(sender, request)
+            self.sync._moved(self.uid)
+            return answer
 
         self.inner.serve(guarded)
 
@@ -229,6 +233,7 @@ class ReplicaSync:
             peer = r.averager.gossip(min(self.rounds, 2**62))
             if peer is not None:
                 done += 1
+                self._moved(r.uid)
                 with self._mutex:
                     r.exchanges_ok += 1
                     r.last_exchange_at, r.last_peer = self._wall(), peer
@@ -320,6 +325,15 @@ class ReplicaSync:
                                       "try later")
             r.inbound_at = {p: t for p, t in r.inbound_at.items() if p in self._known.get(uid, ())}
             r.inbound_at[sender] = now
+
+    def _moved(self, uid: str) -> None:
+        """Count a pull on the backend's ``weights_revision``: its weights changed without an
+        optimizer step, so ``updates_applied`` alone does not say a checkpoint or shard is
+        stale."""
+        with self._mutex:
+            r = self._replicas.get(uid)
+            if r is not None:
+                r.backend.weights_revision = int(getattr(r.backend, "weights_revision", 0)) + 1
 
     def _count_refusal(self, uid: str, code: str) -> None:
         with self._mutex:
