@@ -12,7 +12,7 @@ received tensors + 1 (no averaging arithmetic: this proves the path, not a metho
 
 Stdout JSON lines: ``joined`` (peer id, reachability, relay addrs, the addresses its entry
 announces), ``members`` (the other members found), ``exchanged`` (per exchange: ok or the
-typed error; connection kinds per peer as ``dmoe_trainer`` reports them; channel counters),
+typed error, and its seconds (the first one includes connecting); connection kinds per peer as ``dmoe_trainer`` reports them; channel counters),
 or ``error``. Then stdin ``{"cmd": "served"}`` answers ``served`` (senders whose exchanges
 this node's handler answered, and how often), ``{"cmd": "quit"}`` (or EOF) exits.
 """
@@ -70,9 +70,11 @@ def main(args: argparse.Namespace) -> None:
     emit("members", members=members, seconds=round(time.monotonic() - STARTED, 3))
 
     results: list[str] = []
+    took: list[float] = []
     for i in range(args.exchanges):
         for peer in members:
             x = torch.randn(args.size)
+            t0 = time.monotonic()
             try:
                 out = group.exchange(peer, Exchange("elastic", i, [x, torch.ones(3)]),
                                      args.timeout)
@@ -81,8 +83,9 @@ def main(args: argparse.Namespace) -> None:
                 results.append("ok" if good else "wrong answer")
             except RemoteError as e:
                 results.append(f"{type(e).__name__}: {e}"[:200])
+            took.append(round(time.monotonic() - t0, 3))
     kinds = kinds_by_peer(client)
-    emit("exchanged", results=results, connect_kinds=connect_kinds(kinds), kinds=kinds,
+    emit("exchanged", results=results, took_s=took, connect_kinds=connect_kinds(kinds), kinds=kinds,
          channel=client._thread.run_sync(averaging.channel.snapshot),
          nat=client.call(_async(lambda: client.nat.snapshot() if client.nat else {})),
          seconds=round(time.monotonic() - STARTED, 3))
