@@ -388,3 +388,19 @@ def test_collaborative_needs_a_group_to_average() -> None:
         co.optimizer.param_groups[0]["params"][0].grad = torch.tensor([1.0])
         co.step()
         assert co.params[0].tolist() == pytest.approx([0.9])
+
+
+class _BrokenMembers(LocalGroup):
+    """A group whose membership lookup fails (a DHT error, say)."""
+
+    def members(self) -> list[str]:
+        raise RuntimeError("lookup failed")
+
+
+def test_a_failing_membership_lookup_is_counted_not_raised(hub: LocalHub) -> None:
+    a = Averager([param(1.0)], _BrokenMembers(hub, "a"), ALL_REDUCE)
+    a.params[0].grad = torch.tensor([2.0])
+    assert a.all_reduce_grads(1) == 0 and grads_of(a) == [[2.0]]
+    e = Averager([param(1.0)], _BrokenMembers(hub, "e"), AveragingConfig("elasticGossip"))
+    assert e.gossip(1) is None and values_of(e) == [[1.0]]
+    assert a.stats()["exchanges_failed"] == {"members": 1}

@@ -212,6 +212,14 @@ class Averager:
         with self._cond:
             self._stats["exchanges_failed"][code] += 1
 
+    def _members(self) -> list[str] | None:
+        """The group's current members but us; None (counted) if the group fails to say."""
+        try:
+            return [m for m in self.group.members() if m != self.group.me]
+        except Exception as exc:  # the group's fault (a DHT lookup, say), not the trainer's
+            self._count_failure(RemoteError(f"members: {exc}", code="members"))
+            return None
+
     def _exchange(self, peer: str, request: Exchange, timeout: float) -> list[torch.Tensor] | None:
         """One exchange; None (counted) on any failure, never raised."""
         if timeout <= 0:
@@ -242,7 +250,7 @@ class Averager:
             self._next_round = step
             for old in [r for r in self._grads if r < step]:
                 del self._grads[old]
-        expected = set(self.group.members())
+        expected = set(self._members() or ())
         failed: set[str] = set()
 
         def push(peer: str) -> None:
@@ -269,10 +277,11 @@ class Averager:
                 if now >= next_poll:  # a member that left will not send
                     self._cond.release()
                     try:
-                        live = set(self.group.members())
+                        live = self._members()
                     finally:
                         self._cond.acquire()
-                    expected &= live
+                    if live is not None:  # a failed lookup changes nothing
+                        expected &= set(live)
                     next_poll = now + POLL_S
                 self._cond.wait(timeout=max(0.0, min(deadline, next_poll) - now))
             arrivals = self._grads.pop(step, {})
@@ -305,7 +314,7 @@ class Averager:
     def gossip(self, step: int) -> str | None:
         """One elastic or gossip exchange with a random member (per ``config``); the peer,
         or None when there was none or it failed."""
-        members = self.group.members()
+        members = self._members()
         if not members or self._closed:
             return None
         peer = self._rng.choice(sorted(members))
