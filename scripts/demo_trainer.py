@@ -28,6 +28,8 @@ import os
 import sys
 import time
 
+import trainer_averaging
+
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -54,7 +56,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                              "bootstrap peer is on loopback, else 0.0.0.0)")
     parser.add_argument("--discover-timeout", type=float, default=30.0,
                         help="seconds to wait for the first experts to appear in the DHT")
+    trainer_averaging.add_arguments(parser)
     args = parser.parse_args(argv)
+    trainer_averaging.check(parser, args)
     if not args.endpoint and not args.bootstrap:
         parser.error("give --bootstrap MULTIADDR (join the swarm) or --endpoint tcp://HOST:PORT "
                      "(see `volunteer status`)")
@@ -148,7 +152,7 @@ def _build(args: argparse.Namespace):
     else:
         directory, n_experts = _static_directory(args, prefix, hidden)
         closer = directory
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed if args.init_seed is None else args.init_seed)
     moe = RemoteMixtureOfExperts(
         hidden, dims, prefix, directory, k_best=args.k_best, k_min=min(args.k_min, args.k_best),
         forward_timeout=args.timeout, backward_timeout=args.timeout, timeout_after_k_min=1.0,
@@ -187,12 +191,22 @@ def run(args: argparse.Namespace) -> None:
 
     from volunteer.client.moe import NotEnoughExpertsError
 
-    x_train, y_train, x_test, y_test = _load_data(args.seed)
+    x_train, y_train, x_test, y_test = _load_data(args.init_seed if args.init_seed is not None else args.seed)
+    x_train, y_train = trainer_averaging.shard(x_train, y_train, args)
     model, moe, closer, n_experts = _build(args)
     where = (f"in the DHT (joined through {len(args.bootstrap)} peer(s))" if args.bootstrap
              else f"at {len(args.endpoint)} endpoint(s)")
     print(f"found {n_experts} experts {where}; training {args.steps} steps", flush=True)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    try:
+        opt, group = trainer_averaging.wrap(torch.optim.Adam(model.parameters(), lr=args.lr),
+                                            getattr(closer, "node", None), args)
+    except RuntimeError as exc:
+        moe.close()
+        closer.close()
+        raise DemoError(str(exc)) from exc
+    if group is not None:
+        print(f"averaging with {len(group.members())} other trainer(s) of run {args.run_id!r} "
+              f"({args.average})", flush=True)
     gen = torch.Generator().manual_seed(args.seed)
     losses: list[float] = []
     last_loss = float("nan")
@@ -228,6 +242,9 @@ def run(args: argparse.Namespace) -> None:
                 print(f"step {step} loss {last_loss:.4f} test_acc {accuracy:.3f} "
                       f"experts_answered {len(answered)}/{n_experts}{dropped}", flush=True)
     finally:
+        opt.close()
+        if group is not None:
+            group.close()
         moe.close()
         closer.close()
     if not losses:
@@ -235,8 +252,13 @@ def run(args: argparse.Namespace) -> None:
     window = max(1, min(10, len(losses) // 2))
     first_loss = sum(losses[:window]) / window
     last_loss = sum(losses[-window:]) / window
+    seconds = time.monotonic() - started
     print(f"final: steps={len(losses)} first_loss={first_loss:.4f} last_loss={last_loss:.4f} "
-          f"test_acc={accuracy:.3f} seconds={time.monotonic() - started:.1f}", flush=True)
+          f"test_acc={accuracy:.3f} seconds={seconds:.1f}", flush=True)
+    if args.dump is not None:
+        trainer_averaging.dump(model, args.dump, {
+            "steps": len(losses), "samples": len(losses) * args.batch_size, "test_acc": accuracy,
+            "last_loss": last_loss, "seconds": seconds, "averaging": opt.stats()})
 
 
 def main(argv: list[str] | None = None) -> int:

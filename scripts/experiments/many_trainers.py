@@ -1,0 +1,255 @@
+"""Many trainers through the swarm: 4 trainer processes + 3 volunteers, averaging on, one
+trainer killed and one volunteer leaving midway (issue 9, experiment 4).
+
+Everything is a user's process at its defaults: three ``volunteer join demo`` daemons (the
+demo experiment: 8 experts, replication 2, replicas averaged between volunteers) in one
+local swarm, and four ``scripts/demo_trainer.py --bootstrap ... --average METHOD`` trainers,
+each on its own quarter of the digits training set, starting from the same initial weights
+(``--init-seed``) and averaging their dense parameters (input layer, gating, head) through
+the swarm (``ClientNode.averaging_group``). Midway (when the first trainer logs half its
+steps) one trainer is killed with SIGKILL and one volunteer runs ``volunteer leave`` (its
+experts are handed to the others). The survivors finish and dump their dense parameters.
+
+Then a fresh swarm of three volunteers trains **one trainer alone** on the whole training set
+for as many samples as all four trainers processed together (the killed one's included).
+
+Figures (JSON + PNG + table): each survivor's test accuracy; the largest relative L2
+distance between two survivors' dense parameters (``max_divergence``; the method's
+tolerance: gradient all-reduce keeps copies equal up to the rounds a member missed, gossip
+methods keep them within their pull); the lone trainer's accuracy; the volunteer's leave
+report. ``agree`` = every survivor finished and ``max_divergence`` is within ``tolerance``;
+``at_least_alone`` = the survivors' mean accuracy >= the lone trainer's minus ``slack``
+(the spread of digits accuracy between runs of one trainer, stated in the preset).
+
+    python scripts/experiments/many_trainers.py --preset smoke|default|full [--json PATH]
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common
+from bench_shards import Daemon, env, serving
+
+NAME = "many_trainers"
+TRAINER = common.ROOT / "scripts" / "demo_trainer.py"
+PRESETS = {
+    "smoke": {"trainers": 4, "volunteers": 3, "steps": 24, "batch": 32, "method": "gradAllReduce",
+              "tolerance": 0.05, "slack": 0.1, "log_every": 4, "timeout_s": 600},
+    "default": {"trainers": 4, "volunteers": 3, "steps": 120, "batch": 32, "method": "gradAllReduce",
+                "tolerance": 0.05, "slack": 0.05, "log_every": 10, "timeout_s": 1200},
+    "full": {"trainers": 4, "volunteers": 3, "steps": 300, "batch": 32, "method": "gradAllReduce",
+             "tolerance": 0.05, "slack": 0.05, "log_every": 10, "timeout_s": 2400},
+}
+STEP_RE = re.compile(r"^step (\d+) loss ([\d.]+) test_acc ([\d.na]+)")
+
+
+class Trainer:
+    """One ``demo_trainer.py`` process; its stdout lines are collected by a reader thread."""
+
+    def __init__(self, index: int, base: Path, boot: str, args: list[str]) -> None:
+        self.index = index
+        self.dump = base / f"trainer{index}.pt"
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", str(TRAINER), "--bootstrap", boot, "--listen-host", "127.0.0.1",
+             "--dump", str(self.dump), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env())
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def last_step(self) -> int:
+        steps = [int(m.group(1)) for m in map(STEP_RE.match, list(self.lines)) if m]
+        return max(steps, default=0)
+
+    def curve(self) -> list[tuple[int, float]]:
+        out = []
+        for m in map(STEP_RE.match, list(self.lines)):
+            if m and m.group(3) != "nan":
+                out.append((int(m.group(1)), float(m.group(3))))
+        return out
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout)
+        self._reader.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def summary(self) -> dict[str, Any] | None:
+        path = Path(str(self.dump) + ".json")
+        if not path.exists():
+            return None
+        import json
+
+        return json.loads(path.read_text())
+
+
+def start_volunteers(base: Path, n: int, deadline: float, daemons: list[Daemon]) -> None:
+    """``n`` demo volunteers in one new swarm, all serving and announced, into ``daemons``
+    (the caller stops them whatever happens)."""
+    def ready(snap: dict[str, Any]) -> bool:
+        net = snap.get("network") or {}
+        return bool(serving(snap)) and bool(net.get("announced_uids")) and bool(net.get("last_announce_ok"))
+
+    first = base / "v0"
+    first.mkdir()
+    daemons.append(Daemon(first, Path("demo"), "--new-swarm"))
+    snap = daemons[0].wait(ready, deadline - time.monotonic(), "the first volunteer to serve")
+    boot = snap["network"]["addrs"][0]
+    for i in range(1, n):
+        home = base / f"v{i}"
+        home.mkdir()
+        daemons.append(Daemon(home, Path("demo"), "--bootstrap", boot))
+    for d in daemons[1:]:
+        d.wait(ready, deadline - time.monotonic(), f"volunteer {d.home.name} to serve")
+
+
+def bootstrap_of(daemon: Daemon) -> str:
+    snap = daemon.status() or {}
+    return str((snap.get("network") or {}).get("addrs", [""])[0])
+
+
+def divergence(paths: list[Path]) -> float:
+    """Largest relative L2 distance between two dense-parameter dumps."""
+    import torch
+
+    states = [torch.load(p) for p in paths]
+    flat = [torch.cat([t.flatten().float() for _k, t in sorted(s.items())]) for s in states]
+    worst = 0.0
+    for i in range(len(flat)):
+        for j in range(i + 1, len(flat)):
+            worst = max(worst, float((flat[i] - flat[j]).norm() / flat[i].norm().clamp_min(1e-12)))
+    return worst
+
+
+def run_many(base: Path, cfg: dict[str, Any], deadline: float) -> dict[str, Any]:
+    """Phase 1: the trainers and the churn. Returns the figures of that phase."""
+    (base / "swarm").mkdir()
+    daemons: list[Daemon] = []
+    trainers: list[Trainer] = []
+    try:
+        start_volunteers(base / "swarm", cfg["volunteers"], deadline, daemons)
+        boot = bootstrap_of(daemons[0])
+        n = cfg["trainers"]
+        for i in range(n):
+            trainers.append(Trainer(i, base, boot, [
+                "--average", cfg["method"], "--run-id", "many", "--wait-members", str(n - 1),
+                "--data-shard", f"{i}/{n}", "--init-seed", "0", "--seed", str(i),
+                "--steps", str(cfg["steps"]), "--batch-size", str(cfg["batch"]),
+                "--log-every", str(cfg["log_every"])]))
+        victim, leaver = trainers[-1], daemons[-1]
+        half = cfg["steps"] // 2
+        killed_at, leave_report = None, None
+        while any(t.proc.poll() is None for t in trainers):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the trainers did not finish in time")
+            if killed_at is None and trainers[0].last_step() >= half:
+                killed_at = victim.last_step()
+                victim.kill()
+                leave_report = leaver.leave()
+            time.sleep(0.2)
+        if killed_at is None:
+            raise RuntimeError("the trainers finished before the midway churn: raise --steps")
+        survivors = trainers[:-1]
+        failed = [t for t in survivors if t.wait(60) != 0]
+        if failed:
+            raise RuntimeError(f"trainer {failed[0].index} failed:\n" + "\n".join(failed[0].lines[-15:]))
+        summaries = [t.summary() or {} for t in survivors]
+        return {
+            "method": cfg["method"], "killed_trainer_step": killed_at,
+            "volunteer_leave": leave_report,
+            "survivors": [{"trainer": t.index, "steps": s.get("steps"), "test_acc": s.get("test_acc"),
+                           "averaging": s.get("averaging")} for t, s in zip(survivors, summaries, strict=True)],
+            "samples_total": sum(int(s.get("samples", 0)) for s in summaries) + killed_at * cfg["batch"],
+            "max_divergence": divergence([t.dump for t in survivors]),
+            "curves": {f"trainer {t.index}": t.curve() for t in trainers},
+        }
+    finally:
+        for t in trainers:
+            t.kill()
+        for d in daemons:
+            d.stop()
+
+
+def run_alone(base: Path, cfg: dict[str, Any], samples: int, deadline: float) -> dict[str, Any]:
+    """Phase 2: one trainer alone on a fresh swarm, the same total samples."""
+    (base / "alone").mkdir()
+    daemons: list[Daemon] = []
+    steps = max(1, samples // cfg["batch"])
+    trainer = None
+    try:
+        start_volunteers(base / "alone", cfg["volunteers"], deadline, daemons)
+        trainer = Trainer(99, base, bootstrap_of(daemons[0]), [
+            "--init-seed", "0", "--seed", "0", "--steps", str(steps), "--batch-size", str(cfg["batch"]),
+            "--log-every", str(cfg["log_every"] * cfg["trainers"])])
+        rc = trainer.wait(max(1.0, deadline - time.monotonic()))
+        if rc != 0:
+            raise RuntimeError("the lone trainer failed:\n" + "\n".join(trainer.lines[-15:]))
+        s = trainer.summary() or {}
+        return {"steps": s.get("steps"), "test_acc": s.get("test_acc"), "curve": trainer.curve()}
+    finally:
+        if trainer is not None:
+            trainer.kill()
+        for d in daemons:
+            d.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = common.parse_args(NAME, PRESETS, __doc__, argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    base = Path(tempfile.mkdtemp(prefix="many-trainers-"))
+    deadline = time.monotonic() + cfg["timeout_s"]
+    try:
+        many = run_many(base, cfg, deadline)
+        alone = run_alone(base, cfg, many["samples_total"], deadline)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    accs = [s["test_acc"] for s in many["survivors"]]
+    mean_acc = sum(accs) / len(accs)
+    figures = {
+        **{k: v for k, v in many.items() if k != "curves"},
+        "survivors_mean_acc": mean_acc, "alone": {k: v for k, v in alone.items() if k != "curve"},
+        "agree": many["max_divergence"] <= cfg["tolerance"],
+        "at_least_alone": mean_acc >= alone["test_acc"] - cfg["slack"],
+        "curves": {**many["curves"], "alone": alone["curve"]},
+    }
+    common.write_results(NAME, args, cfg, figures)
+    n, batch = cfg["trainers"], cfg["batch"]
+    series = {label: ([step * batch * n for step, _a in pts], [a for _s, a in pts])
+              for label, pts in many["curves"].items() if pts}
+    series["one trainer alone"] = ([step * batch for step, _a in alone["curve"]], [a for _s, a in alone["curve"]])
+    common.plot(NAME, args, series, xlabel="samples seen by the swarm (trainers x batch x step)",
+                ylabel="test accuracy", title=f"{n} trainers ({cfg['method']}) vs one alone, with churn")
+    rows = [[f"trainer {s['trainer']}", s["steps"], s["test_acc"]] for s in many["survivors"]]
+    rows.append([f"trainer {n - 1} (killed)", many["killed_trainer_step"], "-"])
+    rows.append(["one trainer alone", alone["steps"], alone["test_acc"]])
+    common.print_table(["who", "steps", "test_acc"], rows)
+    print(f"max divergence between survivors: {many['max_divergence']:.3g} (tolerance {cfg['tolerance']}); "
+          f"agree={figures['agree']} at_least_alone={figures['at_least_alone']}; "
+          f"volunteer leave: {many['volunteer_leave']}")
+    return 0 if figures["agree"] and figures["at_least_alone"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
