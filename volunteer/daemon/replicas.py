@@ -281,7 +281,11 @@ class ReplicaSync:
                 log.info("not averaging %s: %s", uid, exc)
                 continue
             with self._mutex:
-                self._replicas[uid] = r
+                stopped = self._stop.is_set()
+                if not stopped:
+                    self._replicas[uid] = r
+            if stopped:  # stop() ran meanwhile: it did not see this one
+                self._close(r)
 
     def _open(self, uid: str, backend: Any) -> _Replica:
         params = weight_aliases(backend)
