@@ -387,3 +387,74 @@ def test_two_hosts_over_libp2p_converge(tmp_path) -> None:
             svc.stop()
         for r in runtimes:
             r.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_two_daemons_holding_one_uid_converge(tmp_path) -> None:
+    """Two ``volunteer join`` processes host the one uid of a small grid (replication 2), each
+    resuming its own checkpoint of different weights; ``status --json`` shows the replica and a
+    divergence that shrinks to ~0 under elastic averaging (period 1 s, alpha 0.5)."""
+    import json
+
+    from tests.conftest import DaemonFactory, cli_env, run_cli
+    from tests.integration.shard_helpers import hosted, load_checkpoint_state, poll, status
+    from volunteer.experts.checkpoint import save_checkpoint
+    from volunteer.manifest.loader import parse_manifest
+
+    path = tmp_path / "m.yaml"
+    path.write_text("""
+experiment: {name: reps, version: "1", seed: 7}
+expert: {kind: ffn, hidden_dim: 32}
+grid: {prefix: reps.ffn, dims: [1]}
+optimizer: {name: adam, lr: 0.001}
+shards: {replication: 2, rebalance_interval_s: 600, snapshot_interval_s: 600}
+averaging: {replica_period_s: 1, replica_alpha: 0.5}
+""")
+    uid = "reps.ffn.0"
+    fingerprint = parse_manifest(path.read_bytes(), str(path)).fingerprint()
+    states = []
+    for i in range(2):  # same version on both: the second keeps its own instead of downloading
+        backend = ExpertBackend(uid, "ffn", 32, seed=100 + i)
+        backend.updates_applied = 5
+        states.append([t.clone() for t in weight_aliases(backend)])
+        save_checkpoint(tmp_path / f"v{i}" / "checkpoints" / "reps" / f"{uid}.pt", uid, fingerprint,
+                        backend.state_dict())
+    start = _dist(*states) / math.sqrt(sum(float(t.pow(2).sum()) for t in states[0]))
+    assert start > 0.1
+
+    daemons = DaemonFactory(tmp_path)
+    try:
+        v0 = daemons.start(tmp_path / "v0", "--new-swarm", "--num-experts", "1", experiment=str(path),
+                           network=True)
+        boot = status(v0)["network"]["addrs"][0]
+        v1 = daemons.start(tmp_path / "v1", "--bootstrap", boot, "--num-experts", "1", experiment=str(path),
+                           network=True)
+        poll(lambda: uid in hosted(status(v1)), 60, "v1 to serve the uid")
+        assert hosted(status(v1))[uid]["weights_from"].startswith("local checkpoint")
+
+        def replica(d) -> dict:
+            return ((status(d).get("replicas") or {}).get("uids") or {}).get(uid) or {}
+
+        def converged() -> bool:
+            r0, r1 = replica(v0), replica(v1)
+            divs = [r.get("last_divergence") for r in (r0, r1) if r.get("last_divergence") is not None]
+            return r0.get("exchanges_ok", 0) + r1.get("exchanges_ok", 0) >= 2 and any(d < 1e-3 * start for d in divs)
+
+        poll(converged, 90, "the replicas' divergence to shrink", every=0.2)
+        out = run_cli("status", "--json", "--home", str(v1.home), env=cli_env(network=True))
+        assert out.returncode == 0, out.stderr
+        section = json.loads(out.stdout)["replicas"]
+        peer0 = status(v0)["network"]["peer_id"]
+        assert section["alpha"] == 0.5 and section["uids"][uid]["replicas"] == [peer0]
+        assert section["uids"][uid]["replica_count"] == 1
+        assert "divergence" in run_cli("status", "--home", str(v1.home), env=cli_env(network=True)).stdout
+        # No optimizer step ran, yet the weights moved: a checkpoint pass writes them.
+        from volunteer.daemon.control_client import call
+
+        report = call(v1.home, "checkpoint", wait_s=30.0)
+        assert uid in report["written"], report
+        saved = load_checkpoint_state(v1.home, "reps", uid, fingerprint)["module"]
+        assert not torch.equal(next(iter(saved.values())), states[1][0])
+    finally:
+        daemons.cleanup()

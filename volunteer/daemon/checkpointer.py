@@ -55,7 +55,7 @@ class Checkpointer:
     def __init__(self, store: CheckpointStore, backends: Mapping[str, Any]) -> None:
         self.store = store
         self.backends = dict(backends)
-        self._saved_updates: dict[str, int] = {}
+        self._saved_updates: dict[str, tuple[int, int]] = {}  # uid -> (updates, weights revision)
         self.resumed: dict[str, int] = {}
         self.set_aside: list[str] = []
         self.last_at: float | None = None
@@ -91,7 +91,7 @@ class Checkpointer:
             self._set_aside(uid, "incompatible", f"does not fit the expert ({exc})")
             return None
         self.resumed[uid] = int(backend.updates_applied)
-        self._saved_updates[uid] = int(backend.updates_applied)
+        self._saved_updates[uid] = _version(backend)
         return int(backend.updates_applied)
 
     def _set_aside(self, uid: str, reason: str, why: str) -> None:
@@ -124,11 +124,12 @@ class Checkpointer:
         start = time.monotonic()
         report = CheckpointReport()
         snapshots: dict[str, Any] = {}
+        versions: dict[str, tuple[int, int]] = {}
         with exclusive() if exclusive is not None else contextlib.nullcontext():
             for uid, backend in self.backends.items():
-                updates = int(backend.updates_applied)
-                report.updates_applied[uid] = updates
-                if not force and self._saved_updates.get(uid) == updates and self.store.path(uid).exists():
+                versions[uid] = _version(backend)
+                report.updates_applied[uid] = versions[uid][0]
+                if not force and self._saved_updates.get(uid) == versions[uid] and self.store.path(uid).exists():
                     report.unchanged.append(uid)
                     continue
                 try:
@@ -146,7 +147,7 @@ class Checkpointer:
                 report.failed[uid] = f"{type(exc).__name__}: {exc}"
                 continue
             report.written.append(uid)
-            self._saved_updates[uid] = report.updates_applied[uid]
+            self._saved_updates[uid] = versions[uid]
         report.duration_s = time.monotonic() - start
         self.passes += 1
         self.last_at = time.time()
@@ -172,3 +173,9 @@ class Checkpointer:
             "resumed": self.resumed,
             "set_aside": self.set_aside,
         }
+
+
+def _version(backend: Any) -> tuple[int, int]:
+    """What says a saved copy is stale: optimizer steps, and changes without one (replica
+    averaging bumps ``weights_revision``, ``volunteer.daemon.replicas``)."""
+    return int(backend.updates_applied), int(getattr(backend, "weights_revision", 0))

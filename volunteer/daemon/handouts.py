@@ -34,17 +34,25 @@ class Handouts:
         self.fingerprint = fingerprint
         self.chunk_bytes = chunk_bytes
         self.current: dict[str, tuple[int, bytes]] = {}
+        self._revision: dict[str, int] = {}  # uid -> weights_revision of its current shard
         self._roots: dict[str, deque[bytes]] = {}
 
     def take(self, runtime: Any, force: bool = False) -> list[str]:
         """Snapshot every hosted expert whose version changed (all with ``force``); their uids."""
         states: dict[str, Any] = {}
+        revisions: dict[str, int] = {}
         with runtime.exclusive():
             for uid, backend in runtime.backends.items():
                 known = self.current.get(uid)
-                if force or known is None or known[0] != int(backend.updates_applied):
+                revision = int(getattr(backend, "weights_revision", 0))  # replica averaging's pulls
+                if (force or known is None or known[0] != int(backend.updates_applied)
+                        or self._revision.get(uid, 0) != revision):
                     states[uid] = clone_state(backend.state_dict())
-        return self.encode(states)
+                    revisions[uid] = revision
+        done = self.encode(states)
+        for uid in done:
+            self._revision[uid] = revisions[uid]
+        return done
 
     def encode(self, states: Mapping[str, Any]) -> list[str]:
         """Encode the given (already copied) states into the cache and make them the handouts;
@@ -70,6 +78,7 @@ class Handouts:
 
     def drop(self, uid: str) -> None:
         self.current = {k: v for k, v in self.current.items() if k != uid}
+        self._revision.pop(uid, None)
 
     def pin(self, uid: str, root: bytes) -> None:
         """Keep ``root`` out of the cache's eviction (also a download in progress)."""

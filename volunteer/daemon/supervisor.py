@@ -87,6 +87,7 @@ class Supervisor:
         self.torch_threads: int | None = None
         self.runtime: Any = None
         self.shards: ShardManager | None = None
+        self.replicas: Any = None  # ReplicaSync (volunteer.daemon.replicas) once started
         self.shard_server: Any = None
         self.handoffs: list[Handoff] = []
         self.frontend: Any = None
@@ -146,6 +147,9 @@ class Supervisor:
         self.shards = ShardManager(self, make_backend)
         self._start_network()
         self.shards.start()
+        from volunteer.daemon.replicas import start_replicas
+
+        self.replicas = start_replicas(self)  # elastic averaging with the other holders of each uid
 
         self.control = ControlServer(self.home.run_dir, {
             "status": lambda req: self.snapshot(),
@@ -194,6 +198,13 @@ class Supervisor:
 
     def network_load(self) -> float:
         return network_load(self._expert_stats(), self.manifest.serving.max_queue_size)
+
+    def _stop_replicas(self) -> None:
+        if self.replicas is not None:
+            try:
+                self.replicas.stop(5.0)
+            except Exception:
+                log.exception("stopping replica averaging failed")
 
     def _stop_network(self) -> None:
         if self.network is not None:
@@ -287,6 +298,7 @@ class Supervisor:
                 self.network.set_draining()  # peers learn at once that this node is leaving
             except Exception:
                 log.exception("announcing the drain to the network failed")
+        self._stop_replicas()  # the weights stop moving before the final checkpoint
         if self.runtime is not None:
             drain = self.runtime.drain(max(0.0, deadline - time.monotonic()))
             report.completed, report.cut_short = int(drain.completed), int(drain.cut_short)
@@ -325,6 +337,7 @@ class Supervisor:
     def _shutdown(self) -> None:
         """Stop every component that was started, in reverse order; never raises."""
         self.state = "stopped"
+        self._stop_replicas()
         self._stop_network()
         if self.shard_server is not None:
             self.shard_server.close()
