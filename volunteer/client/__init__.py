@@ -16,6 +16,10 @@ Files:
 - ``node.py``: ``ClientNode``: the trainer's peer (DHT client, no experts) that reaches
   NATed volunteers by itself (relay circuits + DCUtR via ``NatTraversal``).
 - ``dht_directory.py``: ``DhtDirectory``: the ``ExpertDirectory`` over the DHT.
+- ``node_channel.py``: ``ClientNode``'s averaging side (channel, exchange server, groups,
+  relay reservations so that NATed trainers can be reached).
+- ``averaging/``: decentralized averaging (methods, ``Averager``, ``CollaborativeOptimizer``,
+  groups in one process or over the swarm); see its ``__init__``.
 - ``server_choice.py``: choosing among a uid's servers by client-side measurements, not
   by the load a server reports about itself.
 

@@ -25,6 +25,8 @@ Files:
   weights come from (download, checkpoint, deterministic init), rebalancing, adoption.
 - ``handouts.py``: ``Handouts``: the shards this node hands out (snapshots, pins).
 - ``handoff.py``: ``hand_off``: on leave, every expert no one else serves goes to an adopter.
+- ``replicas.py``: ``ReplicaSync``: elastic averaging between the holders of each hosted uid
+  (the trainers' ``Averager`` over a ``SwarmGroup`` on the node's averaging channel).
 - ``swarm_view.py``: ``SwarmView``: the DHT's holders of the grid in the shapes the
   decisions need (pure); ``capacity.py``: how many experts fit (num_experts, grid, memory).
 """

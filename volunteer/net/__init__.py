@@ -38,6 +38,9 @@ Files (one concept each):
   in bytes (``ByteBudget``), per peer (``PeerLimits``) and in time.
 - ``rpc_client.py``: ``RpcClient`` (per-peer stream pools that leave relayed connections
   once a direct one exists; replies bounded in size and time) and ``Libp2pTransport``.
+- ``protocol_channel.py``: ``ProtocolChannel``: one more request/reply protocol on the node's
+  host (the averaging channel), with the expert RPC's bounds and the sender's peer id taken
+  from the connection.
 - ``trio_thread.py``: ``TrioThread``: a trio loop in a thread with a sync facade.
 - ``service.py``: ``NetworkService``: the daemon's facade (announce, heartbeat, drain,
   snapshot), running ``SwarmNode`` + ``RpcServer`` + ``NatTraversal``; serves the DHT
