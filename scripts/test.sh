@@ -18,3 +18,11 @@ for bench in scripts/bench_*.py; do
   echo "-- $bench --preset smoke"
   python "$bench" --preset smoke
 done
+echo "== experiment smoke presets"
+RESULTS="$(mktemp -d "${TMPDIR:-/tmp}/volunteer-results.XXXXXX")"
+trap 'rm -rf "$RESULTS"' EXIT
+for exp in scripts/experiments/*.py; do
+  case "$(basename "$exp")" in common.py|dmoe_lab.py) continue ;; esac
+  echo "-- $exp --preset smoke"
+  python "$exp" --preset smoke --out "$RESULTS"
+done

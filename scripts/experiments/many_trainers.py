@@ -19,7 +19,9 @@ tolerance: gradient all-reduce keeps copies equal up to the rounds a member miss
 methods keep them within their pull); the lone trainer's accuracy; the volunteer's leave
 report. ``agree`` = every survivor finished and ``max_divergence`` is within ``tolerance``;
 ``at_least_alone`` = the survivors' mean accuracy >= the lone trainer's minus ``slack``
-(the spread of digits accuracy between runs of one trainer, stated in the preset).
+(the spread of digits accuracy between runs of one trainer, stated in the preset). The exit
+status is 1 when the survivors' copies do not agree (a bug), 0 otherwise: accuracies are
+figures to read, not a pass mark.
 
     python scripts/experiments/many_trainers.py --preset smoke|default|full [--json PATH]
 """
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"max divergence between survivors: {many['max_divergence']:.3g} (tolerance {cfg['tolerance']}); "
           f"agree={figures['agree']} at_least_alone={figures['at_least_alone']}; "
           f"volunteer leave: {many['volunteer_leave']}")
-    return 0 if figures["agree"] and figures["at_least_alone"] else 1
+    return 0 if figures["agree"] else 1  # copies that disagree are a bug; accuracy is a figure
 
 
 if __name__ == "__main__":
