@@ -168,11 +168,16 @@ def holders(daemons: list[Daemon]) -> dict[str, set[str]]:
     return out
 
 
+LOOKUP_ERRORS: dict[str, int] = {}  # why lookups failed (type: message), reported with a timeout
+
+
 def found(client: Any, uid: str, want: set[str]) -> set[str]:
-    """The serving holders of ``uid`` in the DHT that really host it (empty on error)."""
+    """The serving holders of ``uid`` in the DHT that really host it (empty on error, counted)."""
     try:
         entries = client.servers(uid)
-    except Exception:
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}"[:200]
+        LOOKUP_ERRORS[why] = LOOKUP_ERRORS.get(why, 0) + 1
         return set()
     return {e.peer_id for e in entries if e.state == "serving"} & want
 
@@ -188,7 +193,7 @@ def measure_discovery(client: Any, daemons: list[Daemon], deadline: float) -> di
             missing -= {(uid, p) for p in got}
         if missing and time.monotonic() > deadline:
             raise BenchError(f"{len(missing)}/{pairs} (uid, daemon) pairs still not in the DHT, "
-                             f"e.g. {sorted(missing)[:3]}")
+                             f"e.g. {sorted(missing)[:3]}; lookup errors: {LOOKUP_ERRORS or 'none'}")
         if missing:
             time.sleep(0.25)
     return {"pairs": pairs, "uids": len(want), "after_all_serving_s": round(time.monotonic() - t0, 2)}
