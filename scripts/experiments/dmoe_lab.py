@@ -232,6 +232,17 @@ class Swarm:
             time.sleep(0.1)
         raise TimeoutError(f"volunteer {i} not serving within {self.start_timeout:.0f}s:\n{self.log_tail(i)}")
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds (user + system) the running daemons have used so far."""
+        import psutil
+
+        total = 0.0
+        for proc in self.procs:
+            with contextlib.suppress(psutil.Error):
+                times = psutil.Process(proc.pid).cpu_times()
+                total += times.user + times.system
+        return total
+
     def log_tail(self, i: int, lines: int = 20) -> str:
         assert self.dir is not None
         path = self.dir / f"v{i}.log"

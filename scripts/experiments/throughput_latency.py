@@ -23,13 +23,17 @@ two one-way latencies in forward and two in backward. Figure: training samples/s
 backward through the swarm, plus the trainer's local optimizer step), counted over a time
 window per point, the modes and latencies interleaved, ``rounds`` times over; each point is the
 best of its rounds (a shared machine's other load only ever slows a round down; every round
-is in the JSON). Each curve is also given relative to its own 0 ms figure.
+is in the JSON). Each curve is also given relative to its own 0 ms figure, and each point
+with the CPU it got (``<mode>_cpu_cores``: CPU seconds of the trainer and the volunteers per
+second of wall time): on a shared machine a CPU-bound point is only as fast as its share.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see scripts/bench_moe.py
@@ -41,9 +45,9 @@ NAME = "throughput_latency"
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(daemons=2, layers=2, experts=4, hidden=64, batch=32, k_best=2, trainers=4,
                   latencies_ms=[0, 50, 200], window_s=0.5, rounds=1, single_trainer=False),
-    "default": dict(daemons=3, layers=3, experts=8, hidden=256, batch=128, k_best=2, trainers=24,
+    "default": dict(daemons=3, layers=3, experts=8, hidden=256, batch=384, k_best=2, trainers=16,
                     latencies_ms=[0, 10, 50, 100, 200], window_s=4.0, rounds=2, single_trainer=True),
-    "full": dict(daemons=4, layers=4, experts=16, hidden=256, batch=128, k_best=2, trainers=48,
+    "full": dict(daemons=4, layers=4, experts=16, hidden=256, batch=384, k_best=2, trainers=32,
                  latencies_ms=[0, 10, 50, 100, 200], window_s=10.0, rounds=3, single_trainer=True),
 }
 PREFIX = "throughput.ffn"
@@ -68,6 +72,7 @@ class Trainers:
             self.models.append(layers)
             self.steps.append(self._dmoe_step(layers, torch.randn(cfg["batch"], cfg["hidden"])))
         self.failed_calls = 0
+        self._lock = threading.Lock()
 
     def _dmoe_step(self, layers: list[Any], x: Any) -> Any:
         import torch
@@ -81,8 +86,9 @@ class Trainers:
             opt.zero_grad()
             y.pow(2).mean().backward()
             opt.step()
-            self.failed_calls += sum(len(layer.last_report.failed) + len(layer.last_report.backward_failed)
-                                     for layer in layers)
+            failed = sum(len(layer.last_report.failed) + len(layer.last_report.backward_failed) for layer in layers)
+            with self._lock:
+                self.failed_calls += failed
             return int(x.shape[0])
 
         return step
@@ -133,8 +139,11 @@ def measure(swarm: dmoe_lab.Swarm, cfg: dict[str, Any], seed: int) -> list[dict[
                     for w in wrappers:
                         w.one_way_s = row["latency_ms"] / 1000.0
                     for mode, steps in modes.items():
+                        cpu0 = time.process_time() + swarm.cpu_seconds()
                         samples, n, secs = dmoe_lab.run_concurrently(steps, cfg["window_s"], 1)
+                        cores = (time.process_time() + swarm.cpu_seconds() - cpu0) / secs
                         row.setdefault(f"{mode}_rounds", []).append(samples / secs)
+                        row.setdefault(f"{mode}_cpu_cores_rounds", []).append(cores)
                         row[f"{mode}_steps"] = row.get(f"{mode}_steps", 0) + n
                     print(f"  round {r + 1}, {row['latency_ms']:>4} ms: " + ", ".join(
                         f"{m} {row[f'{m}_rounds'][-1]:.1f}/s" for m in modes), flush=True)
@@ -145,7 +154,9 @@ def measure(swarm: dmoe_lab.Swarm, cfg: dict[str, Any], seed: int) -> list[dict[
                 one.close()
     for mode in modes:
         for row in rows:  # best of the rounds: other load on the machine only ever slows a round
-            row[f"{mode}_samples_per_s"] = max(row[f"{mode}_rounds"])
+            best = max(range(len(row[f"{mode}_rounds"])), key=row[f"{mode}_rounds"].__getitem__)
+            row[f"{mode}_samples_per_s"] = row[f"{mode}_rounds"][best]
+            row[f"{mode}_cpu_cores"] = row[f"{mode}_cpu_cores_rounds"][best]
         base = rows[0][f"{mode}_samples_per_s"]
         for row in rows:
             row[f"{mode}_relative"] = row[f"{mode}_samples_per_s"] / base if base else None
@@ -171,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in ("dmoe", "pipeline", "dmoe_1") if f"{m}_samples_per_s" in rows[0]]
     labels = {"dmoe": f"DMoE, {cfg['trainers']} trainers", "pipeline": "pipeline, 1 batch in flight",
               "dmoe_1": "DMoE, 1 trainer"}
-    headers = ["latency ms"] + [h for m in modes for h in (f"{labels[m]} samples/s", "vs 0 ms")]
+    headers = ["latency ms"] + [h for m in modes for h in (f"{labels[m]} samples/s", "vs 0 ms", "cores")]
     common.print_table(headers, [[r["latency_ms"]] + [v for m in modes for v in
-                                                       (r[f"{m}_samples_per_s"], r[f"{m}_relative"])]
+                                                       (r[f"{m}_samples_per_s"], r[f"{m}_relative"],
+                                                        round(r[f"{m}_cpu_cores"], 2))]
                                  for r in rows])
     print(f"expert calls dropped during the DMoE runs: {failed}")
     series = {labels[m]: ([r["latency_ms"] for r in rows], [r[f"{m}_samples_per_s"] for r in rows]) for m in modes}
