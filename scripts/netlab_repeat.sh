@@ -26,7 +26,7 @@ lab_leftovers() {
   local owner="${1:-[0-9]+}"
   ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^vl${owner}x[0-9]+-" || true
   local p
-  for p in $(pgrep -f 'tests\.netlab\.(node|dmoe_volunteer|dmoe_trainer)|volunteer join .*natlab|volunteer join .*natshards' || true); do
+  for p in $(pgrep -f 'tests\.netlab\.(node|dmoe_volunteer|dmoe_trainer|avg_trainer)|volunteer join .*natlab|volunteer join .*natshards' || true); do
     if [ "$(readlink "/proc/$p/cwd" 2>/dev/null)" = "$ROOT" ]; then
       echo "process $p: $(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null)"
     fi
