@@ -18,7 +18,7 @@ import torch
 from volunteer.client.averaging.averager import Averager
 from volunteer.client.averaging.group import Exchange
 from volunteer.client.averaging.methods import AveragingConfig
-from volunteer.client.averaging.swarm_group import ExchangeServer
+from volunteer.client.averaging.swarm_group import ExchangeServer, SwarmGroup
 from volunteer.client.averaging.wire import decode_answer, encode_exchange
 from volunteer.client.node import ClientNode
 from volunteer.net.admission import AdmissionPolicy, issue_token, new_signing_key, owner_key_text
@@ -338,3 +338,49 @@ def test_averagers_grad_all_reduce_over_the_swarm(swarm):
         av_b.close()
         a.close()
         b.close()
+
+
+def test_a_newcomer_missing_from_the_cached_view_is_looked_up_once():
+    """A member that joined after our cached membership read is answered after one fresh read
+    (the NAT lab's first exchange of a pair was refused); a stranger is still refused, and
+    forced reads are throttled whatever senders ask (no DHT query per request)."""
+
+    class Channel:
+        def serve(self, submit):
+            self.submit = submit
+
+    class Provider:
+        def __init__(self) -> None:
+            self.cached = [("me", []), ("old", [])]
+            self.fresh = [("me", []), ("old", []), ("new", [])]
+            self.refreshes = 0
+
+        def __call__(self):
+            return list(self.cached)
+
+        def refresh(self):
+            self.refreshes += 1
+            self.cached = list(self.fresh)
+            return list(self.fresh)
+
+    channel, provider = Channel(), Provider()
+    server = ExchangeServer(channel, workers=1, max_pending=4)
+    group = SwarmGroup(server, channel, "g", "me", provider)
+    group.serve(lambda sender, request: [request.tensors[0] + 1])
+    frames = [bytes(f) for f in encode_exchange("g", Exchange("elastic", 1, [torch.ones(1)]))]
+    replies: list[list] = []
+    try:
+        channel.submit("new", frames, replies.append)
+        poll(lambda: len(replies) == 1)
+        assert decode_answer(replies[0])[0].item() == 2.0
+        assert provider.refreshes == 1
+        for _ in range(3):  # strangers: refused, at most one more forced read in this second
+            channel.submit("stranger", frames, replies.append)
+        poll(lambda: len(replies) == 4)
+        for reply in replies[1:]:
+            with pytest.raises(OverloadedError, match="not a member"):
+                decode_answer(reply)
+        assert provider.refreshes <= 2
+    finally:
+        group.close()
+        server.close()

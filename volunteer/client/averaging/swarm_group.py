@@ -55,6 +55,7 @@ Reply = Callable[[list], None]
 MembersProvider = Callable[[], list[tuple[str, list[str]]]]
 WORKERS = 2
 MAX_PENDING = 8
+NEWCOMER_REFRESH_S = 1.0  # at most one forced membership read per this many seconds
 
 
 class ExchangeServer:
@@ -167,6 +168,8 @@ class SwarmGroup:
         self.provider = members
         self._on_close = on_close
         self._addrs: dict[str, list[str]] = {}
+        self._refresh_lock = threading.Lock()
+        self._forced_refresh_at = float("-inf")
         self._closed = False
 
     @property
@@ -193,12 +196,30 @@ class SwarmGroup:
             return
 
         def members_only(sender: str, request: Exchange) -> list[torch.Tensor]:
-            if sender == self._me or sender not in {p for p, _a in self.provider()}:
+            known = sender != self._me and (sender in {p for p, _a in self.provider()}
+                                            or self._listed_after_refresh(sender))
+            if not known:
                 raise OverloadedError(f"{sender[-8:]} is not a member of {self.group} as this "
                                       "peer sees it (yet); try later")
             return handler(sender, request)
 
         self.server.register(self.group, members_only)
+
+    def _listed_after_refresh(self, sender: str) -> bool:
+        """Whether a fresh membership read lists ``sender``: a newcomer that found us may
+        have joined after our cached read (seen in the NAT lab: the first exchange of a
+        pair refused). At most one forced read per ``NEWCOMER_REFRESH_S`` whatever senders
+        ask, so a stranger cannot make us query the DHT once per request; it runs in the
+        exchange server's bounded worker pool, never in the network loop."""
+        refresh = getattr(self.provider, "refresh", None)
+        if refresh is None:
+            return False
+        now = time.monotonic()
+        with self._refresh_lock:
+            if now - self._forced_refresh_at < NEWCOMER_REFRESH_S:
+                return False
+            self._forced_refresh_at = now
+        return sender in {p for p, _a in refresh()}
 
     def exchange(self, peer: str, request: Exchange, timeout: float) -> list[torch.Tensor]:
         """Send ``request`` to ``peer``; its answer's tensors within ``timeout`` s, or a
