@@ -79,9 +79,9 @@ class _PeerRpcServer(RpcServer):
     """``RpcServer`` that hands the authenticated peer id along with each message.
 
     ``RpcServer`` admits a message against its peer's limits (``_admit`` records the peer on
-    the message's ticket) before it calls ``_submit_one``; this subclass reads that peer id
+    the message's ticket) before it calls ``_dispatch``; this subclass reads that peer id
     there and calls ``channel.dispatch(peer, frames, reply)`` (the test of this module checks
-    the id that arrives, so a change of ``RpcServer`` that breaks this fails there)."""
+    the id that arrives)."""
 
     def __init__(self, host: IHost, channel: ProtocolChannel, protocol: str,
                  limits: ChannelLimits) -> None:
@@ -91,24 +91,12 @@ class _PeerRpcServer(RpcServer):
         self.channel = channel
 
     @staticmethod
-    def _no_peer(frames: list, reply: Reply) -> None:  # never used: _submit_one routes
+    def _no_peer(frames: list, reply: Reply) -> None:  # never used: _dispatch routes
         reply(encode_error(None, "internal", "no peer id"))
 
-    def _submit_one(self, call_id: int, frames: list, ticket: Any, token: Any,
-                    deliver: Any) -> None:
-        """As ``RpcServer._submit_one`` (reply at most once, back into the loop through the
-        trio token), with the ticket's peer id handed to the channel."""
-        replied = [False]
-
-        def reply(out: list) -> None:
-            if replied[0]:
-                return
-            replied[0] = True
-            try:
-                token.run_sync_soon(deliver, (call_id, out, ticket))
-            except trio.RunFinishedError:
-                pass
-
+    def _dispatch(self, frames: list, reply: Reply, ticket: Any) -> None:
+        """Hand the message to the channel with the ticket's peer id (``RpcServer`` replies
+        at most once and answers ``internal`` if this raises)."""
         peer = ticket.peer
         if not isinstance(peer, ID):
             reply(encode_error(None, "bad_request", "unknown peer: the connection has no peer id"))

@@ -287,11 +287,16 @@ class RpcServer:
                 pass
 
         try:
-            self.submit(frames, reply)
+            self._dispatch(frames, reply, ticket)
         except Exception as e:  # the runtime should never raise; answer anyway
             log.warning("runtime submit raised: %r", e)
             self._count_threadsafe(token, "internal")
             reply(encode_error(None, "internal", f"submit failed: {type(e).__name__}"))
+
+    def _dispatch(self, frames: list, reply: Callable[[list], None], ticket: _Ticket) -> None:
+        """Where an admitted message goes: ``submit`` here; a subclass that needs the
+        sender's authenticated peer id (``ticket.peer``) overrides this one method."""
+        self.submit(frames, reply)
 
     async def _writer(self, stream: INetStream, recv: trio.MemoryReceiveChannel) -> None:
         lim = self.peer_limits
