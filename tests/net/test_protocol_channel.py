@@ -68,8 +68,18 @@ def test_channel_carries_frames_with_the_authenticated_peer_id(pair):
     assert _error_code(ca.request(b.peer_id, b.multiaddrs, [b"boom"], 20.0)) == "internal"
     # Over the channel's limits: refused by size before the body is read.
     assert _error_code(ca.request(b.peer_id, b.multiaddrs, [b"z" * (1 << 17)], 20.0)) == "too_large"
-    assert ca.request(b.peer_id, b.multiaddrs, [b"again"], 20.0)[1] == b"again"
-    assert cb.snapshot()["server"]["requests"] >= 3 and ca.snapshot()["client"]["calls"] == 5
+    # A refused body larger than the server skips (64 KiB) costs its stream: the server resets
+    # it once the typed reply is out (rpc_server's rule). A call that races the reset fails
+    # `unreachable` (seen in CI); the next one runs on a fresh stream.
+    for _attempt in range(3):
+        try:
+            assert ca.request(b.peer_id, b.multiaddrs, [b"again"], 20.0)[1] == b"again"
+            break
+        except UnreachableError:
+            continue
+    else:
+        pytest.fail("the channel did not recover after the server reset a stream")
+    assert cb.snapshot()["server"]["requests"] >= 3 and ca.snapshot()["client"]["calls"] >= 5
 
     # The other way round, on the same connection.
     ca.serve(lambda peer, frames, reply: reply([b"pong"]))
