@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the dev dependencies, then runs lint, the test suite and the benchmark smoke presets.
+# Installs the dev dependencies, then runs lint, the test suite, and the benchmark and experiment
+# smoke presets.
 #
 #   scripts/test.sh [PYTEST ARGS...]
 set -euo pipefail
