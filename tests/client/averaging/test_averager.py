@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -29,25 +29,6 @@ GUARD_S = 30.0  # generous upper bound: a call that has not returned by then has
 
 def param(*values: float) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.tensor(values, dtype=torch.float32))
-
-
-@pytest.fixture
-def hub() -> Iterator[LocalHub]:
-    hub = LocalHub()
-    made: list[LocalGroup] = []
-    orig_init = LocalGroup.__init__
-
-    def tracking_init(self: LocalGroup, h: LocalHub, peer_id: str) -> None:
-        orig_init(self, h, peer_id)
-        made.append(self)
-
-    LocalGroup.__init__ = tracking_init  # type: ignore[method-assign]
-    try:
-        yield hub
-    finally:
-        LocalGroup.__init__ = orig_init  # type: ignore[method-assign]
-        for group in made:
-            group.close()
 
 
 def make(hub: LocalHub, name: str, values: list[list[float]], config: AveragingConfig,

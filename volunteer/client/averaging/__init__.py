@@ -16,6 +16,8 @@ Files:
   gradients, elastic/gossip exchanges, the validating handler, the bounded gradient buffer,
   peers' updates applied between steps (``apply_pending``), stats.
 - ``optimizer.py``: ``CollaborativeOptimizer``, the trainer API wrapped around a torch optimizer.
+- ``consensus.py``: ``finish``, the end of a run: agree on one copy with the members still
+  in it (midpoint pulls until a quiet sweep, bounded).
 - ``local_group.py``: ``LocalHub`` / ``LocalGroup``, a group inside one process (threads), for
   tests and the thesis-table experiment.
 - ``wire.py``: averaging messages on ``/volunteer/averaging/1.0.0`` (exchange request,

@@ -45,6 +45,7 @@ from volunteer.client.averaging.group import MAX_ROUND, AveragingGroup, Exchange
 from volunteer.client.averaging.methods import (
     AveragingConfig,
     average_into_,
+    checked,
     divergence,
     elastic_pull_,
     mean_,
@@ -52,7 +53,6 @@ from volunteer.client.averaging.methods import (
 from volunteer.wire.errors import (
     BadRequestError,
     DrainingError,
-    NonFiniteError,
     OverloadedError,
     RemoteError,
     TooLargeError,
@@ -60,8 +60,15 @@ from volunteer.wire.errors import (
 
 ROUND_WINDOW = 4  # rounds ahead of ours whose gradients we file
 POLL_S = 0.05  # how often a waiting round re-reads the group's members
-ACCEPTS = {"gradAllReduce": ("grads",), "elasticGossip": ("elastic",),
-           "gossipingSgd": ("gossip_push", "gossip_pull")}
+# A peer whose exchange failed as gone (unreachable, draining) is not picked again for this
+# long: a killed member stays listed in the DHT until its entry expires, and every gossip
+# aimed at it would be a wasted averaging step.
+SHUN_S = 30.0
+SHUN_CODES = ("unreachable", "draining")
+# Every method also takes ``consensus`` exchanges: the end-of-run agreement of
+# ``consensus.finish`` (a trainer leaving pulls its copy together with the others').
+ACCEPTS = {"gradAllReduce": ("grads", "consensus"), "elasticGossip": ("elastic", "consensus"),
+           "gossipingSgd": ("gossip_push", "gossip_pull", "consensus")}
 
 
 def _snapshot(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -89,12 +96,13 @@ class Averager:
         self._max_pending = max(1, int(max_pending))
         self._defer = bool(defer_inbound)
         self._pending: list[tuple[str, list[torch.Tensor], float]] = []  # (kind, theirs, alpha)
-        self._shapes = [tuple(p.shape) for p in self.params]
         self._cond = threading.Condition()
         self._grads: dict[int, dict[str, list[torch.Tensor]]] = {}  # round -> sender -> grads
         self._next_round = 0
         self._last_round_of: dict[str, int] = {}  # sender -> latest grads round it sent
         self._closed = False
+        self._finishing = False  # set by consensus.finish: no more local steps
+        self._shunned: dict[str, float] = {}  # peer -> monotonic time it may be picked again
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="averager")
         self._stats: dict[str, Any] = {
             "rounds": 0, "exchanges_ok": 0, "exchanges_failed": Counter(),
@@ -105,23 +113,8 @@ class Averager:
     # ---- validation -------------------------------------------------------------------
 
     def _validate(self, tensors: Any) -> list[torch.Tensor]:
-        """Peer tensors checked against our parameters; returned in our dtypes, on CPU."""
-        if not isinstance(tensors, list) or len(tensors) != len(self.params):
-            count = len(tensors) if isinstance(tensors, list) else type(tensors).__name__
-            raise BadRequestError(f"expected {len(self.params)} tensors, got {count}")
-        out = []
-        for i, (t, p) in enumerate(zip(tensors, self.params, strict=True)):
-            if not isinstance(t, torch.Tensor):
-                raise BadRequestError(f"tensor {i} is a {type(t).__name__}")
-            if tuple(t.shape) != self._shapes[i]:
-                raise BadRequestError(f"tensor {i}: shape {tuple(t.shape)} is not ours "
-                                      f"{self._shapes[i]}")
-            if not t.dtype.is_floating_point:
-                raise BadRequestError(f"tensor {i}: dtype {t.dtype} is not floating point")
-            if not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(f"tensor {i} holds NaN or infinity")
-            out.append(t.detach().to(device="cpu", dtype=p.dtype))
-        return out
+        """Peer tensors checked against our parameters (``methods.checked``)."""
+        return checked(tensors, self.params)
 
     # ---- inbound ------------------------------------------------------------------------
 
@@ -152,10 +145,11 @@ class Averager:
         if request.kind == "grads":
             self._file_grads(sender, request.round, theirs)
             return []
-        alpha = 0.5 if request.kind == "gossip_push" else min(request.alpha, self.config.alpha)
+        alpha = {"gossip_push": 0.5, "consensus": min(request.alpha, 0.5)}.get(
+            request.kind, min(request.alpha, self.config.alpha))
         with self.lock:
             reply = [] if request.kind == "gossip_push" else _snapshot(self.params)  # as we were
-            if not self._defer:
+            if not self._defer or self._finishing:  # finishing: no step of ours runs
                 self._update(request.kind, theirs, alpha)
                 return reply
         with self._cond:
@@ -168,7 +162,7 @@ class Averager:
         """Apply one inbound update (caller holds ``lock``)."""
         if kind == "gossip_push":
             average_into_(self.params, theirs, alpha)
-        else:
+        else:  # elastic, consensus
             elastic_pull_(self.params, theirs, alpha)
 
     def apply_pending(self) -> int:
@@ -207,18 +201,25 @@ class Averager:
 
     # ---- outbound -----------------------------------------------------------------------
 
-    def _count_failure(self, exc: BaseException) -> None:
+    def _count_failure(self, exc: BaseException, peer: str | None = None) -> None:
         code = exc.code if isinstance(exc, RemoteError) else "internal"
         with self._cond:
             self._stats["exchanges_failed"][code] += 1
+            if peer is not None and code in SHUN_CODES:
+                self._shunned[peer] = time.monotonic() + SHUN_S
 
     def _members(self) -> list[str] | None:
-        """The group's current members but us; None (counted) if the group fails to say."""
+        """The group's current members but us and the peers shunned as gone (``SHUN_S``);
+        None (counted) if the group fails to say."""
         try:
-            return [m for m in self.group.members() if m != self.group.me]
+            listed = [m for m in self.group.members() if m != self.group.me]
         except Exception as exc:  # the group's fault (a DHT lookup, say), not the trainer's
             self._count_failure(RemoteError(f"members: {exc}", code="members"))
             return None
+        now = time.monotonic()
+        with self._cond:
+            self._shunned = {p: t for p, t in self._shunned.items() if t > now and p in listed}
+            return [m for m in listed if m not in self._shunned]
 
     def _exchange(self, peer: str, request: Exchange, timeout: float) -> list[torch.Tensor] | None:
         """One exchange; None (counted) on any failure, never raised."""
@@ -228,7 +229,7 @@ class Averager:
         try:
             reply = self.group.exchange(peer, request, timeout)
         except Exception as exc:  # a peer's (or group's) fault stays here
-            self._count_failure(exc)
+            self._count_failure(exc, peer)
             return None
         with self._cond:
             self._stats["exchanges_ok"] += 1
@@ -318,23 +319,32 @@ class Averager:
         if not members or self._closed:
             return None
         peer = self._rng.choice(sorted(members))
-        step = min(max(int(step), 0), MAX_ROUND)
         cfg = self.config
         if cfg.method == "gossipingSgd" and cfg.gossip == "pull":
-            request = Exchange("gossip_pull", step, [])
+            kind = "gossip_pull"
+        else:
+            kind = "elastic" if cfg.method == "elasticGossip" else "gossip_push"
+        return peer if self.pull(peer, kind, step, cfg.alpha, cfg.timeout) is not None else None
+
+    def pull(self, peer: str, kind: str, step: int, alpha: float, timeout: float) -> float | None:
+        """One parameter exchange of ``kind`` (elastic, consensus, gossip_push, gossip_pull)
+        with ``peer``, applied to ours: the divergence between the copies before it (0.0 for
+        a push, which learns nothing back), or None when it failed (counted)."""
+        step = min(max(int(step), 0), MAX_ROUND)
+        if kind == "gossip_pull":
+            request = Exchange(kind, step, [])
         else:
             with self.lock:
                 mine = _snapshot(self.params)
-            kind = "elastic" if cfg.method == "elasticGossip" else "gossip_push"
-            request = Exchange(kind, step, mine, cfg.alpha)
-        reply = self._exchange(peer, request, cfg.timeout)
+            request = Exchange(kind, step, mine, alpha)
+        reply = self._exchange(peer, request, timeout)
         if reply is None:
             return None
         with self._cond:
             self._stats["rounds"] += 1
             self._stats["peers_in_last_round"] = 1
-        if request.kind == "gossip_push":
-            return peer
+        if kind == "gossip_push":
+            return 0.0
         try:
             theirs = self._validate(reply)
         except RemoteError as exc:
@@ -342,13 +352,26 @@ class Averager:
             return None
         with self.lock:
             div = divergence(self.params, theirs)
-            if request.kind == "elastic":
-                elastic_pull_(self.params, theirs, cfg.alpha)
-            else:
+            if kind == "gossip_pull":
                 average_into_(self.params, theirs, 0.5)
+            else:
+                elastic_pull_(self.params, theirs, alpha)
         with self._cond:
             self._stats["last_divergence"] = div if math.isfinite(div) else None
-        return peer
+        return div
+
+    def members_to_average(self) -> list[str]:
+        """The members an exchange may go to now (shunned ones left out; [] on a failed
+        lookup)."""
+        return self._members() or []
+
+    def begin_finish(self) -> None:
+        """No local step follows: apply waiting updates, and apply peers' from now on at
+        once (``consensus.finish`` calls it)."""
+        self.apply_pending()
+        with self.lock:
+            self._finishing = True
+        self.apply_pending()
 
     # ---- the rest -----------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from typing import Protocol
 
 import torch
 
-KINDS = ("elastic", "gossip_push", "gossip_pull", "grads")
+KINDS = ("elastic", "gossip_push", "gossip_pull", "grads", "consensus")
 MAX_ROUND = 2**62
 
 
@@ -48,7 +48,9 @@ class Exchange:
     averages the sender's parameters into its own; empty answer), ``gossip_pull`` (the peer
     answers with its parameters; the sender averages them in), ``grads`` (the sender's
     gradients for round ``round``; the peer files them for its own all-reduce of that
-    round; empty answer). ``round`` is the sender's step counter.
+    round; empty answer), ``consensus`` (the end-of-run agreement, ``consensus.py``: like
+    ``elastic`` with alpha at most 1/2, taken by every method). ``round`` is the sender's
+    step counter.
     """
 
     kind: str

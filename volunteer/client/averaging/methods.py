@@ -34,8 +34,11 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from volunteer.wire.errors import BadRequestError, NonFiniteError
 
 METHODS = ("local", "noComm", "gradAllReduce", "elasticGossip", "gossipingSgd")
 GOSSIP_MODES = ("push", "pull")
@@ -167,3 +170,25 @@ def divergence(mine: Sequence[torch.Tensor], theirs: Sequence[torch.Tensor]) -> 
         diff += float((a64 - b.detach().to(device=a.device, dtype=torch.float64)).pow(2).sum())
         norm += float(a64.pow(2).sum())
     return math.sqrt(diff) / max(math.sqrt(norm), 1e-12)
+
+
+def checked(tensors: Any, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A peer's tensor list checked against ours before any use: the count and shapes must
+    match, floating dtypes only (converted to ours, on CPU); ``NonFiniteError`` for NaN/inf,
+    ``BadRequestError`` for anything else wrong."""
+    if not isinstance(tensors, list) or len(tensors) != len(params):
+        count = len(tensors) if isinstance(tensors, list) else type(tensors).__name__
+        raise BadRequestError(f"expected {len(params)} tensors, got {count}")
+    out = []
+    for i, (t, p) in enumerate(zip(tensors, params, strict=True)):
+        if not isinstance(t, torch.Tensor):
+            raise BadRequestError(f"tensor {i} is a {type(t).__name__}")
+        if tuple(t.shape) != tuple(p.shape):
+            raise BadRequestError(f"tensor {i}: shape {tuple(t.shape)} is not ours "
+                                  f"{tuple(p.shape)}")
+        if not t.dtype.is_floating_point:
+            raise BadRequestError(f"tensor {i}: dtype {t.dtype} is not floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"tensor {i} holds NaN or infinity")
+        out.append(t.detach().to(device="cpu", dtype=p.dtype))
+    return out

@@ -21,7 +21,8 @@ probability ``prob``) gossip with one random member; ``noComm`` / ``local`` just
 Peers' elastic pulls and pushes that arrived meanwhile are applied right after our own
 optimizer step, never while our forward/backward runs.
 Averaging never raises a peer's fault into the loop and never holds a step longer than
-``config.timeout``. Members of one gradAllReduce group should start together: rounds are
+``config.timeout``. ``finish()`` at the end of a run agrees on one copy with the members still
+training (``consensus.py``): call it before saving the model. Members of one gradAllReduce group should start together: rounds are
 matched by the step counter (``steps``).
 """
 
@@ -33,6 +34,7 @@ from typing import Any
 
 import torch
 
+from volunteer.client.averaging import consensus
 from volunteer.client.averaging.averager import Averager
 from volunteer.client.averaging.group import AveragingGroup
 from volunteer.client.averaging.methods import AveragingConfig
@@ -57,6 +59,7 @@ class CollaborativeOptimizer:
                     seen.add(id(p))
                     self.params.append(p)
         self._rng = random.Random(seed)
+        self._seed = seed
         self.averager: Averager | None = None
         if config.uses_group:
             assert group is not None
@@ -89,6 +92,15 @@ class CollaborativeOptimizer:
             assert averager is not None
             if averager.gossip(self.steps) is not None:
                 self.gossips += 1
+
+    def finish(self, timeout: float = consensus.FINISH_TIMEOUT_S,
+               tol: float = consensus.FINISH_TOL) -> consensus.FinishReport | None:
+        """End of the run: agree on one copy with the live members (bounded by ``timeout``;
+        ``consensus.finish``). No ``step()`` may follow. None for methods without a group."""
+        if self.averager is None:
+            return None
+        seed = None if self._seed is None else self._seed + 2
+        return consensus.finish(self.averager, self.steps, timeout=timeout, tol=tol, seed=seed)
 
     def stats(self) -> dict[str, Any]:
         """The method, local steps, successful gossips and the averager's counters."""
