@@ -16,7 +16,8 @@ that join or leave during training are picked up or dropped by themselves. With
 ``--endpoint`` (no DHT) each endpoint is asked which experts it hosts (the wire ``info``
 op) and that static set is used. Prints one line per ``--log-every`` steps:
 step, training loss, accuracy on a held-out split, and how many experts answered; then a
-``final:`` summary line. Exit status: 0 on success, 1 with a one-line error when no expert
+``final:`` summary line. With ``--average`` the trainer ends by agreeing on one copy with the
+trainers still in the run (``finish:`` line, bounded by ``--finish-timeout``). Exit status: 0 on success, 1 with a one-line error when no expert
 is reachable or too many steps in a row fail (all experts gone).
 The digits data ships inside scikit-learn: nothing is downloaded.
 """
@@ -212,6 +213,7 @@ def run(args: argparse.Namespace) -> None:
     last_loss = float("nan")
     accuracy = float("nan")
     failed_in_row = 0
+    finished = None
     started = time.monotonic()
     try:
         for step in range(1, args.steps + 1):
@@ -241,6 +243,15 @@ def run(args: argparse.Namespace) -> None:
                 dropped = f" dropped={','.join(sorted(report.failed))}" if report and report.failed else ""
                 print(f"step {step} loss {last_loss:.4f} test_acc {accuracy:.3f} "
                       f"experts_answered {len(answered)}/{n_experts}{dropped}", flush=True)
+        finished = opt.finish(args.finish_timeout) if group is not None and args.finish_timeout > 0 else None
+        if finished is not None:
+            with torch.no_grad():
+                try:  # the agreed copy is the model this run leaves behind
+                    accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
+                except NotEnoughExpertsError:
+                    accuracy = float("nan")
+            print(f"finish: {finished.ended} after {finished.sweeps} sweep(s) in {finished.duration_s:.1f}s "
+                  f"(last divergence {finished.last_divergence}); test_acc {accuracy:.3f}", flush=True)
     finally:
         opt.close()
         if group is not None:
@@ -258,7 +269,8 @@ def run(args: argparse.Namespace) -> None:
     if args.dump is not None:
         trainer_averaging.dump(model, args.dump, {
             "steps": len(losses), "samples": len(losses) * args.batch_size, "test_acc": accuracy,
-            "last_loss": last_loss, "seconds": seconds, "averaging": opt.stats()})
+            "last_loss": last_loss, "seconds": seconds, "averaging": opt.stats(),
+            "finish": finished.to_dict() if finished is not None else None})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="wait until this many other trainers are in the group before training")
     group.add_argument("--members-timeout", type=float, default=120.0,
                        help="seconds --wait-members may wait")
+    group.add_argument("--finish-timeout", type=float, default=60.0,
+                       help="at the end, agree on one copy with the trainers still in the run for "
+                            "at most this many seconds (0: leave without agreeing)")
     group.add_argument("--data-shard", default=None, metavar="I/W",
                        help="train on slice I of W of the training set (0 <= I < W)")
     group.add_argument("--init-seed", type=int, default=None,
@@ -66,6 +69,8 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.data_shard = (i, w)
     if args.wait_members < 0:
         parser.error("--wait-members must be >= 0")
+    if not 0 <= args.finish_timeout <= 3600:
+        parser.error("--finish-timeout must be between 0 and 3600 seconds")
     try:
         config(args)
     except ValueError as exc:
