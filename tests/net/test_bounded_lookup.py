@@ -144,3 +144,78 @@ def test_sessions_and_cache_live_in_the_side_table(monkeypatch):
     assert dht_routing.sessions_of(dht) is lp.peek_side_state(dht, "sessions")
     assert set(vars(dht)) == {"local_peer_id", "routing_table", "host"}
     dht_routing.forget_closest(FakeDHT([]), b"k")  # nothing cached yet: no error
+
+
+class FakeTime:
+    """Stands in for ``dht_routing.time``: the cache's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def _ranked(key: bytes, peers: list[ID], first: bool) -> ID:
+    """A new peer id that sorts first (or last) among ``peers`` by distance to ``key``."""
+    from libp2p.kad_dht.utils import sort_peer_ids_by_distance
+
+    for i in itertools.count():
+        cand = ID(b"new-%d" % i)
+        order = sort_peer_ids_by_distance(key, [*peers, cand])
+        if order[0 if first else -1] == cand:
+            return cand
+    raise AssertionError("unreachable")
+
+
+def test_an_old_closest_set_is_checked_with_a_few_requests_not_looked_up_again(monkeypatch):
+    peers = [ID(b"peer-%d" % i) for i in range(6)]
+    clock = FakeTime()
+    monkeypatch.setattr(dht_routing, "time", clock)
+    calls: list[ID] = []
+    answer: list[ID] = []
+    silent: set[ID] = set()
+
+    async def find_node(sessions, p, key):
+        calls.append(p)
+        if p in silent:
+            raise ConnectionError("reset")
+        return list(answer)
+
+    monkeypatch.setattr(dht_routing, "find_node", find_node)
+    dht = FakeDHT(peers)
+
+    async def main():
+        first = await dht_routing.cached_closest_peers(dht, b"k")
+        assert sorted(first, key=ID.to_bytes) == sorted(peers, key=ID.to_bytes)
+        assert len(calls) == len(peers)  # a full lookup asked everyone
+        calls.clear()
+        clock.now += dht_routing.CLOSEST_FRESH_S - 1
+        assert await dht_routing.cached_closest_peers(dht, b"k") == first
+        assert calls == []  # fresh: used as is
+        clock.now += 2
+        answer[:] = [_ranked(b"k", first, first=False)]  # a farther peer: the set stands
+        assert await dht_routing.cached_closest_peers(dht, b"k") == first
+        assert sorted(calls, key=ID.to_bytes) == sorted(first[:dht_routing.CHECK_ASK], key=ID.to_bytes)
+        calls.clear()
+        assert await dht_routing.cached_closest_peers(dht, b"k") == first
+        assert calls == []  # the check renewed it
+        dht_routing.doubt_closest(dht, b"k")  # a read found nothing: check on next use
+        newcomer = _ranked(b"k", first, first=True)
+        answer[:] = [newcomer]
+        dht.routing_table.peers.append(newcomer)
+        got = await dht_routing.cached_closest_peers(dht, b"k")
+        assert got[0] == newcomer  # a closer peer joined: full lookup
+        assert len(calls) > dht_routing.CHECK_ASK
+        calls.clear()
+        answer[:] = []
+        clock.now += dht_routing.CLOSEST_FRESH_S + 1
+        silent.add(got[1])  # a checked peer fails: full lookup (without it)
+        again = await dht_routing.cached_closest_peers(dht, b"k")
+        assert got[1] not in again and len(calls) > dht_routing.CHECK_ASK
+        calls.clear()
+        clock.now += dht_routing.CLOSEST_TTL + 1
+        await dht_routing.cached_closest_peers(dht, b"k")
+        assert len(calls) > dht_routing.CHECK_ASK  # too old to check: full lookup
+
+    trio.run(main)

@@ -45,7 +45,12 @@ from libp2p.records.validator import NamespacedValidator, Validator
 
 from volunteer.net import libp2p_adapter as lp
 from volunteer.net import records
-from volunteer.net.dht_routing import cached_closest_peers, forget_closest, sessions_of
+from volunteer.net.dht_routing import (
+    cached_closest_peers,
+    doubt_closest,
+    forget_closest,
+    sessions_of,
+)
 from volunteer.net.dht_rpc import DhtRequestError, DhtSessions, get_value, put_value
 
 log = logging.getLogger(__name__)
@@ -53,7 +58,7 @@ log = logging.getLogger(__name__)
 QUERY_TIMEOUT = 3.0
 IDENTIFY_WAIT = 10.0
 REPLICATION = 10  # each entry is stored at this many closest DHT servers
-LOOKUP_FANOUT = 6  # readers ask this many of the closest (all hold every entry)
+LOOKUP_FANOUT = 6  # readers ask this many of the closest first, the rest of REPLICATION on a miss
 MAX_KEYS_PER_SIGNER = 1024  # keys of one DHT server that may hold entries of one signer
 MAX_STORE_BYTES = 64 * 2**20  # registry values one DHT server holds, in all
 _PREFIX = f"/{records.NAMESPACE}/".encode()
@@ -334,7 +339,7 @@ async def lookup_value(dht: KadDHT, key: str, *, policy: records.RecordPolicy | 
     local = lp.value_store(dht).get(key_bytes)
     if local is not None:
         values.append(local.value)
-    peers = (await cached_closest_peers(dht, key_bytes))[:LOOKUP_FANOUT]
+    closest = (await cached_closest_peers(dht, key_bytes))[:REPLICATION]
 
     sessions = sessions_of(dht)
 
@@ -348,8 +353,18 @@ async def lookup_value(dht: KadDHT, key: str, *, policy: records.RecordPolicy | 
         if got is not None:
             values.append(got)
 
-    async with trio.open_nursery() as nursery:
-        for peer in peers:
-            nursery.start_soon(query_one, peer)
+    async def query(peers: list[Any]) -> None:
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(query_one, peer)
+
+    await query(closest[:LOOKUP_FANOUT])
+    if len(values) == (local is not None):
+        # Nothing there: ask the rest of the peers writers store at (a writer whose view of
+        # the key's neighbourhood differs from ours stored at some of them), and have our
+        # view checked on the next read.
+        await query(closest[LOOKUP_FANOUT:])
+        if len(values) == (local is not None):
+            doubt_closest(dht, key_bytes)
     return records.valid_entries(values, key=key, max_ttl=p.max_ttl,
                                  admit=admit if admit is not None else p.admit, stats=p.stats)
