@@ -10,7 +10,7 @@ with ever "closer" new peers cannot keep it going.
 
 ``cached_closest_peers`` keeps each key's result, because the closest set of a key rarely
 changes and a full lookup asks about ``MAX_QUERY_PEERS`` peers: done for every key a node
-announces (every ttl/3) and reads (replica rounds, shard decisions), full lookups were most
+announces (every ttl/3 then) and reads (replica rounds, shard decisions), full lookups were most
 of a swarm's idle CPU (profiled: 24 daemons on 2 cores used 1.9 cores, DHT lookups and their
 streams on top). A result younger than ``CLOSEST_FRESH_S`` is used as is; an older one (up to
 ``CLOSEST_TTL``) is *checked* with one FIND_NODE to each of its ``CHECK_ASK`` closest peers,

@@ -60,7 +60,7 @@ IDENTIFY_WAIT = 10.0
 # Each entry is stored at this many closest DHT servers and readers ask them all. Each
 # request costs a fresh KAD stream (py-libp2p's server serves few at once, so idle streams
 # are closed within a second): at 10 replicas a swarm's re-announces alone (each node, each
-# key, every ttl/3) saturated 2 cores with 24 daemons. 5, as in hivemind's DHT; readers
+# key, every ttl/3 then) saturated 2 cores with 24 daemons. 5, as in hivemind's DHT; readers
 # asking all of them tolerate writers whose view of the key's closest peers differs a little.
 REPLICATION = 5
 LOOKUP_FANOUT = REPLICATION
