@@ -301,6 +301,27 @@ def test_the_thread_runs_rounds_until_stopped() -> None:
     assert a.lookups >= 3 and not a.sync._thread.is_alive()
 
 
+def test_a_node_without_replicas_backs_off_its_reads() -> None:
+    from volunteer.daemon.replicas import MAX_IDLE_BACKOFF
+
+    node = Node("a", {})
+    node.host()
+    delays = []
+    for _ in range(6):
+        node.sync.round()
+        delays.append(node.sync.next_backoff())
+    assert delays == [1, 2, 4, MAX_IDLE_BACKOFF, MAX_IDLE_BACKOFF, MAX_IDLE_BACKOFF]
+    node.host("x.0.1")  # a new hosted uid: read again at once
+    node.sync.round()
+    assert node.sync.next_backoff() == 1
+    node.sync.round()
+    assert node.sync.next_backoff() == 2
+    node.sees("b")  # a replica appeared: every period again
+    node.sync.round()
+    assert node.sync.next_backoff() == 1
+    node.sync.stop()
+
+
 def test_lookup_failure_keeps_the_last_view(pair) -> None:
     a, b = pair
     b.sync.round()

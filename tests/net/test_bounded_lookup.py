@@ -144,3 +144,110 @@ def test_sessions_and_cache_live_in_the_side_table(monkeypatch):
     assert dht_routing.sessions_of(dht) is lp.peek_side_state(dht, "sessions")
     assert set(vars(dht)) == {"local_peer_id", "routing_table", "host"}
     dht_routing.forget_closest(FakeDHT([]), b"k")  # nothing cached yet: no error
+
+
+def test_a_failing_peer_leaves_the_cached_set_not_the_whole_set(monkeypatch):
+    peers = [ID(b"peer-%d" % i) for i in range(dht_routing.MIN_CACHED + 1)]
+
+    async def find_node(sessions, p, key):
+        return []
+
+    monkeypatch.setattr(dht_routing, "find_node", find_node)
+    dht = FakeDHT(peers)
+    stats = dht_routing.routing_stats(dht)
+
+    async def main():
+        first = await dht_routing.cached_closest_peers(dht, b"k")
+        dht_routing.forget_closest(dht, b"k", first[0])  # one store timed out
+        assert await dht_routing.cached_closest_peers(dht, b"k") == first[1:]
+        assert stats["full"] == 1  # no new lookup for one failure
+        dht_routing.forget_closest(dht, b"k", first[1])  # fewer than MIN_CACHED left
+        assert by_id(await dht_routing.cached_closest_peers(dht, b"k")) == by_id(peers)
+        assert stats["full"] == 2
+
+    def by_id(xs):
+        return sorted(xs, key=ID.to_bytes)
+
+    trio.run(main)
+
+
+class FakeTime:
+    """Stands in for ``dht_routing.time``: the cache's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def _ranked(key: bytes, peers: list[ID], first: bool) -> ID:
+    """A new peer id that sorts first (or last) among ``peers`` by distance to ``key``."""
+    from libp2p.kad_dht.utils import sort_peer_ids_by_distance
+
+    for i in itertools.count():
+        cand = ID(b"new-%d" % i)
+        order = sort_peer_ids_by_distance(key, [*peers, cand])
+        if order[0 if first else -1] == cand:
+            return cand
+    raise AssertionError("unreachable")
+
+
+def test_an_old_closest_set_is_checked_with_a_few_requests_not_looked_up_again(monkeypatch):
+    peers = [ID(b"peer-%d" % i) for i in range(6)]
+    clock = FakeTime()
+    monkeypatch.setattr(dht_routing, "time", clock)
+    calls: list[ID] = []
+    answer: list[ID] = []
+    silent: set[ID] = set()
+
+    every_call: list[ID] = []
+
+    async def find_node(sessions, p, key):
+        calls.append(p)
+        every_call.append(p)
+        if p in silent:
+            raise ConnectionError("reset")
+        return list(answer)
+
+    monkeypatch.setattr(dht_routing, "find_node", find_node)
+    dht = FakeDHT(peers)
+    stats = dht_routing.routing_stats(dht)
+
+    def by_id(xs):
+        return sorted(xs, key=ID.to_bytes)
+
+    async def main():
+        first = await dht_routing.cached_closest_peers(dht, b"k")
+        assert by_id(first) == by_id(peers)
+        assert len(calls) == len(peers) and stats["full"] == 1  # a full lookup asked everyone
+        calls.clear()
+        clock.now += dht_routing.CLOSEST_FRESH_S - 1
+        assert await dht_routing.cached_closest_peers(dht, b"k") == first
+        assert calls == [] and stats["fresh"] == 1  # fresh: used as is
+        clock.now += 2
+        assert await dht_routing.cached_closest_peers(dht, b"k") == first
+        assert by_id(calls) == by_id(first[:dht_routing.CHECK_ASK])  # CHECK_ASK requests
+        assert stats["checked"] == 1 and stats["full"] == 1
+        calls.clear()
+        assert await dht_routing.cached_closest_peers(dht, b"k") == first
+        assert calls == []  # the check renewed it
+        dht_routing.doubt_closest(dht, b"k")  # a read found nothing: check on next use
+        newcomer = _ranked(b"k", first, first=True)
+        answer[:] = [newcomer, dht.local_peer_id]
+        got = await dht_routing.cached_closest_peers(dht, b"k")
+        assert got == [newcomer, *first][:len(first)]  # named near the key: merged in, first
+        assert len(calls) == dht_routing.CHECK_ASK and stats["full"] == 1
+        calls.clear()
+        answer[:] = []
+        clock.now += dht_routing.CLOSEST_FRESH_S + 1
+        silent.add(got[1])  # a checked peer fails: full lookup (without it)
+        again = await dht_routing.cached_closest_peers(dht, b"k")
+        assert got[1] not in again and stats["full"] == 2
+        calls.clear()
+        clock.now += dht_routing.CLOSEST_TTL + 1
+        await dht_routing.cached_closest_peers(dht, b"k")
+        assert stats["full"] == 3  # too old to check: full lookup
+        assert stats["find_node"] == len(every_call)  # each request sent is counted
+
+    trio.run(main)

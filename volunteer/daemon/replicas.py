@@ -65,6 +65,11 @@ EXCHANGE_MIN_RATE = 1 << 20  # bytes/s both ways must sustain (a relayed path do
 EXCHANGE_MAX_S = 600.0
 MIN_INBOUND_GAP = 0.5  # of the period: per (uid, peer), inbound exchanges at most this often
 JITTER = 0.2
+# A node whose uids have no other holder backs off its DHT reads (1, 2, 4, 8 periods apart):
+# with replication 1 most never have one, and a read per uid every period was a third of a
+# swarm's idle DHT messages (64 daemons on one machine). A new hosted uid resets it; a replica
+# that finds us meanwhile averages with us from its side.
+MAX_IDLE_BACKOFF = 8
 
 Lookup = Callable[[Sequence[str]], Mapping[str, Sequence[Any]]]  # uids -> uid -> ServerEntry list
 # make_group(uid, members) -> the group of that uid; members() lists (peer id, addrs)
@@ -176,6 +181,8 @@ class ReplicaSync:
         self._serving: dict[str, dict[str, list[str]]] = {}  # uid -> serving holder -> addrs
         self._known: dict[str, set[str]] = {}  # uid -> every live holder (serving or draining)
         self.rounds = 0
+        self._backoff = 1
+        self._last_hosted: frozenset[str] = frozenset()
         self.lookup_errors = 0
         self.last_round_at: float | None = None
         self._stop = threading.Event()
@@ -197,7 +204,17 @@ class ReplicaSync:
                 self.round()
             except Exception:  # a bug must not end replica averaging for good
                 log.exception("replica averaging round failed")
-            delay = self.period_s * self._rng.uniform(1 - JITTER, 1 + JITTER)
+            delay = self.period_s * self._rng.uniform(1 - JITTER, 1 + JITTER) * self.next_backoff()
+
+    def next_backoff(self) -> int:
+        """Periods until the next round: 1 while some hosted uid has a serving replica or the
+        hosted set just changed, else twice the last, up to ``MAX_IDLE_BACKOFF``."""
+        with self._mutex:
+            hosted = frozenset(self._known)
+            alone = not any(self._serving.values()) and hosted == self._last_hosted
+            self._last_hosted = hosted
+            self._backoff = min(self._backoff * 2, MAX_IDLE_BACKOFF) if alone else 1
+            return self._backoff
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the rounds and refuse inbound exchanges (``draining``); idempotent. Waits at

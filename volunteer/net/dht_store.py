@@ -45,15 +45,25 @@ from libp2p.records.validator import NamespacedValidator, Validator
 
 from volunteer.net import libp2p_adapter as lp
 from volunteer.net import records
-from volunteer.net.dht_routing import cached_closest_peers, forget_closest, sessions_of
+from volunteer.net.dht_routing import (
+    cached_closest_peers,
+    doubt_closest,
+    forget_closest,
+    sessions_of,
+)
 from volunteer.net.dht_rpc import DhtRequestError, DhtSessions, get_value, put_value
 
 log = logging.getLogger(__name__)
 
 QUERY_TIMEOUT = 3.0
 IDENTIFY_WAIT = 10.0
-REPLICATION = 10  # each entry is stored at this many closest DHT servers
-LOOKUP_FANOUT = 6  # readers ask this many of the closest (all hold every entry)
+# Each entry is stored at this many closest DHT servers and readers ask them all. Each
+# request costs a fresh KAD stream (py-libp2p's server serves few at once, so idle streams
+# are closed within a second): at 10 replicas a swarm's re-announces alone (each node, each
+# key, every ttl/3 then) saturated 2 cores with 24 daemons. 5, as in hivemind's DHT; readers
+# asking all of them tolerate writers whose view of the key's closest peers differs a little.
+REPLICATION = 5
+LOOKUP_FANOUT = REPLICATION
 MAX_KEYS_PER_SIGNER = 1024  # keys of one DHT server that may hold entries of one signer
 MAX_STORE_BYTES = 64 * 2**20  # registry values one DHT server holds, in all
 _PREFIX = f"/{records.NAMESPACE}/".encode()
@@ -311,7 +321,7 @@ async def publish_value(dht: KadDHT, key: str, value: bytes) -> int:
             done = await put_value(sessions, peer, key_bytes, value, record)
         ok.append(done)
         if not done:
-            forget_closest(dht, key_bytes)
+            forget_closest(dht, key_bytes, peer)
 
     async with trio.open_nursery() as nursery:
         for peer in peers:
@@ -343,7 +353,7 @@ async def lookup_value(dht: KadDHT, key: str, *, policy: records.RecordPolicy | 
             with trio.fail_after(QUERY_TIMEOUT):
                 got = await get_value(sessions, peer, key_bytes)
         except (DhtRequestError, trio.TooSlowError):
-            forget_closest(dht, key_bytes)
+            forget_closest(dht, key_bytes, peer)
             return
         if got is not None:
             values.append(got)
@@ -351,5 +361,7 @@ async def lookup_value(dht: KadDHT, key: str, *, policy: records.RecordPolicy | 
     async with trio.open_nursery() as nursery:
         for peer in peers:
             nursery.start_soon(query_one, peer)
+    if len(values) == (local is not None):  # no peer holds anything: check our view next time
+        doubt_closest(dht, key_bytes)
     return records.valid_entries(values, key=key, max_ttl=p.max_ttl,
                                  admit=admit if admit is not None else p.admit, stats=p.stats)

@@ -49,6 +49,10 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from volunteer.net import libp2p_adapter as lp
+
+log = logging.getLogger(__name__)
+
 IDENTITY_FILE = "identity.key"
 LOG_ENV = "VOLUNTEER_LIBP2P_LOG"
 _SEED_BYTES = 32
@@ -159,10 +163,15 @@ def build_host(
 
 @asynccontextmanager
 async def run_host(host: IHost, listen_addrs: Sequence[str] = DEFAULT_LISTEN) -> AsyncIterator[IHost]:
-    """Listen on ``listen_addrs`` for the duration of the block; close the host after."""
+    """Listen on ``listen_addrs`` for the duration of the block; close the host after. The
+    node connects on demand: py-libp2p's auto-connector is stopped (``stop_auto_connector``)."""
     addrs = [multiaddr.Multiaddr(a) for a in listen_addrs]
     async with host.run(addrs):
         try:
+            try:
+                await lp.stop_auto_connector(host)
+            except lp.Libp2pInternalsError as e:  # a newer py-libp2p: it just keeps meshing
+                log.warning("%s", e)
             yield host
         finally:
             # Shielded: when the caller was cancelled, the listeners and connections must

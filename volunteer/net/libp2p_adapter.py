@@ -27,6 +27,7 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any, TypeVar
 
+import trio
 from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.connection_types import ConnectionType
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
@@ -233,3 +234,20 @@ def side_state(owner: Any, name: str, factory: Callable[[], T]) -> T:
 def peek_side_state(owner: Any, name: str) -> Any:
     """The state ``side_state`` stored for ``owner`` under ``name``, or None."""
     return _SIDE.get(owner, {}).get(name)
+
+
+async def stop_auto_connector(host: IHost, wait_s: float = 5.0) -> None:
+    """Stop py-libp2p's auto-connector on a running host.
+
+    It dials every peer the peerstore knows until the node holds ~150 connections (the
+    midpoint of its watermarks), so every node of a swarm ends up connected to every other:
+    N^2 handshakes as a swarm grows, measured at a tenth of each daemon's CPU while 64 joined
+    on one machine. A volunteer connects on demand instead (DHT neighbours, trainers, the
+    peers it exchanges with). The swarm starts the connector in its own background task, so
+    this waits (at most ``wait_s``) until it has started, then stops it; a stopped one also
+    ignores the re-dial py-libp2p schedules on every disconnect."""
+    connector = _reach(host.get_network(), "auto_connector", "the swarm's auto-connector")
+    with trio.move_on_after(wait_s):
+        while not getattr(connector, "_started", True):
+            await trio.sleep(0.01)
+    await connector.stop()

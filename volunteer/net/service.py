@@ -27,7 +27,7 @@ Inside the thread: ``SwarmNode`` (host with the persistent identity from
 ``<home>/identity/``, KadDHT in server or client mode (below), self-healing bootstrap),
 ``RpcServer`` (expert RPC over streams into ``submit``), ``NatTraversal`` from
 ``volunteer.net.nat`` (reachability by dial-back, relay reservations, hole punching), and
-a heartbeat that re-announces every ``ttl / 3`` seconds. Records carry the direct ZeroMQ
+a heartbeat that re-announces every ``ttl / 2`` seconds (sooner after a failed one). Records carry the direct ZeroMQ
 endpoint and the reachability, so trainers use ZeroMQ for publicly reachable nodes and
 libp2p (direct, hole-punched or relayed) for the others.
 
@@ -348,14 +348,19 @@ class NetworkService:
         return (direct + relay)[:16]
 
     async def _heartbeat(self) -> None:
+        delay = self.config.heartbeat_s
         while True:
-            await trio.sleep(self.config.heartbeat_s)
+            await trio.sleep(delay)
+            delay = self.config.heartbeat_s
             if self._uids:
                 try:
-                    await self._announce_now()
+                    report = await self._announce_now()
                     self.heartbeats += 1
+                    if not report.ok:  # some key stored nowhere: try again before it expires
+                        delay = self.config.heartbeat_s / 3
                 except Exception as e:
                     log.warning("heartbeat announce failed: %r", e)
+                    delay = self.config.heartbeat_s / 3
 
     async def _withdraw(self, timeout: float) -> None:
         assert self.registry is not None

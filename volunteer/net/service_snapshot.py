@@ -9,6 +9,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from volunteer.net import libp2p_adapter as lp
+from volunteer.net.dht_routing import routing_stats
 
 if TYPE_CHECKING:
     from volunteer.net.node import SwarmNode
@@ -49,10 +50,13 @@ def service_snapshot(svc: NetworkService) -> dict:
         "announced_uids": len(svc._uids),
         "state": svc._state,
         "last_announce_ok": last.ok if last is not None else None,
+        # DHT servers holding the entry of this node's worst-stored key (itself included)
+        "last_announce_copies": min(last.stored.values(), default=0) if last is not None else None,
         "heartbeats": svc.heartbeats,
         "zmq_endpoint": svc.zmq_endpoint,
         "rpc": svc.rpc.stats.as_dict() if svc.rpc is not None else None,
         "dht_guard": svc.dht_guard.stats.as_dict() if svc.dht_guard is not None else None,
+        "dht_routing": dict(routing_stats(node.dht)) if node is not None else {},
         "records_dropped": svc.record_policy.stats.as_dict(),
         "admission": "open" if svc.admission.open else "closed",
         "shard_server": svc.shard_server.stats.as_dict() if svc.shard_server is not None else None,
