@@ -116,7 +116,7 @@ def test_config_is_typed_and_a_manifest_section_converts() -> None:
                               listen_port=4100, public="no")
     cfg = NetworkConfig.from_section(section, listen_host="127.0.0.1", ttl=9.0)
     assert (cfg.bootstrap, cfg.listen_port, cfg.public, cfg.ttl) == (section.bootstrap, 4100, "no", 9.0)
-    assert cfg.heartbeat_s == 3.0 and not cfg.new_swarm and cfg.enable_nat
+    assert cfg.heartbeat_s == 4.5 and not cfg.new_swarm and cfg.enable_nat  # ttl / 2
     for bad in ({"public": "maybe"}, {"listen_port": 70000}, {"ttl": 0.0}, {"bootstrap": "/ip4/1.2.3.4"},
                 {"heartbeat_interval": float("nan")}, {"enable_nat": "yes"}):
         with pytest.raises(ValueError, match=rf"NetworkConfig\.{next(iter(bad))}"):
