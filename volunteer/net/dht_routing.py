@@ -16,8 +16,10 @@ streams on top). A result younger than ``CLOSEST_FRESH_S`` is used as is; an old
 ``CLOSEST_TTL``) is *checked* with one FIND_NODE to each of its ``CHECK_ASK`` closest peers,
 which know the key's neighbourhood best: the peers they name are merged in by distance (a
 newcomer near the key joins the set), ``CHECK_ASK`` requests instead of a lookup; only when
-one of them fails to answer does a full lookup run. A failed store or get forgets the key's result (``forget_closest``), a read that found
-nothing marks it for a check on the next use (``doubt_closest``).
+one of them fails to answer does a full lookup run. A peer that fails a store or get leaves
+the key's cached set (``forget_closest``; the whole set goes once fewer than ``MIN_CACHED``
+are left), and a read that found nothing marks the set for a check on its next use
+(``doubt_closest``).
 
 Requests go through ``dht_rpc.DhtSessions`` (reused, bounded streams). Everything this
 module keeps on a py-libp2p ``KadDHT`` (its routing table, our sessions and cache) is reached
@@ -149,7 +151,7 @@ async def _check(dht: KadDHT, key_bytes: bytes, cached: list[ID]) -> list[ID] | 
     """Ask the ``CHECK_ASK`` closest of ``cached`` for their closest peers to the key: None
     when one of them does not answer (a full lookup follows), else ``cached`` with the peers
     they named merged in by distance (a newcomer near the key; one that turns out dead fails
-    its store or get, which forgets the set)."""
+    its store or get, which drops it from the set)."""
     asked = cached[:CHECK_ASK]
     named: set[ID] = set()
     answered = 0
