@@ -66,8 +66,9 @@ EXCHANGE_MAX_S = 600.0
 MIN_INBOUND_GAP = 0.5  # of the period: per (uid, peer), inbound exchanges at most this often
 JITTER = 0.2
 # A node whose uids have no other holder backs off its DHT reads (1, 2, 4, 8 periods apart):
-# with replication 1 most never have one, and a read per uid every period was a third of a
-# swarm's idle DHT messages (64 daemons on one machine). A new hosted uid resets it; a replica
+# with replication 1 most never have one, and a read per uid every period was, by the DHT
+# counters of a 24-daemon swarm at rest, roughly a quarter of its DHT messages (an estimate
+# from message rates, not a separate measurement). A new hosted uid resets it; a replica
 # that finds us meanwhile averages with us from its side.
 MAX_IDLE_BACKOFF = 8
 

@@ -63,7 +63,6 @@ IDENTIFY_WAIT = 10.0
 # key, every ttl/3 then) saturated 2 cores with 24 daemons. 5, as in hivemind's DHT; readers
 # asking all of them tolerate writers whose view of the key's closest peers differs a little.
 REPLICATION = 5
-LOOKUP_FANOUT = REPLICATION
 MAX_KEYS_PER_SIGNER = 1024  # keys of one DHT server that may hold entries of one signer
 MAX_STORE_BYTES = 64 * 2**20  # registry values one DHT server holds, in all
 _PREFIX = f"/{records.NAMESPACE}/".encode()
@@ -344,7 +343,7 @@ async def lookup_value(dht: KadDHT, key: str, *, policy: records.RecordPolicy | 
     local = lp.value_store(dht).get(key_bytes)
     if local is not None:
         values.append(local.value)
-    peers = (await cached_closest_peers(dht, key_bytes))[:LOOKUP_FANOUT]
+    peers = (await cached_closest_peers(dht, key_bytes))[:REPLICATION]
 
     sessions = sessions_of(dht)
 
