@@ -23,6 +23,7 @@ from volunteer.client.zmq_transport import ZmqTransport
 from volunteer.wire.errors import CacheMissError
 from volunteer.wire.limits import WireLimits
 from volunteer.wire.messages import Reply, decode_reply, encode_request
+from volunteer.wire.tensors import COMPRESSIONS
 from volunteer.wire.transport import Transport
 
 CLIENT_LIMITS = WireLimits(
@@ -51,8 +52,8 @@ class RemoteExpert(nn.Module):
         compression: str | None = None,
     ) -> None:
         super().__init__()
-        if compression not in (None, "fp16"):
-            raise ValueError(f"unknown compression {compression!r}; use None or 'fp16'")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
         self.uid = uid
         self._owns_transport = isinstance(endpoint, str)
         self.transport: Transport = (
