@@ -36,7 +36,7 @@ import logging
 
 from volunteer.runtime.loop import ServingLoop
 from volunteer.runtime.runtime import Runtime
-from volunteer.runtime.zmtp_conn import ZmtpConn
+from volunteer.runtime.zmtp_conn import Alloc, ZmtpConn
 from volunteer.runtime.zmtp_server import ZmtpServer, ZmtpServerLimits
 from volunteer.wire.errors import RemoteError
 from volunteer.wire.messages import encode_error, reply_request_id
@@ -64,11 +64,15 @@ def server_limits(limits: object, **overrides: object) -> ZmtpServerLimits:
 class ZmqFrontend:
     """ROUTER frontend; ``bind`` may use port 0 (the chosen port is in ``.endpoint``).
 
-    ``server`` overrides fields of the derived ``ZmtpServerLimits`` (tests, tuning)."""
+    ``server`` overrides fields of the derived ``ZmtpServerLimits`` (tests, tuning).
+    ``alloc(size)`` allocates the buffer every received frame lands in (default
+    ``bytearray(size)``; e.g. pinned host memory on a GPU node; see
+    ``volunteer.runtime.zmtp_conn``): requests' tensors wrap these buffers."""
 
     def __init__(self, runtime: Runtime, bind: str = "tcp://127.0.0.1:0",
-                 server: dict | None = None) -> None:
+                 server: dict | None = None, alloc: Alloc | None = None) -> None:
         self.runtime = runtime
+        self._alloc = alloc
         self.bind = bind
         self.endpoint: str | None = None
         self._overrides = dict(server or {})
@@ -85,7 +89,7 @@ class ZmqFrontend:
         io = ServingLoop(_no_work, _nothing, name="volunteer-zmtp")
         server = ZmtpServer(io, server_limits(self.runtime.limits, **self._overrides),
                             self.runtime.reserve_bytes, self.runtime.release_bytes,
-                            self._on_message, self._on_refused)
+                            self._on_message, self._on_refused, alloc=self._alloc)
         try:
             bound_host, bound_port = server.bind(host, port)
         except OSError as e:

@@ -7,8 +7,17 @@ into frames; ``volunteer.runtime.zmtp_server`` does the socket IO, the timers an
 that span connections. Nothing here allocates before a bound is checked: a frame's size is
 checked against ``max_frame_bytes``, the message's frame count against ``max_frames`` and
 its bytes against ``max_message_bytes`` and the shared budget (``reserve``) at the frame
-header, and only then is the frame's buffer allocated (one ``bytearray`` of exactly that
-size, which the server may ``recv_into`` directly and which the tensor decoder wraps as is).
+header, and only then is the frame's buffer allocated (one buffer of exactly that size,
+which the server may ``recv_into`` directly and which the tensor decoder wraps as is).
+
+Frame buffers come from ``alloc(size)`` (``Alloc``), the server's one allocation hook: by
+default ``bytearray(size)``; a GPU node passes a function that returns pinned host memory
+(any writable, C-contiguous object with the buffer protocol, exactly ``size`` bytes), so
+tensors are received straight into memory the device can copy from asynchronously. It is
+called for every non-empty frame body (headers too: an allocator that only wants large
+frames returns ``bytearray(size)`` below its own threshold), always after the bounds and the
+byte budget accepted the frame. A buffer of the wrong size or a read-only one is a bug of
+the allocator: ``AllocError``, and the server closes that connection (logged).
 
 A frame the budget refuses is skipped (read and dropped, nothing kept) and the message is
 answered with the typed refusal once it ends; a protocol violation raises ``ProtocolError``
@@ -21,6 +30,7 @@ import collections
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from volunteer.wire.errors import RemoteError, TooLargeError
 from volunteer.wire.zmtp import COMMAND, GREETING, LONG, MORE, RESERVED, parse_properties
@@ -31,6 +41,32 @@ _EMPTY = memoryview(b"")
 PEER_TYPES = (b"DEALER", b"REQ", b"ROUTER")  # what a libzmq ROUTER accepts
 
 GREETING_SENT, HANDSHAKE, READY = 0, 1, 2  # connection states
+
+Alloc = Callable[[int], Any]
+"""``alloc(size)`` -> a writable buffer-protocol object of exactly ``size`` bytes."""
+
+
+class AllocError(Exception):
+    """The frame allocator returned something that cannot hold the frame (a bug)."""
+
+
+def default_alloc(size: int) -> bytearray:
+    """A zero-filled ``bytearray`` of ``size`` bytes (the allocation used without a hook)."""
+    return bytearray(size)
+
+
+def _byte_view(buf: object, size: int) -> memoryview:
+    """A flat, writable, byte-format view of ``buf``; ``AllocError`` unless ``size`` bytes."""
+    try:
+        mv = memoryview(buf)  # type: ignore[arg-type]
+        if mv.ndim != 1 or mv.format != "B":
+            mv = mv.cast("B")  # TypeError unless C-contiguous
+    except TypeError as e:
+        raise AllocError(f"frame buffer unusable: {e}") from None
+    if mv.readonly or mv.nbytes != size:
+        raise AllocError(f"frame buffer of {mv.nbytes} bytes (readonly={mv.readonly}) for a "
+                         f"frame of {size}")
+    return mv
 
 
 class ProtocolError(Exception):
@@ -63,6 +99,7 @@ class ZmtpConn:
     """Parse state of one connection. ``feed`` / ``body_view`` are called by the server."""
 
     __slots__ = (
+        "alloc",
         "body",
         "body_mv",
         "command",
@@ -96,8 +133,10 @@ class ZmtpConn:
 
     def __init__(self, sock: object, fd: int, peer: object, limits: ConnLimits,
                  reserve: Callable[[int], RemoteError | None],
-                 release: Callable[[int], None], now: float) -> None:
+                 release: Callable[[int], None], now: float,
+                 alloc: Alloc | None = None) -> None:
         self.sock = sock
+        self.alloc: Alloc = alloc or default_alloc
         self.fd = fd
         self.peer = peer
         self.limits = limits
@@ -110,7 +149,7 @@ class ZmtpConn:
         self.greeting = bytearray()
         self.hbuf = bytearray()  # a frame header split across reads (<= 9 bytes)
         self.command: bytearray | None = None  # a command's body being read (small)
-        self.body: bytearray | None = None  # the current frame's buffer
+        self.body: object | None = None  # the current frame's buffer (from ``alloc``)
         self.body_mv: memoryview = _EMPTY
         self.got = self.size = self.skip = 0
         self.more = False
@@ -260,8 +299,8 @@ class ZmtpConn:
                 if self.refusal is None:
                     self.msg_bytes = total
                     if size:
-                        self.body = bytearray(size)
-                        self.body_mv = memoryview(self.body)
+                        self.body = self.alloc(size)
+                        self.body_mv = _byte_view(self.body, size)
                         self.got = 0
                         self.size = size
                         return

@@ -32,7 +32,9 @@ connection (counted); no exception leaves a handler.
 
 Replies are written with ``sendmsg`` straight from the caller's buffers (tensor memory is
 never copied); large frame bodies are read with ``recv_into`` into their own preallocated
-buffer, small ones through the shared buffer.
+buffer, small ones through the shared buffer. Every frame body's buffer comes from ``alloc``
+(``ZmtpServer(..., alloc=...)``, see ``volunteer.runtime.zmtp_conn``): ``bytearray(size)``
+by default, pinned host memory on a GPU node.
 """
 
 from __future__ import annotations
@@ -47,7 +49,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from volunteer.runtime.loop import READ, WRITE, ServingLoop
-from volunteer.runtime.zmtp_conn import HELLO, READY, ConnLimits, ProtocolError, ZmtpConn
+from volunteer.runtime.zmtp_conn import (
+    HELLO,
+    READY,
+    Alloc,
+    ConnLimits,
+    ProtocolError,
+    ZmtpConn,
+)
 from volunteer.wire.errors import RemoteError
 from volunteer.wire.zmtp import LONG, MORE
 
@@ -84,12 +93,16 @@ class ZmtpServerLimits:
 
 class ZmtpServer:
     """ROUTER semantics on one listening TCP socket; everything runs in ``loop``'s thread
-    except ``bind`` (before ``attach``) and ``close`` once the loop is gone."""
+    except ``bind`` (before ``attach``) and ``close`` once the loop is gone.
+
+    ``alloc(size)`` allocates every frame body (default ``bytearray(size)``); it runs in the
+    loop's thread, after the frame's bytes were reserved."""
 
     def __init__(self, loop: ServingLoop, limits: ZmtpServerLimits,
                  reserve: Callable[[int], RemoteError | None], release: Callable[[int], None],
-                 on_message: OnMessage, on_refused: OnRefused) -> None:
+                 on_message: OnMessage, on_refused: OnRefused, alloc: Alloc | None = None) -> None:
         self.loop = loop
+        self._alloc = alloc
         self.limits = limits
         self._conn_limits = ConnLimits(limits.max_frame_bytes, limits.max_frames,
                                        limits.max_message_bytes)
@@ -185,7 +198,7 @@ class ZmtpServer:
                 continue
             fd = sock.fileno()
             conn = ZmtpConn(sock, fd, peer, self._conn_limits, self._reserve, self._release,
-                            time.monotonic())
+                            time.monotonic(), self._alloc)
             self._conns[fd] = conn
             self.counters["accepted"] += 1
             self.loop.register(fd, READ, lambda ev, c=conn: self._on_event(c, ev))
