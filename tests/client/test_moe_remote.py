@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import threading
 from collections import Counter
 
@@ -315,3 +316,40 @@ def test_from_endpoints_skips_unreachable(expert_servers, dead_endpoint):
         assert list(directory.failed_endpoints) == [dead_endpoint]
         assert directory.expert_info[UIDS[0]]["input_shapes"] == [[HIDDEN]]
         assert set(directory.resolve(UIDS)) == set(UIDS[:2])
+
+
+@pytest.mark.timeout(60)
+def test_adaptive_deadlines_cut_a_hung_server_at_its_own_deadline(expert_servers):
+    from volunteer.client.latency import LatencyTracker, endpoint_key
+
+    a = expert_servers(UIDS[:3], HIDDEN)
+    b = expert_servers(UIDS[3:], HIDDEN)
+    tracker = LatencyTracker(floor=0.2, window=16, min_samples=2)
+    with StaticDirectory.from_endpoints([a.endpoint, b.endpoint]) as directory:
+        moe = _moe(directory, k_best=6, k_min=1, forward_timeout=30, backward_timeout=30,
+                   latency=tracker)
+        try:
+            # no history: the first step's calls wait the configured 30 s if they must
+            assert tracker.deadline(endpoint_key(directory.resolve([UIDS[3]])[UIDS[3]],
+                                                 "forward"), 30.0) == 30.0
+            for _ in range(3):
+                moe(torch.randn(4, HIDDEN)).sum().backward()
+                assert sorted(moe.last_report.backward_answered) == UIDS
+            learnt = tracker.snapshot()
+            assert {f"{s.endpoint}|{op}" for s in (a, b) for op in ("forward", "backward")} \
+                <= set(learnt)
+            with b.runtime.exclusive():  # b hangs: it accepts requests and never answers
+                x = torch.randn(4, HIDDEN, requires_grad=True)
+                moe(x).sum().backward()
+            report = moe.last_report
+            assert sorted(report.answered) == UIDS[:3]
+            assert set(report.failed) == set(UIDS[3:])
+            for reason in report.failed.values():
+                # cut at b's own short deadline (by its transport or by dispatch, whichever
+                # came first), not at the layer's 30 s
+                found = re.search(r"within (?:its own )?([0-9.]+) ?s", reason)
+                assert reason.startswith("timeout: ") and found, reason
+                assert float(found.group(1)) < 30.0
+            assert x.grad is not None and torch.isfinite(x.grad).all()
+        finally:
+            moe.close()

@@ -15,6 +15,12 @@ module wraps *all* the calls of one layer invocation into a single ``autograd.Fu
   independent graphs run concurrently; RemoteExpert releases the GIL while it waits on
   its socket. An expert failing in backward contributes no input gradient (its server
   did not get the update either); backward never raises for a remote failure.
+
+Deadlines per call: an expert that exposes ``deadline(op)`` (``RemoteExpert``: adaptive,
+from the latency its server showed, see ``latency.py``) is waited for at most that long
+(plus a small grace, so that its own transport timeout normally fires first and says
+more), and never longer than the layer's ``forward_timeout`` / ``backward_timeout``: a fast
+server that hangs costs a few of its usual round trips, not the layer's whole timeout.
 """
 
 from __future__ import annotations
@@ -29,9 +35,15 @@ import torch
 
 from volunteer.wire.errors import RemoteError, RemoteTimeoutError
 
-__all__ = ["CallPlan", "CallReport", "CutOffError", "ExpertCall", "dispatch", "gather"]
+__all__ = [
+    "CallPlan", "CallReport", "CutOffError", "ExpertCall", "call_timeouts", "dispatch", "gather",
+]
 
 log = logging.getLogger(__name__)
+
+#: a call is cut at ``deadline * DEADLINE_SLACK + DEADLINE_GRACE`` (its transport first)
+DEADLINE_SLACK = 1.1
+DEADLINE_GRACE = 0.05
 
 
 class CutOffError(RemoteTimeoutError):
@@ -87,6 +99,26 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def call_timeouts(
+    calls: Sequence[ExpertCall], op: str, layer_timeout: float | None
+) -> list[float | None]:
+    """Each call's own wait limit: the expert's ``deadline(op)`` (with slack) when it has
+    one, capped by the layer's timeout; the layer's timeout otherwise."""
+    out: list[float | None] = []
+    for call in calls:
+        own = getattr(call.expert, "deadline", None)
+        limit = layer_timeout
+        if callable(own):
+            try:
+                mine = float(own(op)) * DEADLINE_SLACK + DEADLINE_GRACE
+            except Exception:  # a custom expert's deadline() must not break the step
+                log.debug("deadline(%r) of %s failed", op, call.uid, exc_info=True)
+            else:
+                limit = mine if limit is None else min(limit, mine)
+        out.append(limit)
+    return out
+
+
 def _forward_job(expert: torch.nn.Module, x: torch.Tensor, out_features: int, record: bool):
     # grad mode is per thread: record a graph only when the caller's forward does
     with torch.set_grad_enabled(record):
@@ -119,8 +151,12 @@ def gather(
     timeout: float | None,
     timeout_after_k_min: float | None,
     on_late_failure: Callable[[int, BaseException], None] | None = None,
+    per_call: Sequence[float | None] | None = None,
 ) -> tuple[dict[int, object], dict[int, BaseException]]:
     """Wait for ``futures`` (future -> call index) under the deadline rules.
+
+    ``per_call[i]`` (seconds, optional) cuts call ``i`` earlier than ``timeout`` (a
+    ``RemoteTimeoutError`` for that call only).
 
     ``needed[b]`` is how many answers sample ``b`` needs before the ``timeout_after_k_min``
     clock starts. Returns (results, failures) by call index; calls still running when
@@ -146,11 +182,28 @@ def gather(
         return time.monotonic() + timeout_after_k_min
 
     quorum_deadline = quorum_check()
+    own: dict[cf.Future, float] = {}
+    if per_call is not None:
+        for future, index in futures.items():
+            limit = per_call[index]
+            if limit is not None and (deadline is None or start + limit < deadline):
+                own[future] = start + limit
     while pending:
         limits = [d for d in (deadline, quorum_deadline) if d is not None]
+        limits.extend(own[f] for f in pending if f in own)
         wait_for = None if not limits else max(0.0, min(limits) - time.monotonic())
         done, pending = cf.wait(pending, timeout=wait_for, return_when=cf.FIRST_COMPLETED)
-        if not done:
+        now = time.monotonic()
+        expired = {f for f in pending if f in own and own[f] <= now}
+        for future in expired:
+            pending.discard(future)
+            index = futures[future]
+            if not future.cancel() and on_late_failure is not None:
+                future.add_done_callback(_late_callback(index, on_late_failure))
+            failures[index] = RemoteTimeoutError(
+                f"no answer within its own {own[future] - start:.3g}s deadline"
+            )
+        if not done and not expired:
             break
         for future in done:
             index = futures[future]
@@ -195,13 +248,16 @@ class _Dispatch(torch.autograd.Function):
         outputs = x.new_zeros(plan.batch, plan.k, plan.out_features)
         mask = torch.zeros(plan.batch, plan.k, dtype=torch.bool, device=x.device)
         futures = {
-            plan.pool.submit(_forward_job, call.expert, x[call.rows], plan.out_features, plan.record): i
+            plan.pool.submit(
+                _forward_job, call.expert, x[call.rows], plan.out_features, plan.record
+            ): i
             for i, call in enumerate(plan.calls)
         }
         needed = [plan.k_min] * plan.batch
         results, failures = gather(
             futures, plan.calls, needed, plan.forward_timeout, plan.timeout_after_k_min,
             on_late_failure=lambda i, exc: plan.on_failure(plan.calls[i].uid, exc),
+            per_call=call_timeouts(plan.calls, "forward", plan.forward_timeout),
         )
         graphs = {}
         for i, (inp, out) in results.items():
@@ -242,6 +298,7 @@ class _Dispatch(torch.autograd.Function):
         results, failures = gather(
             futures, plan.calls, needed, plan.backward_timeout, plan.timeout_after_k_min,
             on_late_failure=lambda i, exc: plan.on_failure(plan.calls[i].uid, exc),
+            per_call=call_timeouts(plan.calls, "backward", plan.backward_timeout),
         )
         grad_x = None
         if results:

@@ -20,6 +20,12 @@ be reached, the layer calls the directory's optional ``invalidate(uids)`` (only 
 one), so the next step reads fresh records, and beam search skips avoided experts (without
 letting prefixes that hold only avoided experts crowd out the others), so the next step
 re-plans with the remaining volunteers instead of picking the leaver's experts again.
+
+Deadlines adapt per server (``latency.py``): the layer's experts share one
+``LatencyTracker`` (by default the process-wide one), so each call waits a multiple of the
+latency its server showed lately (a moving percentile), never more than the configured
+timeouts and exactly them while a server has no history; ``dispatch`` stops waiting for a
+call at that deadline. ``adaptive_deadlines=False`` keeps the fixed timeouts.
 """
 
 from __future__ import annotations
@@ -38,12 +44,16 @@ from volunteer.client.beam_search import beam_search
 from volunteer.client.directory import ExpertDirectory
 from volunteer.client.dispatch import CallPlan, CallReport, CutOffError, ExpertCall, dispatch
 from volunteer.client.gating import GridGate, expert_logits, masked_softmax
+from volunteer.client.latency import LatencyTracker, default_tracker
 from volunteer.wire.errors import RemoteError
 
 if TYPE_CHECKING:
     from volunteer.wire.transport import Transport
 
-__all__ = ["AVOID_CODES", "INVALIDATE_CODES", "AvoidList", "NotEnoughExpertsError", "RemoteMixtureOfExperts"]
+__all__ = [
+    "AVOID_CODES", "INVALIDATE_CODES", "AvoidList", "NotEnoughExpertsError",
+    "RemoteMixtureOfExperts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +104,9 @@ class RemoteMixtureOfExperts(nn.Module):
 
     ``x (..., in_features) -> (..., in_features)``. Trains like any torch layer: the gate
     is a local parameter; the experts update their own weights when backward reaches them.
-    Timeouts are in seconds (None: bounded only by the transport's own timeout, 30 s).
+    Timeouts are in seconds (None: bounded only by the transport's own timeout, 30 s); they
+    are the longest waits: with ``adaptive_deadlines`` a call waits less once its server's
+    latency is known (learnt in ``latency``, default the process-wide tracker).
     ``last_report`` describes the latest call (answered/failed experts, forward and backward).
     """
 
@@ -115,6 +127,8 @@ class RemoteMixtureOfExperts(nn.Module):
         compression: str | None = None,
         max_workers: int = 32,
         expert_factory: ExpertFactory | None = None,
+        adaptive_deadlines: bool = True,
+        latency: LatencyTracker | None = None,
     ):
         super().__init__()
         if k_best < 1 or not 0 <= k_min <= k_best:
@@ -146,6 +160,9 @@ class RemoteMixtureOfExperts(nn.Module):
         self._compression = compression
         self._max_workers = int(max_workers)
         self._expert_factory = expert_factory
+        self.latency: LatencyTracker | None = (
+            (latency if latency is not None else default_tracker()) if adaptive_deadlines else None
+        )
         self._pool: cf.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -169,7 +186,12 @@ class RemoteMixtureOfExperts(nn.Module):
         from volunteer.client.remote_expert import RemoteExpert
 
         return RemoteExpert(
-            uid, transport, timeout=self._transport_timeout, compression=self._compression
+            uid,
+            transport,
+            timeout=self._transport_timeout,
+            compression=self._compression,
+            adaptive=self.latency is not None,
+            latency=self.latency,
         )
 
     def _on_failure(self, uid: str, exc: BaseException) -> None:

@@ -8,19 +8,29 @@ cached the activations, the backward omits the inputs (half the upload); if the 
 lost them meanwhile ("cache_miss"), it is sent again with the inputs. A zero-size dummy parameter
 makes sure backward reaches the server even when no input requires grad (the expert
 still learns). Server errors are raised as the typed ``volunteer.wire.errors`` exceptions.
+
+Deadlines adapt (``latency.py``): each call waits ``tracker.deadline((server, op),
+timeout)``, the configured ``timeout`` until the server has a history, then a multiple of
+the latency it showed (a moving percentile), never more than ``timeout``; the same value
+travels in the request header (``ttl``) so the server drops work nobody waits for. Every
+answered call and every timeout is observed. ``adaptive=False`` keeps one fixed timeout.
+Several calls may be in flight at once from several threads (``inflight.py`` keeps a
+bounded number outstanding for a trainer).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import time
 from typing import Any
 
 import torch
 from torch import nn
 
+from volunteer.client.latency import LatencyTracker, default_tracker, endpoint_key
 from volunteer.client.zmq_transport import ZmqTransport
-from volunteer.wire.errors import CacheMissError
+from volunteer.wire.errors import CacheMissError, RemoteTimeoutError
 from volunteer.wire.limits import WireLimits
 from volunteer.wire.messages import Reply, decode_reply, encode_request
 from volunteer.wire.tensors import COMPRESSIONS
@@ -42,7 +52,12 @@ def new_request_id() -> int:
 
 
 class RemoteExpert(nn.Module):
-    """Proxy of expert ``uid`` served at ``endpoint`` (``tcp://host:port`` or a Transport)."""
+    """Proxy of expert ``uid`` served at ``endpoint`` (``tcp://host:port`` or a Transport).
+
+    ``timeout``: the longest any call waits (seconds); with ``adaptive`` (default) a call
+    waits less once the server's latency is known, learnt in ``latency`` (default: the
+    process-wide ``default_tracker()``, shared by every proxy of the same server).
+    """
 
     def __init__(
         self,
@@ -50,6 +65,9 @@ class RemoteExpert(nn.Module):
         endpoint: str | Transport,
         timeout: float = 30.0,
         compression: str | None = None,
+        *,
+        adaptive: bool = True,
+        latency: LatencyTracker | None = None,
     ) -> None:
         super().__init__()
         if compression not in COMPRESSIONS:
@@ -61,6 +79,9 @@ class RemoteExpert(nn.Module):
         )
         self.timeout = timeout
         self.compression = compression
+        self.latency: LatencyTracker | None = (
+            (latency if latency is not None else default_tracker()) if adaptive else None
+        )
         self._dummy = nn.Parameter(torch.empty(0), requires_grad=True)
 
     def close(self) -> None:
@@ -75,6 +96,12 @@ class RemoteExpert(nn.Module):
         will_backward = torch.is_grad_enabled()
         return _RemoteCall.apply(self._dummy, self, will_backward, *inputs)
 
+    def deadline(self, op: str = "forward") -> float:
+        """Seconds the next ``op`` call will wait for its reply (see the module docstring)."""
+        if self.latency is None:
+            return self.timeout
+        return self.latency.deadline(endpoint_key(self.transport, op), self.timeout)
+
     def call(self, op: str, tensors: list[torch.Tensor], **fields: Any) -> list[torch.Tensor]:
         """One request/reply round trip; returns the reply tensors or raises a typed error."""
         return self.call_reply(op, tensors, **fields).tensors
@@ -82,16 +109,26 @@ class RemoteExpert(nn.Module):
     def call_reply(self, op: str, tensors: list[torch.Tensor], **fields: Any) -> Reply:
         """Like :meth:`call`, returning the whole decoded reply."""
         request_id = fields.pop("request_id", None) or new_request_id()
+        timeout = self.deadline(op)
         frames = encode_request(
             op,
             self.uid,
             tensors,
             request_id=request_id,
-            timeout=self.timeout,
+            timeout=timeout,
             compression=self.compression,
             **fields,
         )
-        reply = self.transport.request(frames, self.timeout)
+        tracker = self.latency
+        start = time.monotonic()
+        try:
+            reply = self.transport.request(frames, timeout)
+        except RemoteTimeoutError:
+            if tracker is not None:
+                tracker.observe_timeout(endpoint_key(self.transport, op), time.monotonic() - start)
+            raise
+        if tracker is not None:
+            tracker.observe(endpoint_key(self.transport, op), time.monotonic() - start)
         return decode_reply(reply, CLIENT_LIMITS)
 
 
