@@ -3,7 +3,13 @@ the expert grid. Needs only ``volunteer.net`` and ``volunteer.wire``; never impo
 
 Files:
 
-- ``remote_expert.py``: ``RemoteExpert``, one remote expert as a torch module (autograd).
+- ``remote_expert.py``: ``RemoteExpert``, one remote expert as a torch module (autograd),
+  with adaptive per-call deadlines.
+- ``inflight.py``: ``InFlight``, up to ``max_in_flight`` calls (forward, backward or whole
+  training steps) to one expert outstanding at once, so a long round trip does not idle
+  the volunteer; bounded (submitting blocks when full).
+- ``latency.py``: ``LatencyTracker``, a moving percentile of each server's latency and the
+  deadline it implies (the configured timeout until a server has a history).
 - ``zmq_transport.py``: ``ZmqTransport``, the direct TCP ``Transport`` (a pool of ZMTP
   connections to a ZeroMQ ROUTER frontend).
 - ``directory.py``: the ``ExpertDirectory`` protocol (children/resolve) and
@@ -34,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from volunteer.client.dht_directory import DhtDirectory
     from volunteer.client.directory import ExpertDirectory, StaticDirectory
+    from volunteer.client.inflight import InFlight
+    from volunteer.client.latency import LatencyTracker
     from volunteer.client.moe import NotEnoughExpertsError, RemoteMixtureOfExperts
     from volunteer.client.node import ClientNode
     from volunteer.client.remote_expert import RemoteExpert
@@ -42,6 +50,8 @@ __all__ = [
     "ClientNode",
     "DhtDirectory",
     "ExpertDirectory",
+    "InFlight",
+    "LatencyTracker",
     "NotEnoughExpertsError",
     "RemoteExpert",
     "RemoteMixtureOfExperts",
@@ -53,6 +63,8 @@ _LAZY = {
     "DhtDirectory": "volunteer.client.dht_directory",
     "ExpertDirectory": "volunteer.client.directory",
     "StaticDirectory": "volunteer.client.directory",
+    "InFlight": "volunteer.client.inflight",
+    "LatencyTracker": "volunteer.client.latency",
     "NotEnoughExpertsError": "volunteer.client.moe",
     "RemoteMixtureOfExperts": "volunteer.client.moe",
     "RemoteExpert": "volunteer.client.remote_expert",
