@@ -7,7 +7,8 @@ Header keys (protocol version 1):
   (relative, so that clocks need not agree; the server turns it into a local deadline on
   arrival), ``t`` tensor specs (see ``tensors.py``), ``wb`` "will backward" (forward only:
   the server may cache activations), ``fid`` the forward's request id (backward only: the
-  activation-cache key), ``c`` reply compression (None | "fp16").
+  activation-cache key), ``c`` compression of the request's tensors and of the reply (one of
+  ``volunteer.wire.COMPRESSIONS``: None | "fp16" | "bf16" | "int8"; see ``tensors.py``).
   A backward carries the forward's inputs followed by the gradients of the outputs.
 - replies: ``v``, ``op`` ("result" | "error" | "info"), ``id``, then ``t`` (result; plus
   ``k`` true when the server cached the forward's graph for a backward),
@@ -16,6 +17,8 @@ Header keys (protocol version 1):
 Decoding checks the header size before unpacking, bounds msgpack containers, validates
 every field's type, and raises ``BadRequestError`` / ``TooLargeError``; a decoding error
 carries the request id (when it could be read) in ``.request_id`` so the reply can echo it.
+``Request.wire_nbytes`` is the size of the message as received (header + tensor frames), what
+the node counts as an expert's bytes in; :func:`frames_nbytes` measures a reply the same way.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Request:
     forward_id: int | None = None
     compression: str | None = None
     inputs_included: bool = True
+    wire_nbytes: int = 0  # the message's size as received: header + tensor frames
 
 
 @dataclass(slots=True)
@@ -68,6 +72,11 @@ class Reply:
 
 
 _packers = threading.local()
+
+
+def frames_nbytes(frames: Sequence[Frame]) -> int:
+    """Total bytes of a message's frames (header included), as they go on the wire."""
+    return sum(f.nbytes if type(f) is memoryview else len(f) for f in frames)
 
 
 def _pack(header: dict) -> bytes:
@@ -123,7 +132,8 @@ def encode_request(
     compression: str | None = None,
     inputs_included: bool = True,
 ) -> list[Frame]:
-    """Frames of one request; tensors are sent zero-copy (after fp16 cast if compressed)."""
+    """Frames of one request; tensors are sent zero-copy unless compressed (cast or
+    quantised); "int8" raises ``NonFiniteError`` on NaN or infinite values."""
     if op not in REQUEST_OPS:
         raise ValueError(f"unknown op {op!r}")
     specs, bufs = [], []
@@ -196,6 +206,7 @@ def decode_request(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS)
         forward_id=fid,
         compression=compression,
         inputs_included=inputs_included,
+        wire_nbytes=frames_nbytes(frames),
     )
 
 
@@ -217,6 +228,21 @@ def encode_result(
     return [_pack(header), *bufs]
 
 
+def encode_result_or_error(
+    request_id: int,
+    tensors: Sequence[torch.Tensor],
+    compression: str | None = None,
+    cached: bool = False,
+) -> list[Frame] | RemoteError:
+    """``encode_result``, or the typed error that encoding raised (an "int8" reply of NaN or
+    infinite values is ``NonFiniteError``): a server answers that one request with the error
+    instead of failing the whole batch it was computed in."""
+    try:
+        return encode_result(request_id, tensors, compression, cached)
+    except RemoteError as e:
+        return e
+
+
 def encode_error(request_id: int | None, code: str, message: str) -> list[Frame]:
     """Frames of an error reply; the message is truncated to MAX_MESSAGE_LEN chars."""
     rid = request_id if isinstance(request_id, int) and 0 <= request_id <= MAX_REQUEST_ID else 0
@@ -235,8 +261,11 @@ def encode_info_reply(request_id: int, info: dict) -> list[Frame]:
     return [_pack({"v": PROTOCOL_VERSION, "op": "info", "id": request_id, "info": info})]
 
 
-def decode_reply(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Reply:
-    """Parse a reply; error replies are raised as their typed exception."""
+def decode_reply(
+    frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS, *, quantized: bool = True
+) -> Reply:
+    """Parse a reply; error replies are raised as their typed exception. ``quantized=False``
+    refuses int8 tensors (``BadRequestError``)."""
     if not frames:
         raise BadRequestError("empty reply")
     if len(frames) > limits.max_tensors + 1:
@@ -261,7 +290,7 @@ def decode_reply(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -
     return Reply(
         op="result",
         request_id=request_id,
-        tensors=frames_to_tensors(header.get("t", []), frames[1:], limits),
+        tensors=frames_to_tensors(header.get("t", []), frames[1:], limits, quantized=quantized),
         cached=header.get("k") is True,
     )
 

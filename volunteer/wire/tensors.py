@@ -1,12 +1,24 @@
 """Tensor <-> frame conversion without pickle and, where possible, without copies.
 
-A tensor travels as a *spec* ``[wire_dtype, shape, restore_dtype_or_None]`` in the msgpack
-header plus one raw little-endian frame holding exactly ``numel * itemsize`` bytes.
-Supported dtypes: float32, float16, bfloat16. With ``compression="fp16"`` float32 tensors
-travel as float16 and are restored to float32 on arrival (half the bytes, ~3 decimal digits).
-Decoding validates every spec against :class:`WireLimits` before touching the payload and
-wraps the received buffer as a tensor (a numpy view + ``torch.from_numpy``, cheaper than
-``torch.frombuffer().view()``): zero-copy for writable buffers (zmq frames); read-only ones
+A tensor travels as a *spec* in the msgpack header plus one raw little-endian frame:
+
+- ``[wire_dtype, shape, restore_dtype_or_None]``: the frame holds exactly
+  ``numel * itemsize`` bytes of ``wire_dtype`` (float32, float16, bfloat16);
+- ``["int8", shape, restore_dtype, block]``: the frame is 8-bit blockwise quantised
+  (``quant.py``: a float32 absmax per ``block`` values, then one int8 code per value).
+
+Compressions (``COMPRESSIONS``, defined once in ``volunteer.wire``; the client picks one per
+call, the reply comes back in the same): ``None`` sends tensors as they are; ``"fp16"`` /
+``"bf16"`` send float32 tensors as float16 / bfloat16 (half the bytes; float16 keeps ~3
+decimal digits and overflows above 65504, bfloat16 keeps float32's range with ~2 digits) and
+restore float32 on arrival; ``"int8"`` quantises every non-empty float tensor (1.0625 bytes
+per value, error <= absmax(block) / 254, see ``quant.py``) and restores its dtype.
+
+Decoding validates every spec against :class:`WireLimits` before touching the payload
+(elements, and bytes as the larger of the frame and the restored tensor, so a 4x expansion
+of int8 into float32 is counted before it is allocated) and wraps the received buffer as a
+tensor (a numpy view + ``torch.from_numpy``, cheaper than ``torch.frombuffer().view()``):
+zero-copy for writable buffers (zmq frames) of unquantised tensors; read-only ones
 (``bytes``) are copied once so a tensor never aliases immutable memory.
 """
 
@@ -18,6 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from volunteer.wire import COMPRESSIONS, quant
 from volunteer.wire.errors import BadRequestError, TooLargeError
 from volunteer.wire.limits import WireLimits
 
@@ -29,8 +42,10 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 ITEMSIZE: dict[torch.dtype, int] = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16)}
-COMPRESSIONS = (None, "fp16")
+_CAST = {"fp16": ("float16", torch.float16), "bf16": ("bfloat16", torch.bfloat16)}
 MAX_NDIM = 8
+__all__ = ["COMPRESSIONS", "DTYPES", "ITEMSIZE", "dtype_name", "frames_to_tensors",
+           "tensor_to_frame"]
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("volunteer.wire needs a little-endian host")
@@ -47,18 +62,26 @@ def dtype_name(dtype: torch.dtype) -> str:
 def tensor_to_frame(
     tensor: torch.Tensor, compression: str | None = None
 ) -> tuple[list, memoryview]:
-    """The header spec and a zero-copy buffer for one tensor (copies only to cast/contiguate/CPU)."""
+    """The header spec and a zero-copy buffer for one tensor (copies only to cast, quantise,
+    contiguate or bring to the CPU). ``compression``: one of ``COMPRESSIONS``; "int8" raises
+    ``NonFiniteError`` on NaN or infinity (an 8-bit code has no such value)."""
     t = tensor.detach() if tensor.requires_grad else tensor
     name = DTYPE_NAMES.get(t.dtype)
     if name is None:
         raise ValueError(f"unsupported dtype {t.dtype}; use one of {sorted(DTYPES)}")
     restore = None
     if compression is not None:
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"unknown compression {compression!r}; use None or 'fp16'")
-        if t.dtype == torch.float32:
-            t = t.to(torch.float16)
-            restore, name = name, "float16"
+        cast = _CAST.get(compression)
+        if cast is not None:
+            if t.dtype == torch.float32:
+                restore, (name, dtype) = name, cast
+                t = t.to(dtype)
+        elif compression == "int8":
+            if t.numel():
+                q = quant.quantize(t, quant.BLOCK)  # on t's device, then to the host
+                return [quant.WIRE_DTYPE, list(t.shape), name, quant.BLOCK], memoryview(q.numpy())
+        else:
+            raise ValueError(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
     if not t.is_cpu:
         t = t.cpu()
     if not t.is_contiguous():
@@ -72,13 +95,34 @@ def tensor_to_frame(
     return [name, list(t.shape), restore], buf
 
 
-def _validate_spec(spec: object) -> tuple[torch.dtype, tuple[int, ...], torch.dtype | None]:
-    if not isinstance(spec, (list, tuple)) or len(spec) != 3:
-        raise BadRequestError("tensor spec must be [dtype, shape, restore_dtype]")
-    name, shape, restore = spec
-    dtype = DTYPES.get(name) if type(name) is str else None
-    if dtype is None:
-        raise BadRequestError(f"unsupported dtype {name!r}; use one of {sorted(DTYPES)}")
+Spec = tuple[torch.dtype | None, tuple[int, ...], torch.dtype | None, int]
+"""A validated spec: (wire dtype or None for int8, shape, restore dtype, int8 block or 0)."""
+
+
+def _validate_spec(spec: object, quantized: bool) -> Spec:
+    if not isinstance(spec, (list, tuple)) or len(spec) not in (3, 4):
+        raise BadRequestError(
+            "tensor spec must be [dtype, shape, restore_dtype] or [\"int8\", shape, dtype, block]"
+        )
+    name, shape, restore = spec[:3]
+    block = 0
+    if len(spec) == 4:
+        if name != quant.WIRE_DTYPE:
+            raise BadRequestError(f"a 4-element spec must be int8, got {name!r}")
+        if not quantized:
+            raise BadRequestError("int8 tensors are not accepted here")
+        block = spec[3]
+        if not quant.valid_block(block):
+            raise BadRequestError(
+                f"bad int8 block {block!r}: a power of two in [{quant.MIN_BLOCK}, {quant.MAX_BLOCK}]"
+            )
+        dtype = None
+        if restore is None:
+            raise BadRequestError("an int8 spec must name the dtype it restores")
+    else:
+        dtype = DTYPES.get(name) if type(name) is str else None
+        if dtype is None:
+            raise BadRequestError(f"unsupported dtype {name!r}; use one of {sorted(DTYPES)}")
     restore_dtype = None
     if restore is not None:
         restore_dtype = DTYPES.get(restore) if type(restore) is str else None
@@ -89,13 +133,18 @@ def _validate_spec(spec: object) -> tuple[torch.dtype, tuple[int, ...], torch.dt
     for d in shape:
         if type(d) is not int or d < 0:  # exact type: rejects bools and floats
             raise BadRequestError(f"bad shape {shape!r}: dimensions must be non-negative ints")
-    return dtype, tuple(shape), restore_dtype
+    return dtype, tuple(shape), restore_dtype, block
 
 
 def frames_to_tensors(
-    specs: object, frames: Sequence[bytes | memoryview], limits: WireLimits
+    specs: object,
+    frames: Sequence[bytes | memoryview],
+    limits: WireLimits,
+    *,
+    quantized: bool = True,
 ) -> list[torch.Tensor]:
-    """Validate specs against frames and limits, then wrap each frame as a tensor."""
+    """Validate specs against frames and limits, then wrap each frame as a tensor (or
+    dequantise it). ``quantized=False`` refuses int8 specs (``BadRequestError``)."""
     if not isinstance(specs, (list, tuple)):
         raise BadRequestError("tensor specs must be a list")
     if len(specs) > limits.max_tensors or len(frames) > limits.max_tensors:
@@ -111,7 +160,7 @@ def frames_to_tensors(
     total_elements = 0
     total_bytes = 0
     for spec, frame in zip(specs, frames, strict=True):
-        dtype, shape, restore = _validate_spec(spec)
+        dtype, shape, restore, block = _validate_spec(spec, quantized)
         numel = 1
         for d in shape:
             if d > max_elements:
@@ -120,17 +169,37 @@ def frames_to_tensors(
         total_elements += numel
         if total_elements > max_elements:
             raise TooLargeError(f"too many elements: > {max_elements}")
-        nbytes = numel * ITEMSIZE[dtype]
-        total_bytes += nbytes
+        if dtype is None:  # int8: dequantised into float32 first, whatever it restores
+            nbytes = quant.frame_nbytes(numel, block)
+            held = max(nbytes, 4 * numel)
+        else:
+            nbytes = numel * ITEMSIZE[dtype]
+            held = nbytes if restore is None else max(nbytes, numel * ITEMSIZE[restore])
+        total_bytes += held  # what decoding allocates, counted before it does
         if total_bytes > limits.max_bytes:
             raise TooLargeError(f"payload too large: > {limits.max_bytes} bytes")
         mv = frame if type(frame) is memoryview else memoryview(frame)
         if mv.nbytes != nbytes:
+            what = f"int8 (block {block})" if dtype is None else DTYPE_NAMES[dtype]
             raise BadRequestError(
-                f"frame of {mv.nbytes} bytes does not match shape {list(shape)} of {DTYPE_NAMES[dtype]}"
+                f"frame of {mv.nbytes} bytes does not match shape {list(shape)} of {what}"
             )
-        parsed.append((mv, dtype, shape, restore))
-    return [_wrap(mv, dtype, shape, restore) for mv, dtype, shape, restore in parsed]
+        parsed.append((mv, dtype, shape, restore, block))
+    return [
+        _wrap(mv, dtype, shape, restore) if dtype is not None
+        else _dequantize(mv, shape, restore, block)
+        for mv, dtype, shape, restore, block in parsed
+    ]
+
+
+def _dequantize(
+    mv: memoryview, shape: tuple[int, ...], restore: torch.dtype | None, block: int
+) -> torch.Tensor:
+    numel = 1
+    for d in shape:
+        numel *= d
+    t = quant.dequantize(mv, numel, block).view(shape)
+    return t if restore in (None, torch.float32) else t.to(restore)
 
 
 def _wrap(
