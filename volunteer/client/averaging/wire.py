@@ -8,8 +8,8 @@ tensor (``volunteer.wire.tensors``).
 
 Request header (``op`` "exchange", version ``v`` 1): ``g`` group name (the experiment-scoped
 name the server dispatches on), ``k`` kind (``group.KINDS``), ``r`` round, ``a`` alpha,
-``t`` tensor specs, ``c`` compression of the tensors (None | "fp16"; the server answers with
-the same). Answers reuse the expert RPC's reply messages (``volunteer.wire.messages``):
+``t`` tensor specs, ``c`` compression of the tensors (``AVERAGING_COMPRESSIONS``: None |
+"fp16" | "bf16"; the server answers with the same). Answers reuse the expert RPC's reply messages (``volunteer.wire.messages``):
 ``encode_result`` for tensors and ``encode_error`` for a refusal, so the typed refusals that
 ``RpcServer`` sends by itself (``overloaded``, ``too_large``) decode here too.
 
@@ -21,10 +21,16 @@ against the limits (count, elements, bytes, frame sizes) before a tensor is wrap
 NaN/inf in a decoded tensor -> ``NonFiniteError`` (a peer's non-finite parameters must
 never be averaged into ours, in either direction).
 
-``fp16``: float32 tensors travel as float16 (half the bytes, ~3 decimal digits) and come
-back as float32. A tensor whose magnitude would overflow float16 travels uncompressed
-instead (each tensor's spec names its own wire dtype), so compression never turns a
-finite parameter into inf.
+``fp16`` / ``bf16``: float32 tensors travel as float16 / bfloat16 (half the bytes; ~3 / ~2
+decimal digits) and come back as float32. A tensor whose magnitude would overflow the 16-bit
+type travels uncompressed instead (each tensor's spec names its own wire dtype), so
+compression never turns a finite parameter into inf.
+
+No ``int8`` here: the wire's 8-bit blockwise quantisation is for activations and gradients,
+whose error is one step's noise; averaged *parameters* would take its error (up to
+absmax/254 per value) into the weights at every exchange. Encoders refuse it with a
+``ValueError`` naming the allowed ones; decoders refuse an "int8" header or tensor spec with
+``BadRequestError``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ PROTOCOL = "/volunteer/averaging/1.0.0"
 WIRE_VERSION = 1
 MAX_GROUP_LEN = 200
 FP16_MAX = 65504.0
+BF16_MAX = 3.3895313892515355e38  # larger float32 values round to inf in bfloat16
+_HALF_MAX = {"fp16": FP16_MAX, "bf16": BF16_MAX}
+AVERAGING_COMPRESSIONS = tuple(c for c in COMPRESSIONS if c != "int8")
 
 # Parameter tensors, not activations: many tensors per message (one per parameter), up to
 # 128 Mi elements / 512 MiB in total. The stream reader checks the frame count and total
@@ -67,14 +76,17 @@ class ExchangeMessage:
 
 
 def _frames(tensors: Sequence[torch.Tensor], compression: str | None) -> tuple[list, list]:
-    """Specs and zero-copy buffers; with fp16, tensors that would overflow go as they are."""
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"unknown compression {compression!r}; use None or 'fp16'")
+    """Specs and zero-copy buffers; with fp16/bf16, tensors that would overflow go as they are."""
+    if compression not in AVERAGING_COMPRESSIONS:
+        why = " (int8 is for activations and gradients, not parameters)" if compression == "int8" else ""
+        raise ValueError(f"averaging compression {compression!r} not supported{why}; use one of "
+                         f"{AVERAGING_COMPRESSIONS}")
+    limit = _HALF_MAX.get(compression) if compression is not None else None
     specs, bufs = [], []
     for t in tensors:
         c = compression
-        if (c == "fp16" and t.dtype == torch.float32 and t.numel()
-                and float(t.detach().abs().max()) > FP16_MAX):
+        if (limit is not None and t.dtype == torch.float32 and t.numel()
+                and float(t.detach().abs().max()) > limit):
             c = None
         spec, buf = tensor_to_frame(t, c)
         specs.append(spec)
@@ -118,9 +130,10 @@ def decode_exchange_message(frames: Sequence[Frame],
     if type(alpha) not in (int, float) or not math.isfinite(alpha) or not 0.0 < alpha <= 1.0:
         raise BadRequestError("a (alpha) must be a number in (0, 1]")
     compression = header.get("c")
-    if compression not in COMPRESSIONS:
-        raise BadRequestError(f"unknown compression {compression!r}")
-    tensors = frames_to_tensors(header.get("t", []), frames[1:], limits)
+    if compression not in AVERAGING_COMPRESSIONS:
+        raise BadRequestError(f"averaging compression {compression!r} not supported; use one of "
+                              f"{AVERAGING_COMPRESSIONS}")
+    tensors = frames_to_tensors(header.get("t", []), frames[1:], limits, quantized=False)
     check_finite(tensors)
     return ExchangeMessage(group, Exchange(kind=kind, round=rnd, tensors=tensors,
                                            alpha=float(alpha)), compression)
@@ -138,7 +151,7 @@ def decode_exchange(frames: Sequence[Frame],
 def encode_answer(tensors: Sequence[torch.Tensor],
                   compression: str | None = None) -> list[Frame]:
     """Frames of a successful answer: the layout of ``messages.encode_result`` (request id 0),
-    with fp16 applied per tensor as in requests."""
+    with fp16/bf16 applied per tensor as in requests."""
     specs, bufs = _frames(tensors, compression)
     header = {"v": PROTOCOL_VERSION, "op": "result", "id": 0, "t": specs}
     return [msgpack.packb(header, use_bin_type=True), *bufs]
@@ -156,7 +169,7 @@ def decode_answer(frames: Sequence[Frame],
     if frames and memoryview(frames[0]).nbytes > limits.max_header_bytes:
         raise TooLargeError(f"answer header of {memoryview(frames[0]).nbytes} bytes > "
                             f"{limits.max_header_bytes}")
-    reply = decode_reply(frames, limits)
+    reply = decode_reply(frames, limits, quantized=False)
     if reply.op != "result":
         raise BadRequestError(f"unexpected answer op {reply.op!r}")
     check_finite(reply.tensors)
