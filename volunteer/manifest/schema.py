@@ -3,8 +3,8 @@
 A manifest describes one experiment that every volunteer of it must agree on: the expert
 architecture and hyper-parameters, the expert grid, the optimizer, the serving limits
 (``volunteer.runtime.limits.ServingLimits`` itself: a pure dataclass, no torch) and how to
-reach the peer network. Local choices (device, how many experts) are settings, not
-manifest fields.
+reach the peer network, and the trainers' default wire compression (``wire``). Local choices
+(device, how many experts) are settings, not manifest fields.
 """
 
 from __future__ import annotations
@@ -117,6 +117,18 @@ class AveragingSection:
 
 
 @dataclass(frozen=True)
+class WireSection:
+    """How trainers of this experiment send tensors by default (``wire.compression``): one
+    of ``volunteer.wire.COMPRESSIONS`` (None: as computed; "fp16" / "bf16": float32 travels
+    as float16 / bfloat16, half the bytes; "int8": 8-bit blockwise quantisation, about a
+    quarter of float32's bytes, error at most absmax(block of 64) / 254 per value). A trainer
+    may still choose per call; a volunteer answers each call in the compression it came with,
+    so this setting never has to agree across the swarm."""
+
+    compression: str | None = None
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A validated experiment manifest; ``source`` is where it was read from."""
 
@@ -130,6 +142,7 @@ class Manifest:
     shards: ShardConfig = ShardConfig()
     admission: AdmissionSpec = OPEN
     averaging: AveragingSection = AveragingSection()
+    wire: WireSection = WireSection()
 
     def fingerprint(self) -> str:
         """Hash of everything a checkpoint's tensors depend on.
@@ -161,4 +174,5 @@ class Manifest:
                 "options": dict(self.expert.options),
             },
             "grid": {"prefix": self.grid.prefix, "dims": list(self.grid.dims)},
+            "wire": {"compression": self.wire.compression},
         }

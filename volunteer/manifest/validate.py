@@ -26,6 +26,7 @@ from volunteer.manifest.schema import (
     NetworkConfig,
     OptimizerConfig,
     ShardConfig,
+    WireSection,
 )
 from volunteer.runtime.limits import (
     LIMIT_FIELDS,
@@ -34,6 +35,7 @@ from volunteer.runtime.limits import (
     limit_expectation,
     limit_problem,
 )
+from volunteer.wire import COMPRESSIONS
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,31}$")
@@ -156,7 +158,7 @@ def _serving(sv: _Section) -> ServingLimits:
 def validate_document(doc: Any, file: str, known_kinds: Collection[str] | None = None) -> Manifest:
     """Turn a parsed YAML document into a ``Manifest`` or raise ``ManifestError``."""
     top = _Section(doc, "", file, ("experiment", "expert", "grid", "optimizer", "serving", "network", "shards",
-                                   "admission", "averaging"))
+                                   "admission", "averaging", "wire"))
 
     exp = top.section("experiment", ("name", "version", "description", "seed"))
     description = exp.data.get("description", "")
@@ -242,8 +244,19 @@ def validate_document(doc: Any, file: str, known_kinds: Collection[str] | None =
     )
     admission = parse_admission(doc.get("admission"), file)
     averaging = _averaging(top.section("averaging", ("replica_period_s", "replica_alpha"), required=False))
+    wire = _wire(top.section("wire", ("compression",), required=False))
     return Manifest(experiment, expert, grid, optimizer, serving, network, source=file, shards=shards,
-                    admission=admission, averaging=averaging)
+                    admission=admission, averaging=averaging, wire=wire)
+
+
+def _wire(wr: _Section) -> WireSection:
+    """The ``wire`` section: trainers' default compression, ``none`` (or null) for none."""
+    value = wr.data.get("compression")
+    if value is None or value == "none":
+        return WireSection(compression=None)
+    if value not in COMPRESSIONS:
+        raise wr.fail("compression", "one of " + ", ".join(c or "none" for c in COMPRESSIONS), value)
+    return WireSection(compression=value)
 
 
 def _averaging(av: _Section) -> AveragingSection:
