@@ -1,5 +1,8 @@
 """Per-expert serving statistics: counts, rates, batch sizes, queue wait and compute latency
-percentiles (from a bounded window of recent samples), errors by code, cache hits.
+percentiles (from a bounded window of recent samples), errors by code, cache hits, and the
+bytes that crossed the wire for the expert: ``bytes_in`` (requests as received, header and
+tensor frames: what the trainers' chosen compression costs the node's downlink) and
+``bytes_out`` (result replies as sent), with their rates over the last ``RATE_WINDOW_S``.
 
 Written by the runtime threads, read by the daemon via ``Runtime.stats()``; every snapshot
 is plain JSON-serialisable data.
@@ -48,6 +51,11 @@ class ExpertStats:
         self._queue_ms: deque[float] = deque(maxlen=WINDOW)
         self._compute_ms: deque[float] = deque(maxlen=WINDOW)
         self._recent: deque[tuple[float, int, int]] = deque(maxlen=WINDOW)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        # [whole second, bytes in, bytes out]: per-second buckets, so the rates see every
+        # byte of the window however many messages carried them
+        self._io: deque[list[int]] = deque(maxlen=int(RATE_WINDOW_S) + 2)
         self._started = time.monotonic()
 
     def record_batch(
@@ -65,6 +73,26 @@ class ExpertStats:
             self._compute_ms.append(compute_ms)
             self._recent.append((now, n_requests, rows))
 
+    def record_bytes_in(self, nbytes: int) -> None:
+        """Count one request's bytes as received (``Request.wire_nbytes``)."""
+        self._record_io(nbytes, 0)
+
+    def record_bytes_out(self, nbytes: int) -> None:
+        """Count one reply's bytes as sent (``volunteer.wire.messages.frames_nbytes``)."""
+        self._record_io(0, nbytes)
+
+    def _record_io(self, n_in: int, n_out: int) -> None:
+        second = int(time.monotonic())
+        with self._lock:
+            self.bytes_in += n_in
+            self.bytes_out += n_out
+            if self._io and self._io[-1][0] == second:
+                bucket = self._io[-1]
+                bucket[1] += n_in
+                bucket[2] += n_out
+            else:
+                self._io.append([second, n_in, n_out])
+
     def record_error(self, code: str) -> None:
         with self._lock:
             self.errors[code] += 1
@@ -80,6 +108,7 @@ class ExpertStats:
             recent = [(r, s) for t, r, s in self._recent if now - t <= window]
             queue_ms = list(self._queue_ms)
             compute_ms = list(self._compute_ms)
+            io = [(n_in, n_out) for sec, n_in, n_out in self._io if now - (sec + 1) < window]
             return {
                 "requests": self.requests,
                 "samples": self.samples,
@@ -98,4 +127,8 @@ class ExpertStats:
                 "ops": dict(self.ops),
                 "activation_cache": dict(self.cache),
                 "updates_applied": updates_applied,
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "bytes_in_per_s": sum(i for i, _ in io) / window,
+                "bytes_out_per_s": sum(o for _, o in io) / window,
             }

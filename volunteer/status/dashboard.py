@@ -29,7 +29,8 @@ def render_dashboard(snapshot: dict[str, Any]) -> Group:
     overview = Table.grid(padding=(0, 2))
     overview.add_column(style="bold")
     overview.add_column()
-    overview.add_row("experiment", f"{exp.get('name', 'n/a')} v{exp.get('version', 'n/a')}  [dim]{exp.get('source', '')}[/]")
+    overview.add_row("experiment", f"{exp.get('name', 'n/a')} v{exp.get('version', 'n/a')}  [dim]{exp.get('source', '')}[/]"
+                     + fmt.wire_text(exp))
     overview.add_row("state", Text(state, style=STATE_STYLE.get(state, "")) + Text(f"   up {fmt.duration(node.get('uptime_s'))}"))
     overview.add_row("trainers reach", str(snapshot.get("endpoint") or "n/a"))
     overview.add_row(
@@ -50,12 +51,13 @@ def render_dashboard(snapshot: dict[str, Any]) -> Group:
 
     rows = expert_rows(snapshot)
     experts = Table(title="hosted experts", expand=True, title_justify="left")
-    for col in ("uid", "req/s", "samples/s", "batch", "queue", "p50", "p99", "updates", "errors"):
+    cols = ("uid", "req/s", "samples/s", "batch", "queue", "p50", "p99", "updates", "in", "out", "errors")
+    for col in cols:
         experts.add_column(col, justify="left" if col in ("uid", "errors") else "right", no_wrap=col == "uid")
     for r in rows:
         experts.add_row(*(Text(v, style="red") if k == "errors" and v != "0" else v for k, v in r.items()))
     if not rows:
-        experts.add_row("none hosted", *[""] * 8)
+        experts.add_row("none hosted", *[""] * (len(cols) - 1))
 
     network = Table.grid(padding=(0, 2))
     network.add_column(style="bold")

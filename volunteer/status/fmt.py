@@ -53,6 +53,22 @@ def ms(value: Any) -> str:
     return f"{v:.0f}ms" if v >= 10 else f"{v:.1f}ms"
 
 
+def traffic(total: Any, per_s: Any) -> str:
+    """Bytes so far and their recent rate, e.g. ``340.0 MiB (1.2 MiB/s)``."""
+    if num(total) is None:
+        return "n/a"
+    if num(per_s) is None:
+        return bytes_(total)
+    return f"{bytes_(total)} ({bytes_(per_s)}/s)"
+
+
+def wire_text(experiment: dict[str, Any]) -> str:
+    """``   wire bf16`` when the manifest sets trainers' default compression, else empty."""
+    wire = experiment.get("wire")
+    c = wire.get("compression") if isinstance(wire, dict) else None
+    return f"   wire {c}" if isinstance(c, str) and c else ""
+
+
 def used_of(used: Any, total: Any) -> str:
     if num(used) is None:
         return "n/a"

@@ -11,7 +11,8 @@ from volunteer.status.shards_view import shard_rows
 
 
 def expert_rows(snapshot: dict[str, Any]) -> list[dict[str, str]]:
-    """One dict of display strings per hosted expert, sorted by uid."""
+    """One dict of display strings per hosted expert, sorted by uid (``in`` / ``out``: bytes
+    of requests received and replies sent, with their recent rate)."""
     experts = fmt.section(snapshot, "experts")
     rows = []
     for uid in sorted(experts):
@@ -26,6 +27,8 @@ def expert_rows(snapshot: dict[str, Any]) -> list[dict[str, str]]:
             "p50": fmt.ms(_total_latency(lat, "p50")),
             "p99": fmt.ms(_total_latency(lat, "p99")),
             "updates": str(e.get("updates_applied", "n/a")),
+            "in": fmt.traffic(e.get("bytes_in"), e.get("bytes_in_per_s")),
+            "out": fmt.traffic(e.get("bytes_out"), e.get("bytes_out_per_s")),
             "errors": fmt.errors_text(e.get("errors")),
         })
     return rows
@@ -44,7 +47,8 @@ def render_plain(snapshot: dict[str, Any]) -> str:
     health, ckpt = fmt.section(snapshot, "health"), fmt.section(snapshot, "checkpoints")
     lines = [
         f"node        {node.get('home', 'n/a')} (pid {node.get('pid', 'n/a')}, volunteer {node.get('version', 'n/a')})",
-        f"experiment  {exp.get('name', 'n/a')} v{exp.get('version', 'n/a')} ({exp.get('source', 'n/a')})",
+        f"experiment  {exp.get('name', 'n/a')} v{exp.get('version', 'n/a')} ({exp.get('source', 'n/a')})"
+        + fmt.wire_text(exp),
         f"state       {snapshot.get('state', 'n/a')}   uptime {fmt.duration(node.get('uptime_s'))}",
         f"endpoint    {snapshot.get('endpoint') or 'n/a'}",
         f"device      {dev.get('description') or dev.get('name', 'n/a')}   util {fmt.pct(dev.get('utilization_pct'))}"
