@@ -44,7 +44,7 @@ MIN_BLOCK = 8
 MAX_BLOCK = 1 << 16
 QMAX = 127
 WIRE_DTYPE = "int8"
-CHUNK = 1 << 16  # values per step on CPU: the float32 temporary (256 KiB) stays in cache
+CHUNK = 1 << 18  # values per step on CPU (1 MiB of float32): measured fastest here, 2-3 GB/s
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 TINY_ABSMAX = 2.0**-100  # below this, a / 127 could be subnormal: decoded in float64
 
@@ -89,21 +89,21 @@ def quantize(tensor: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
 
 
 def _encode(x: torch.Tensor, absmax: torch.Tensor, codes: torch.Tensor) -> None:
-    """Write the absmax of each row of ``x`` and its codes (rows are blocks)."""
-    # two reductions beat aminmax (3x slower on CPU here) and |x| (a whole-tensor temporary);
-    # both propagate NaN
-    torch.maximum(torch.amax(x, dim=1), torch.amin(x, dim=1).neg_(), out=absmax)
-    if not bool(torch.isfinite(absmax).all()):
-        raise NonFiniteError("cannot quantise NaN or infinite values to int8")
-    # x / a is at most 1 in magnitude (a correctly rounded division), so |q| <= 127 without
-    # a clamp; dividing (not multiplying by 127 / a) keeps subnormal absmax values finite
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(1)
+    """Write the absmax of each row of ``x`` and its codes (rows are blocks). On CPU, in chunks
+    of ``CHUNK`` values: each chunk of ``x`` is read from memory once and every other pass
+    (|x|, absmax, divide, scale, round, cast) runs on data still in cache."""
     rows = x.shape[0] if not x.is_cpu else max(1, CHUNK // x.shape[1])
     tmp = torch.empty((min(rows, x.shape[0]), x.shape[1]), dtype=torch.float32, device=x.device)
-    for r in range(0, x.shape[0], rows):  # CPU: chunks whose temporary stays in cache
+    for r in range(0, x.shape[0], rows):
         n = min(rows, x.shape[0] - r)
-        q = tmp[:n]
-        torch.div(x[r : r + n], safe[r : r + n], out=q)
+        xc, q, a = x[r : r + n], tmp[:n], absmax[r : r + n]
+        torch.amax(torch.abs(xc, out=q), dim=1, out=a)  # NaN propagates
+        if not bool(torch.isfinite(a).all()):  # before any NaN meets an int8 cast
+            raise NonFiniteError("cannot quantise NaN or infinite values to int8")
+        # x / a is at most 1 in magnitude (a correctly rounded division), so |q| <= 127 with
+        # no clamp; dividing (not multiplying by 127 / a) keeps subnormal absmax values finite
+        safe = torch.where(a > 0, a, 1.0).unsqueeze(1)
+        torch.div(xc, safe, out=q)
         q.mul_(QMAX).round_()
         codes[r : r + n].copy_(q)
 
