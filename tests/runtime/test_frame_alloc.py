@@ -18,7 +18,14 @@ from tests.runtime.servers import make_backends, wait_for
 from volunteer.runtime.limits import ServingLimits
 from volunteer.runtime.runtime import Runtime
 from volunteer.runtime.zmq_frontend import ZmqFrontend
-from volunteer.runtime.zmtp_conn import READY, AllocError, ConnLimits, ZmtpConn, _byte_view
+from volunteer.runtime.zmtp_conn import (
+    READY,
+    UNINIT_MIN,
+    AllocError,
+    ConnLimits,
+    ZmtpConn,
+    _byte_view,
+)
 from volunteer.wire.messages import decode_reply, decode_request, encode_request
 from volunteer.wire.zmtp import LONG, MORE, ZmtpConnection, ZmtpError
 
@@ -153,7 +160,12 @@ def test_unusable_buffers_are_an_alloc_error(make) -> None:
         _byte_view(make(64), 64)
 
 
-def test_the_default_is_a_bytearray() -> None:
-    frames = _feed_one_message(None, encode_request("forward", "n.0", [torch.ones(2, H)],
+def test_the_default_gives_small_frames_a_bytearray_and_large_ones_numpy_memory() -> None:
+    small, large = 2, UNINIT_MIN // (4 * H) + 1  # rows
+    frames = _feed_one_message(None, encode_request("forward", "n.0", [torch.ones(small, H)],
                                                     request_id=1))
     assert all(isinstance(f.obj, bytearray) for f in frames)
+    x = torch.randn(large, H)
+    frames = _feed_one_message(None, encode_request("forward", "n.0", [x], request_id=2))
+    assert isinstance(frames[0].obj, bytearray) and isinstance(frames[1].obj, np.ndarray)
+    assert torch.equal(decode_request(frames).tensors[0], x)  # every byte was received

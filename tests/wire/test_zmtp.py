@@ -161,6 +161,9 @@ def test_large_messages_cross_in_both_directions():
         try:
             reply = conn.request([b"h", memoryview(big)], deadline(20))
             assert len(reply) == 2 and reply[0] == b"h" and reply[1] == big
+            # received in place into a buffer of its own (not zero-filled first), writable
+            assert isinstance(reply[1], memoryview) and not reply[1].readonly
+            assert reply[1].nbytes == len(big)
         finally:
             conn.close()
 

@@ -11,7 +11,9 @@ header, and only then is the frame's buffer allocated (one buffer of exactly tha
 which the server may ``recv_into`` directly and which the tensor decoder wraps as is).
 
 Frame buffers come from ``alloc(size)`` (``Alloc``), the server's one allocation hook: by
-default ``bytearray(size)``; a GPU node passes a function that returns pinned host memory
+default ``default_alloc`` (a ``bytearray`` for small frames; from ``UNINIT_MIN`` bytes an
+uninitialised numpy buffer, since zero-filling 16 MiB costs about as much as receiving it,
+and every byte is received before the frame is used); a GPU node passes a function that returns pinned host memory
 (any writable, C-contiguous object with the buffer protocol, exactly ``size`` bytes), so
 tensors are received straight into memory the device can copy from asynchronously. It is
 called for every non-empty frame body (headers too: an allocator that only wants large
@@ -32,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from volunteer.wire.errors import RemoteError, TooLargeError
 from volunteer.wire.zmtp import COMMAND, GREETING, LONG, MORE, RESERVED, parse_properties
 
@@ -50,9 +54,14 @@ class AllocError(Exception):
     """The frame allocator returned something that cannot hold the frame (a bug)."""
 
 
-def default_alloc(size: int) -> bytearray:
-    """A zero-filled ``bytearray`` of ``size`` bytes (the allocation used without a hook)."""
-    return bytearray(size)
+UNINIT_MIN = 64 * 1024  # frames from this size get uninitialised memory (no memset)
+
+
+def default_alloc(size: int) -> bytearray | np.ndarray:
+    """The allocation used without a hook: ``bytearray(size)`` below ``UNINIT_MIN`` bytes,
+    else ``numpy.empty(size, uint8)`` (not zero-filled: the frame's bytes overwrite all of it
+    before anyone reads it; a frame cut short is dropped unread)."""
+    return bytearray(size) if size < UNINIT_MIN else np.empty(size, np.uint8)
 
 
 def _byte_view(buf: object, size: int) -> memoryview:

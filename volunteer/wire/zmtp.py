@@ -27,6 +27,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 SIGNATURE = b"\xff" + b"\x00" * 8 + b"\x7f"
 GREETING = SIGNATURE + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
 MORE, LONG, COMMAND = 0x01, 0x02, 0x04
@@ -141,7 +143,7 @@ class ZmtpConnection:
 
     # -- public --
 
-    def request(self, frames: Sequence[Buffer], deadline: float) -> list[bytearray]:
+    def request(self, frames: Sequence[Buffer], deadline: float) -> list[Buffer]:
         """Send one multipart message and read the next one (the reply) back."""
         self.send(frames, deadline)
         return self.recv(deadline)
@@ -157,9 +159,11 @@ class ZmtpConnection:
             parts.append(frame)
         self._send_all(parts, deadline)
 
-    def recv(self, deadline: float) -> list[bytearray]:
-        """The next message's frames; commands in between are handled (PING) or skipped."""
-        frames: list[bytearray] = []
+    def recv(self, deadline: float) -> list[Buffer]:
+        """The next message's frames (writable: ``bytearray`` or, for large ones, a memoryview
+        of an uninitialised numpy buffer the frame was received into); commands in between are
+        handled (PING) or skipped."""
+        frames: list[Buffer] = []
         total = 0
         while True:
             flags, size = self._frame_header(deadline)
@@ -211,13 +215,13 @@ class ZmtpConnection:
         return props
 
     @staticmethod
-    def _split_command(body: bytearray) -> tuple[bytes, bytes]:
+    def _split_command(body: Buffer) -> tuple[bytes, bytes]:
         if not body or body[0] + 1 > len(body):
             raise ZmtpError("malformed ZMTP command")
         n = body[0]
         return bytes(body[1 : 1 + n]), bytes(body[1 + n :])
 
-    def _on_command(self, body: bytearray, deadline: float) -> None:
+    def _on_command(self, body: Buffer, deadline: float) -> None:
         name, data = self._split_command(body)
         if name == b"PING" and len(data) >= 2:  # answer heartbeats with their context
             self._send_all([_command(b"PONG", data[2:18])], deadline)
@@ -244,7 +248,7 @@ class ZmtpConnection:
             raise ZmtpError(f"frame of {size} bytes > {self.max_reply_bytes}")
         return flags, size
 
-    def _body(self, size: int, deadline: float) -> bytearray:
+    def _body(self, size: int, deadline: float) -> Buffer:
         have = self._end - self._start
         if size <= have:  # already buffered
             body = self._buf[self._start : self._start + size]
@@ -255,14 +259,15 @@ class ZmtpConnection:
             body = self._buf[self._start : self._start + size]
             self._start += size
             return body
-        body = bytearray(size)  # large: what is buffered, then straight into the body
-        view = memoryview(body)
+        # large: what is buffered, then straight into the body. Not zero-filled (for 16 MiB the
+        # memset cost as much as the receive): every byte is written below before it is returned
+        view = memoryview(np.empty(size, np.uint8))
         view[:have] = self._view[self._start : self._end]
         self._start = self._end = 0
         got = have
         while got < size:
             got += self._recv_into(view[got:], deadline)
-        return body
+        return view
 
     def _fill(self, n: int, deadline: float) -> None:
         """Make at least ``n`` (<= RECV_BUFFER) bytes available from ``_start``."""
