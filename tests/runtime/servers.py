@@ -38,10 +38,13 @@ def make_backends(
 
 @contextlib.contextmanager
 def running(
-    backends: dict[str, ExpertBackend], limits: ServingLimits | None = None, zmq: bool = True
+    backends: dict[str, ExpertBackend],
+    limits: ServingLimits | None = None,
+    zmq: bool = True,
+    pipeline: bool | None = None,
 ) -> Iterator[tuple[Runtime, ZmqFrontend | None]]:
     """A started runtime (and frontend on 127.0.0.1, port 0), stopped on exit."""
-    runtime = Runtime(backends, limits or ServingLimits())
+    runtime = Runtime(backends, limits or ServingLimits(), pipeline=pipeline)
     frontend = None
     runtime.start()
     try:

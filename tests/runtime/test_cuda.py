@@ -35,3 +35,65 @@ def test_cuda_runtime_matches_cpu_forward_backward_and_cache():
     y_ref.sum().backward()
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(xr.grad, leaf.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_pipeline_serves_concurrent_trainers_from_pinned_frames():
+    """The GPU node's defaults: completer pipeline on, frames received into pinned memory
+    (uploaded without a host copy); four trainers at once, every answer equal to the CPU
+    expert's and every step applied."""
+    import threading
+
+    from volunteer.runtime.pinned import frame_alloc_for, pinned_alloc
+
+    assert frame_alloc_for("cuda:0") is pinned_alloc and frame_alloc_for("cpu") is None
+    buf = pinned_alloc(1 << 20)
+    assert torch.from_numpy(buf).is_pinned() and buf.nbytes == 1 << 20
+    torch.manual_seed(0)
+    cpu = ExpertBackend("c.0", "ffn", 256, OptimizerSpec("sgd", lr=0.0))
+    gpu = ExpertBackend("c.0", "ffn", 256, OptimizerSpec("sgd", lr=0.0), device="cuda")
+    gpu.module.load_state_dict(cpu.module.state_dict())
+    xs = [torch.randn(128, 256) for _ in range(4)]
+    results: dict[int, tuple] = {}
+    with running({"c.0": gpu}) as (rt, fe):
+        assert rt._completer is not None  # on by default where CUDA exists
+        fe.stop()
+        from volunteer.runtime.zmq_frontend import ZmqFrontend
+
+        fe = ZmqFrontend(rt, alloc=frame_alloc_for("cuda:0"))
+        fe.start()
+
+        def trainer(i: int) -> None:
+            expert = RemoteExpert("c.0", fe.endpoint, timeout=60)
+            for _ in range(5):
+                leaf = xs[i].clone().requires_grad_()
+                y = expert(leaf)
+                y.sum().backward()
+            results[i] = (y.detach(), leaf.grad)
+            expert.close()
+
+        threads = [threading.Thread(target=trainer, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        fe.stop()
+        assert rt.stats()["c.0"]["updates_applied"] == 20
+    for i, (y, g) in results.items():
+        leaf = xs[i].clone().requires_grad_()
+        ref = cpu.module(leaf)
+        ref.sum().backward()
+        torch.testing.assert_close(y, ref, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(g, leaf.grad, rtol=1e-3, atol=1e-3)
+    assert len(results) == 4
+
+
+def test_cuda_step_skips_non_finite_gradients_on_the_device():
+    b = ExpertBackend("s.0", "ffn", H, OptimizerSpec("adam", 1e-2), device="cuda")
+    before = [p.detach().clone() for p in b.module.parameters()]
+    b.apply_gradients([[torch.full_like(p, float("nan")) for p in b._params]])
+    assert b._skips_dev is not None  # took the sync-free path
+    assert b.steps_skipped == 1 and b.updates_applied == 0
+    for p, q in zip(before, b.module.parameters(), strict=True):
+        assert torch.equal(p, q)
+    b.apply_gradients([[torch.ones_like(p) for p in b._params]])
+    assert b.steps_skipped == 1 and b.updates_applied == 1

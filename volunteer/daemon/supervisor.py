@@ -113,6 +113,7 @@ class Supervisor:
     def start(self) -> None:
         """Bring the node up; returns once trainers can reach it and control.json exists."""
         from volunteer.experts.backend import ExpertBackend, OptimizerSpec, expert_seed
+        from volunteer.runtime.pinned import frame_alloc_for
         from volunteer.runtime.runtime import Runtime
         from volunteer.runtime.zmq_frontend import ZmqFrontend
 
@@ -140,7 +141,8 @@ class Supervisor:
 
         self.runtime = Runtime({}, m.serving)  # the manifest's serving section is ServingLimits
         self.runtime.start()
-        self.frontend = ZmqFrontend(self.runtime, bind=f"tcp://{s.zmq_host}:{s.zmq_port}")
+        self.frontend = ZmqFrontend(self.runtime, bind=f"tcp://{s.zmq_host}:{s.zmq_port}",
+                                    alloc=frame_alloc_for(self.device))
         self.frontend.start()
         self.endpoint = _advertised_endpoint(self.frontend.endpoint, s.advertise_host)
         # Joins the network first: which experts to host depends on what the swarm serves.

@@ -10,8 +10,13 @@ and answers every task exactly once.
   those that omitted their inputs: they are answered "cache_miss" (the client resends
   with inputs). Parameter gradients of all groups are summed into one optimizer step.
 - CUDA: inputs are concatenated into pinned host memory and copied with
-  ``non_blocking=True``; outputs come back into pinned memory and the stream is
-  synchronised once per batch, just before the replies need the bytes.
+  ``non_blocking=True``; outputs come back into pinned memory. With a ``Completer`` (the
+  runtime's default on CUDA) the loop thread only launches the batch and records a CUDA
+  event; the completer waits for that event (the batch's one device synchronisation) and
+  builds and sends the replies, while the loop launches the next batch. Without one the
+  stream is synchronised in the loop thread, just before the replies need the bytes.
+  Results are built by closures (``Build``/``Fill``) that run after the device is done, so
+  both paths share one code path.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 from volunteer.experts.backend import ExpertBackend
 from volunteer.runtime.activation_cache import ActivationCache, CachedGraph
+from volunteer.runtime.completer import Completer
 from volunteer.runtime.stats import ExpertStats
 from volunteer.runtime.task_pool import Task
 from volunteer.wire.errors import CacheMissError, InternalError, RemoteError
@@ -33,6 +39,8 @@ log = logging.getLogger(__name__)
 
 Hits = dict[Task, tuple[CachedGraph, int, int]]
 ParamGrads = list[list[torch.Tensor | None]]
+Build = Callable[[], list]  # per-task results (tensors or a RemoteError), once the device is done
+Fill = Callable[[], None]  # fills some tasks' input gradients, once the device is done
 
 
 def send_reply(task: Task, frames: list) -> bool:
@@ -56,17 +64,51 @@ def send_error(task: Task, err: RemoteError, stats: ExpertStats | None = None) -
 class BatchExecutor:
     """Compute for batches; used by the runtime's serving-loop thread only."""
 
-    def __init__(self, cache: ActivationCache, on_success: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        cache: ActivationCache,
+        on_success: Callable[[int], None],
+        completer: Completer | None = None,
+    ) -> None:
         self.cache = cache
         self._on_success = on_success
+        self.completer = completer  # None: CUDA batches are finished in the loop thread too
 
     def run(self, backend: ExpertBackend, op: str, tasks: list[Task], stats: ExpertStats) -> None:
+        """Compute one batch and answer its tasks: here, or (with a completer) launch it here
+        and let the completer answer once the device is done (a CUDA event marks that)."""
         started = time.monotonic()
         try:
-            if op == "forward":
-                results = self._forward(backend, tasks, stats)
-            else:
-                results = self._backward(backend, tasks, stats)
+            build = (self._forward if op == "forward" else self._backward)(backend, tasks, stats)
+            event = None
+            if self.completer is not None and not backend.on_cpu:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(backend.device))
+        except Exception as e:
+            self._fail(backend, op, tasks, stats, e)
+            return
+        if self.completer is None:
+            self._finish(backend, op, tasks, stats, started, build, None)
+        else:
+            self.completer.submit(
+                lambda: self._finish(backend, op, tasks, stats, started, build, event)
+            )
+
+    def _finish(
+        self,
+        backend: ExpertBackend,
+        op: str,
+        tasks: list[Task],
+        stats: ExpertStats,
+        started: float,
+        build: Build,
+        event: torch.cuda.Event | None,
+    ) -> None:
+        """Wait for the device (CUDA), build the per-task results and send the replies."""
+        try:
+            if event is not None:
+                event.synchronize()  # releases the GIL while the device works
+            results = build()
             done = time.monotonic()
             frames = [
                 r
@@ -75,10 +117,7 @@ class BatchExecutor:
                 for t, r in zip(tasks, results, strict=True)
             ]
         except Exception as e:
-            log.exception("batch of %d %s tasks failed on %s", len(tasks), op, backend.uid)
-            err = InternalError(f"{type(e).__name__}: {e}")
-            for t in tasks:
-                send_error(t, err, stats)
+            self._fail(backend, op, tasks, stats, e)
             return
         # recorded before the replies go out: a client that got its answer finds it counted
         stats.record_batch(
@@ -96,6 +135,15 @@ class BatchExecutor:
                 sent += send_reply(t, f)
         self._on_success(sent)
 
+    @staticmethod
+    def _fail(
+        backend: ExpertBackend, op: str, tasks: list[Task], stats: ExpertStats, e: Exception
+    ) -> None:
+        log.error("batch of %d %s tasks failed on %s", len(tasks), op, backend.uid, exc_info=e)
+        err = InternalError(f"{type(e).__name__}: {e}")
+        for t in tasks:
+            send_error(t, err, stats)
+
     # -- device helpers --
 
     def _gather(self, backend: ExpertBackend, parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -105,18 +153,26 @@ class BatchExecutor:
                 p = parts[0]
                 return p if p.dtype == backend.dtype else p.to(backend.dtype)
             return torch.cat([p if p.dtype == backend.dtype else p.to(backend.dtype) for p in parts])
-        parts = [p if p.dtype == backend.dtype else p.to(backend.dtype) for p in parts]
-        if any(p.device.type != "cpu" for p in parts):
-            parts = [p.to(backend.device, non_blocking=True) for p in parts]
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
-        rows = sum(p.shape[0] for p in parts)
-        pinned = torch.empty((rows, *parts[0].shape[1:]), dtype=backend.dtype, pin_memory=True)
-        torch.cat(parts, out=pinned)
-        return pinned.to(backend.device, non_blocking=True)
+        dtype = parts[0].dtype
+        if any(p.dtype != dtype for p in parts):  # mixed wire dtypes (rare): cast on the host
+            parts = [p.to(backend.dtype) for p in parts]
+            dtype = backend.dtype
+        if len(parts) == 1 and (parts[0].device.type != "cpu" or parts[0].is_pinned()):
+            dev = parts[0].to(backend.device, non_blocking=True)  # received into pinned memory
+        elif any(p.device.type != "cpu" for p in parts):
+            dev = torch.cat([p.to(backend.device, non_blocking=True) for p in parts])
+        else:
+            rows = sum(p.shape[0] for p in parts)
+            pinned = torch.empty((rows, *parts[0].shape[1:]), dtype=dtype, pin_memory=True)
+            torch.cat(parts, out=pinned)
+            dev = pinned.to(backend.device, non_blocking=True)
+        return dev if dtype == backend.dtype else dev.to(backend.dtype)  # cast on the device
 
     def _to_host(self, backend: ExpertBackend, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Bring results to pinned host memory with one synchronisation (CUDA) or as is (CPU:
-        callers pass tensors that carry no autograd graph)."""
+        """Queue the copy of results into pinned host memory (CUDA; valid once the batch's
+        event has passed, or at once without a completer) or return them as is (CPU: callers
+        pass tensors that carry no autograd graph). Pinned blocks come from torch's caching
+        host allocator: reused batch after batch, never re-registered with the driver."""
         if backend.on_cpu:
             return tensors
         host = []
@@ -124,7 +180,8 @@ class BatchExecutor:
             h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             h.copy_(t.detach(), non_blocking=True)
             host.append(h)
-        torch.cuda.current_stream(backend.device).synchronize()
+        if self.completer is None:
+            torch.cuda.current_stream(backend.device).synchronize()
         return host
 
     @staticmethod
@@ -143,9 +200,7 @@ class BatchExecutor:
 
     # -- ops --
 
-    def _forward(
-        self, backend: ExpertBackend, tasks: list[Task], stats: ExpertStats
-    ) -> list[list[torch.Tensor]]:
+    def _forward(self, backend: ExpertBackend, tasks: list[Task], stats: ExpertStats) -> Build:
         xs = [
             self._gather(backend, [t.inputs[i] for t in tasks])
             for i in range(len(backend.input_shapes))
@@ -167,7 +222,7 @@ class BatchExecutor:
         else:
             out = backend.forward(xs)
         (host,) = self._to_host(backend, [out])
-        return [[o] for o in self._split(host, tasks, [t.inputs[0] for t in tasks])]
+        return lambda: [[o] for o in self._split(host, tasks, [t.inputs[0] for t in tasks])]
 
     def _lookup_hits(
         self, backend: ExpertBackend, tasks: list[Task]
@@ -208,9 +263,10 @@ class BatchExecutor:
 
     def _backward(
         self, backend: ExpertBackend, tasks: list[Task], stats: ExpertStats
-    ) -> list[list[torch.Tensor] | RemoteError]:
+    ) -> Build:
         hits = self._lookup_hits(backend, tasks)
         grads_for: dict[Task, list[torch.Tensor]] = {}
+        fills: list[Fill] = []  # run once the device is done: they read the host copies
         param_grads: list[list[torch.Tensor | None]] = []
         by_graph: dict[int, list[Task]] = {}
         for t, (entry, _, _) in hits.items():
@@ -222,7 +278,7 @@ class BatchExecutor:
             fids = entry.members.keys()  # every task of group is one of them
             if len(fids) == 1 or fids <= {t.forward_id for t in group}:
                 self.cache.pop(gid)
-                self._backward_graph(backend, entry, group, hits, grads_for, param_grads)
+                fills.append(self._backward_graph(backend, entry, group, hits, grads_for, param_grads))
             else:  # siblings still to come: recompute these rows, keep the graph for them
                 for t in group:
                     _, s, e = hits[t]
@@ -235,13 +291,19 @@ class BatchExecutor:
         if misses:
             stats.record_cache("misses", sum(t.forward_id is not None for t in misses))
         if recompute:
-            self._backward_recompute(backend, recompute, grads_for, param_grads)
+            fills.append(self._backward_recompute(backend, recompute, grads_for, param_grads))
         if param_grads:
             backend.apply_gradients(param_grads)
-        if len(grads_for) == len(tasks):
-            return [grads_for[t] for t in tasks]
-        miss = CacheMissError("forward activations are no longer cached; resend with inputs")
-        return [grads_for.get(t, miss) for t in tasks]
+
+        def build() -> list[list[torch.Tensor] | RemoteError]:
+            for fill in fills:
+                fill()
+            if len(grads_for) == len(tasks):
+                return [grads_for[t] for t in tasks]
+            miss = CacheMissError("forward activations are no longer cached; resend with inputs")
+            return [grads_for.get(t, miss) for t in tasks]
+
+        return build
 
     def _backward_graph(
         self,
@@ -251,7 +313,7 @@ class BatchExecutor:
         hits: Hits,
         grads_for: dict[Task, list[torch.Tensor]],
         param_grads: ParamGrads,
-    ) -> None:
+    ) -> Fill:
         """Differentiate a cached graph once for the requests of ``group``."""
         out = entry.graph.output
         whole = len(group) == 1 and hits[group[0]][1:] == (0, out.shape[0])
@@ -267,13 +329,17 @@ class BatchExecutor:
         in_grads, p_grads = backend.gradients(entry.graph, grad_out)
         param_grads.append(p_grads)
         host = self._to_host(backend, in_grads)
-        for t in group:
-            _, s, e = hits[t]
-            ref = t.inputs or t.grad_outputs * len(host)  # inputs omitted: reply in grad dtype
-            grads_for[t] = [
-                (h if whole else h[s:e]) if h.dtype == x.dtype else h[s:e].to(x.dtype)
-                for h, x in zip(host, ref, strict=True)
-            ]
+
+        def fill() -> None:
+            for t in group:
+                _, s, e = hits[t]
+                ref = t.inputs or t.grad_outputs * len(host)  # inputs omitted: reply in grad dtype
+                grads_for[t] = [
+                    (h if whole else h[s:e]) if h.dtype == x.dtype else h[s:e].to(x.dtype)
+                    for h, x in zip(host, ref, strict=True)
+                ]
+
+        return fill
 
     def _backward_recompute(
         self,
@@ -281,7 +347,7 @@ class BatchExecutor:
         items: list[tuple[Task, list[torch.Tensor]]],
         grads_for: dict[Task, list[torch.Tensor]],
         param_grads: ParamGrads,
-    ) -> None:
+    ) -> Fill:
         """Forward again (one merged batch) and differentiate, for tasks without a usable graph."""
         tasks = [t for t, _ in items]
         xs = [
@@ -292,7 +358,13 @@ class BatchExecutor:
         in_grads, p_grads = backend.gradients(backend.forward_graph(xs), grad_out)
         param_grads.append(p_grads)
         host = self._to_host(backend, in_grads)
-        refs = [t.inputs or t.grad_outputs * len(host) for t in tasks]
-        per_input = [self._split(h, tasks, [ref[i] for ref in refs]) for i, h in enumerate(host)]
-        for j, t in enumerate(tasks):
-            grads_for[t] = [per_input[i][j] for i in range(len(host))]
+
+        def fill() -> None:
+            refs = [t.inputs or t.grad_outputs * len(host) for t in tasks]
+            per_input = [
+                self._split(h, tasks, [ref[i] for ref in refs]) for i, h in enumerate(host)
+            ]
+            for j, t in enumerate(tasks):
+                grads_for[t] = [per_input[i][j] for i in range(len(host))]
+
+        return fill

@@ -25,8 +25,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+import torch
+
 from volunteer.experts.backend import ExpertBackend
 from volunteer.runtime.activation_cache import ActivationCache
+from volunteer.runtime.completer import Completer
 from volunteer.runtime.executor import BatchExecutor, send_error
 from volunteer.runtime.limits import ServingLimits
 from volunteer.runtime.loop import ServingLoop
@@ -66,8 +69,13 @@ class Runtime:
     """Batching runtime over the hosted expert backends (``add_expert`` / ``remove_expert``)."""
 
     def __init__(
-        self, backends: Mapping[str, ExpertBackend], limits: ServingLimits | None = None
+        self,
+        backends: Mapping[str, ExpertBackend],
+        limits: ServingLimits | None = None,
+        pipeline: bool | None = None,
     ) -> None:
+        """``pipeline``: finish CUDA batches in a ``Completer`` thread so the loop launches
+        the next batch while the device computes (None: on where torch sees a CUDA device)."""
         self.backends = dict(backends)
         self.limits = limits or ServingLimits()
         self._wire_limits = self.limits.wire()
@@ -85,7 +93,10 @@ class Runtime:
             self.limits.activation_cache_bytes,
             self.limits.activation_cache_ttl_s,
         )
-        self._executor = BatchExecutor(self._cache, self._count_completed)
+        if pipeline is None:
+            pipeline = torch.cuda.is_available()
+        self._completer = Completer(on_done=self._notify) if pipeline else None
+        self._executor = BatchExecutor(self._cache, self._count_completed, self._completer)
         self._exec_lock = threading.Lock()
         self._pause_requests = 0
         self._running = False
@@ -140,6 +151,8 @@ class Runtime:
             self._stop = True
             self._cond.notify_all()
         self.loop.stop()  # also when stopped already: returns once the loop has exited
+        if self._completer is not None:  # the batches still on the device: finished and answered
+            self._completer.stop()
         with self._cond:  # never started, or raced with the loop's exit
             leftovers = self._take_all()
         for task in leftovers:
@@ -153,6 +166,8 @@ class Runtime:
             self._pause_requests += 1
         try:
             with self._exec_lock:
+                if self._completer is not None:  # launched batches: done and answered first
+                    self._completer.wait_idle()
                 yield
         finally:
             with self._cond:
@@ -358,11 +373,21 @@ class Runtime:
             self.loop.call_soon(send_error, task, err, stats)
 
     def _count_completed(self, n: int) -> None:
-        # loop thread only; published to drain() by the locked section that ends the batch
-        self._completed += n
+        # the loop thread, or the completer's: drain() reads it under the lock
+        with self._cond:
+            self._completed += n
+
+    def _notify(self) -> None:
+        """A launched batch was answered: wake drain(), which waits for ``_busy()`` to clear."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _busy(self) -> bool:
-        return self._running or self._queued > 0
+        return (
+            self._running
+            or self._queued > 0
+            or (self._completer is not None and self._completer.pending > 0)
+        )
 
     def _take_all(self) -> list[Task]:
         tasks: list[Task] = []
