@@ -8,6 +8,8 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from volunteer.wire import COMPRESSIONS, quant
 from volunteer.wire.errors import BadRequestError, NonFiniteError, TooLargeError
@@ -166,3 +168,43 @@ def test_fp16_restore_counts_the_float32_it_allocates() -> None:
     spec, buf = tensor_to_frame(torch.ones(1024), "fp16")
     with pytest.raises(TooLargeError):
         frames_to_tensors([spec], [bytes(buf)], WireLimits(max_bytes=4 * 1024 - 1))
+
+
+FUZZ_LIMITS = WireLimits(max_header_bytes=512, max_tensors=3, max_elements=200, max_bytes=600)
+valid_int8_spec = st.tuples(
+    st.just("int8"), st.lists(st.integers(1, 12), min_size=1, max_size=2),
+    st.sampled_from(["float32", "float16", "bfloat16"]), st.sampled_from([8, 16, 64])).map(list)
+hostile_int8_spec = st.tuples(
+    st.sampled_from(["int8", "float32", "int4"]),
+    st.lists(st.integers(-1, 300), max_size=3),
+    st.sampled_from([None, "float32", "int8", 7]),
+    st.one_of(st.sampled_from([8, 64]), st.integers(-1, 2**17), st.floats(), st.booleans()),
+).map(list)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(valid_int8_spec, hostile_int8_spec), max_size=3), st.data())
+def test_hostile_int8_frames_decode_within_limits_or_raise_typed(specs, data) -> None:
+    frames = []
+    for spec in specs:  # honest frames, random bytes of the claimed size, or any bytes
+        numel = 1
+        for d in spec[1]:
+            numel *= max(d, 0)
+        sized = quant.valid_block(spec[3]) and numel <= 2000
+        how = data.draw(st.sampled_from(["honest", "random", "any"] if sized else ["any"]))
+        if how == "honest":
+            frames.append(bytes(quant.quantize(torch.randn(numel) * 3, spec[3]).numpy()))
+        elif how == "random":
+            size = quant.frame_nbytes(numel, spec[3])
+            frames.append(data.draw(st.binary(min_size=size, max_size=size)))
+        else:
+            frames.append(data.draw(st.binary(max_size=700)))
+    if frames and data.draw(st.integers(0, 4)) == 4:
+        frames.pop()  # one frame short of the header's count
+    try:
+        tensors = frames_to_tensors(specs, frames, FUZZ_LIMITS)
+    except (BadRequestError, TooLargeError):
+        return
+    assert sum(t.numel() for t in tensors) <= FUZZ_LIMITS.max_elements
+    assert sum(4 * t.numel() for t in tensors) <= FUZZ_LIMITS.max_bytes
+    assert all(bool(torch.isfinite(t).all()) for t in tensors)

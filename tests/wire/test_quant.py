@@ -148,3 +148,25 @@ def test_block_sizes() -> None:
         quant.quantize(torch.ones(4), block=3)
     assert quant.frame_nbytes(64, 64) == 68 and quant.frame_nbytes(65, 64) == 73
     assert quant.frame_nbytes(0, 64) == 0
+
+
+def test_scales_beyond_the_restored_dtype_and_edge_codes_are_refused() -> None:
+    frame = frame_with_scales([131072.0], [127] * 64)  # beyond float16's 65504
+    with pytest.raises(BadRequestError, match="range"):
+        quant.dequantize(frame, 64, 64, torch.float16)
+    assert quant.dequantize(frame, 64, 64, torch.float32)[0] == 131072.0
+    edge = frame_with_scales([FMAX], [-128] + [1] * 63)  # -128/127 * FMAX is -inf
+    with pytest.raises(BadRequestError, match="-128"):
+        quant.dequantize(edge, 64, 64)
+    inside = frame_with_scales([1.0], [-128] + [1] * 63)  # harmless where it stays finite
+    assert quant.dequantize(inside, 64, 64)[0] == pytest.approx(-128 / 127)
+
+
+def test_range_edges_round_trip_finite() -> None:
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        top = torch.finfo(dtype).max
+        x = torch.tensor([top, -top, top / 2, 1.0] * 16, dtype=dtype)
+        frame = quant.quantize(x)
+        got = quant.dequantize(memoryview(frame.numpy()), x.numel(), quant.BLOCK, dtype).to(dtype)
+        assert bool(torch.isfinite(got).all())
+        assert float(got[0]) == pytest.approx(top, rel=1e-6) and float(got[1]) == -float(got[0])

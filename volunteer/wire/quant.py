@@ -23,7 +23,8 @@ quantise their other values coarsely; that is the price of 8 bits, and why block
 
 Untrusted frames: :func:`frame_nbytes` gives the exact size a frame must have (checked by the
 caller against the spec before anything is allocated), :func:`dequantize` rejects absmax
-values that are NaN, infinite or negative (``NonFiniteError`` / ``BadRequestError``). The
+values that are NaN or infinite (``NonFiniteError``), negative or beyond the restored dtype's
+range (``BadRequestError``), so whatever the codes, every decoded value is finite. The
 encoder refuses NaN and infinity (``NonFiniteError``): a non-finite absmax has no code.
 Everything is vectorised torch (no Python loop per block; on CPU a loop over chunks of
 ``CHUNK`` values keeps the float32 temporary in cache); quantisation runs on the tensor's own
@@ -108,9 +109,14 @@ def _encode(x: torch.Tensor, absmax: torch.Tensor, codes: torch.Tensor) -> None:
         codes[r : r + n].copy_(q)
 
 
-def dequantize(frame: memoryview, numel: int, block: int) -> torch.Tensor:
+def dequantize(
+    frame: memoryview, numel: int, block: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Float32 values (flat, ``numel``) of a frame whose size the caller has checked against
-    ``frame_nbytes(numel, block)``; absmax values must be finite and non-negative."""
+    ``frame_nbytes(numel, block)``, for a tensor to be restored as ``dtype``. Every decoded
+    value is finite in ``dtype``: absmax values must be finite, non-negative and within
+    ``dtype``'s range, and the code -128 (never sent by :func:`quantize`) is refused in blocks
+    where ``128 / 127 * absmax`` would leave that range."""
     nb = n_blocks(numel, block)
     if frame.nbytes != 4 * nb + numel:  # callers check first; this guards direct use
         raise BadRequestError(f"int8 frame of {frame.nbytes} bytes, expected {4 * nb + numel}")
@@ -119,12 +125,15 @@ def dequantize(frame: memoryview, numel: int, block: int) -> torch.Tensor:
     elif frame.ndim != 1 or frame.format != "B":
         frame = frame.cast("B")
     absmax = torch.from_numpy(np.frombuffer(frame, np.float32, nb))
-    ok = (absmax >= 0) & (absmax <= _FLOAT32_MAX)  # False for NaN and infinities
+    limit = min(float(torch.finfo(dtype).max), _FLOAT32_MAX)
+    ok = (absmax >= 0) & (absmax <= limit)  # False for NaN and infinities
     if not bool(ok.all()):
         bad = absmax[~ok][0].item()
         if not math.isfinite(bad):
             raise NonFiniteError(f"int8 frame holds a non-finite block scale ({bad})")
-        raise BadRequestError(f"int8 frame holds a negative block scale ({bad})")
+        if bad < 0:
+            raise BadRequestError(f"int8 frame holds a negative block scale ({bad})")
+        raise BadRequestError(f"int8 block scale {bad:g} is beyond {dtype}'s range")
     step = _step(absmax)
     codes = torch.from_numpy(np.frombuffer(frame, np.int8, numel, offset=4 * nb))
     out = torch.empty(numel, dtype=torch.float32)
@@ -137,6 +146,9 @@ def dequantize(frame: memoryview, numel: int, block: int) -> torch.Tensor:
         parts.append((codes[full * block :].view(1, -1), absmax[full:], step[full:],
                       out[full * block :].view(1, -1)))
     for c, a, s, o in parts:
+        edge = a > limit * (QMAX / 128)
+        if bool(edge.any()) and bool((c[edge.nonzero().squeeze(1)] == -128).any()):
+            raise BadRequestError(f"int8 code -128 would decode beyond {dtype}'s range")
         _decode(c, s.unsqueeze(1), o)
         tiny = a < TINY_ABSMAX
         if bool(tiny.any()):  # subnormal steps are imprecise: these blocks go through float64

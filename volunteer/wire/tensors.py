@@ -198,8 +198,9 @@ def _dequantize(
     numel = 1
     for d in shape:
         numel *= d
-    t = quant.dequantize(mv, numel, block).view(shape)
-    return t if restore in (None, torch.float32) else t.to(restore)
+    dtype = restore or torch.float32
+    t = quant.dequantize(mv, numel, block, dtype).view(shape)
+    return t if dtype == torch.float32 else t.to(dtype)
 
 
 def _wrap(
