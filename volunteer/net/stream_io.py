@@ -16,16 +16,28 @@ typed error and the stream is closed (its remaining bytes cannot be trusted to r
 
 ``write_message`` sends a large reply as its prefix and then each frame (no join of the
 whole message into one more buffer); small ones go out as one write.
+
+Small messages take py-libp2p's yamux fast path (``libp2p_adapter.yamux_*``): a message
+that fits one noise message goes out as one yamux frame without the stream's locks, and
+reads take the stream's buffered bytes directly and credit the peer's send window once per
+``CREDIT_BATCH`` bytes instead of once per read (py-libp2p sends a WINDOW_UPDATE frame on
+every read: a third of the frames of a small call). Bulk bodies and every unusual state
+(EOF, reset, a full send window) go through ``stream.read``/``stream.write`` as before, so
+errors and yamux's window auto-tuning for large transfers are py-libp2p's own. Should an
+upgrade move the internals, the fast path turns itself off (logged once) and everything
+goes through the plain stream calls.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Sequence
 
 import trio
 from libp2p.abc import INetStream
 
+from volunteer.net import libp2p_adapter as lp
 from volunteer.wire.errors import BadRequestError, TooLargeError
 from volunteer.wire.framing import frame_budget, pack_frames
 from volunteer.wire.limits import DEFAULT_LIMITS, WireLimits
@@ -35,6 +47,32 @@ _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _READ_CHUNK = 1 << 16
 JOIN_MAX = 1 << 20  # replies up to this size are joined into one write
+CREDIT_BATCH = 1 << 16  # bytes consumed before one window update (yamux's window: 256 KiB)
+log = logging.getLogger(__name__)
+_fastpath = {"on": True}  # off for good once the adapter says the internals moved
+
+
+def _fastpath_failed(e: lp.Libp2pInternalsError) -> None:
+    if _fastpath["on"]:
+        _fastpath["on"] = False
+        log.warning("yamux fast path off, using plain stream reads and writes: %s", e)
+
+
+def fastpath_enabled() -> bool:
+    """Whether small reads and writes take the yamux fast path (see module docstring)."""
+    return _fastpath["on"]
+
+
+async def write_bytes(stream: INetStream, data: bytes | bytearray) -> None:
+    """Write ``data`` on ``stream``: one yamux frame when it fits (fast path), else
+    ``stream.write``. Writes on one stream must not overlap."""
+    if _fastpath["on"]:
+        try:
+            if await lp.yamux_write_frame(stream, data):
+                return
+        except lp.Libp2pInternalsError as e:
+            _fastpath_failed(e)
+    await stream.write(data)
 
 
 class StreamClosedError(Exception):
@@ -52,13 +90,31 @@ class BufferedStreamReader:
         self._buf = bytearray()
 
     async def _chunk(self, want: int) -> bytes:
-        try:
-            chunk = await self._stream.read(max(want, _READ_CHUNK))
-        except Exception as e:  # StreamEOF, StreamReset, StreamError
-            raise StreamClosedError(f"stream ended: {type(e).__name__}") from None
+        chunk = await self._fast_chunk() if want <= _READ_CHUNK and _fastpath["on"] else None
+        if chunk is None:  # bulk body, or the stream is not plainly open: py-libp2p's read
+            try:
+                chunk = await self._stream.read(max(want, _READ_CHUNK))
+            except Exception as e:  # StreamEOF, StreamReset, StreamError
+                raise StreamClosedError(f"stream ended: {type(e).__name__}") from None
         if not chunk:
             raise StreamClosedError("stream ended")
         return chunk
+
+    async def _fast_chunk(self) -> bytes | None:
+        """Buffered bytes through the yamux fast path (None: use ``stream.read``)."""
+        try:
+            chunk = await lp.yamux_read_some(self._stream, _READ_CHUNK)
+            if chunk is not None:
+                try:
+                    await lp.yamux_credit(self._stream, CREDIT_BATCH)
+                except lp.Libp2pInternalsError:
+                    raise
+                except Exception:  # the connection broke: the next read says so
+                    pass
+            return chunk
+        except lp.Libp2pInternalsError as e:
+            _fastpath_failed(e)
+            return None
 
     async def read_exactly(self, n: int) -> bytes:
         """Exactly ``n`` bytes as ``bytes`` (small reads: ids, lengths, clients' frames)."""
@@ -87,6 +143,19 @@ class BufferedStreamReader:
             have += take
         return out
 
+    @property
+    def buffered(self) -> int:
+        """Bytes already read from the stream and not yet taken."""
+        return len(self._buf)
+
+    def take_nowait(self, n: int) -> bytes | None:
+        """Exactly ``n`` already-buffered bytes, or None (nothing taken) if fewer are."""
+        if len(self._buf) < n:
+            return None
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
     async def skip(self, n: int) -> None:
         """Discard exactly ``n`` bytes without keeping them."""
         drop = min(n, len(self._buf))
@@ -109,7 +178,7 @@ async def write_message(stream: INetStream, call_id: int,
     views = [memoryview(f).cast("B") for f in frames]
     total = sum(v.nbytes for v in views)
     if total <= JOIN_MAX:
-        await stream.write(encode_message(call_id, views))
+        await write_bytes(stream, encode_message(call_id, views))
         return
     prefix = _U64.pack(call_id) + struct.pack(f"<I{len(views)}I", len(views),
                                               *(v.nbytes for v in views))
@@ -139,6 +208,55 @@ async def read_lengths(reader: BufferedStreamReader,
     if sum(lengths) > max_total:
         raise TooLargeError(f"message of {sum(lengths)} bytes > {max_total}")
     return lengths
+
+
+def read_call_id_nowait(reader: BufferedStreamReader) -> int | None:
+    """``read_call_id`` when the id is already buffered (no await, no deadline needed)."""
+    got = reader.take_nowait(8)
+    return None if got is None else _U64.unpack(got)[0]
+
+
+def read_lengths_nowait(reader: BufferedStreamReader,
+                        limits: WireLimits = DEFAULT_LIMITS) -> tuple[int, ...] | None:
+    """``read_lengths`` from buffered bytes alone; None (nothing taken) when they are not
+    all there yet. The same checks, in the same order, as ``read_lengths``."""
+    buf = reader._buf
+    if len(buf) < 4:
+        return None
+    max_frames, max_total = frame_budget(limits)
+    (count,) = _U32.unpack_from(buf)
+    if count == 0:
+        raise BadRequestError("framed message with zero frames")
+    if count > max_frames:
+        raise TooLargeError(f"{count} frames > {max_frames}")
+    if len(buf) < 4 + 4 * count:
+        return None
+    lengths = struct.unpack_from(f"<{count}I", buf, 4)
+    del buf[:4 + 4 * count]
+    if lengths[0] > limits.max_header_bytes:
+        raise TooLargeError(f"header of {lengths[0]} bytes > {limits.max_header_bytes}")
+    if sum(lengths) > max_total:
+        raise TooLargeError(f"message of {sum(lengths)} bytes > {max_total}")
+    return lengths
+
+
+def read_payload_nowait(reader: BufferedStreamReader,
+                        lengths: Sequence[int]) -> list[bytearray] | None:
+    """``read_payload`` when the whole payload is already buffered (each frame in its own
+    writable buffer); None (nothing taken) otherwise."""
+    buf = reader._buf
+    if len(buf) < sum(lengths):
+        return None
+    out, at = [], 0
+    view = memoryview(buf)
+    try:
+        for n in lengths:
+            out.append(bytearray(view[at:at + n]))
+            at += n
+    finally:
+        view.release()
+    del buf[:at]
+    return out
 
 
 async def read_payload(reader: BufferedStreamReader, lengths: Sequence[int]) -> list[bytearray]:
