@@ -52,8 +52,11 @@ from volunteer.net.stream_io import (
     BufferedStreamReader,
     StreamClosedError,
     read_call_id,
+    read_call_id_nowait,
     read_lengths,
+    read_lengths_nowait,
     read_payload,
+    read_payload_nowait,
     write_message,
 )
 from volunteer.wire.errors import OverloadedError, RemoteError, TooLargeError
@@ -217,18 +220,25 @@ class RpcServer:
                             deliver: Callable[[tuple[int, Frames, _Ticket]], None]) -> bool:
         """Read, admit and submit one message; False when the stream must stop."""
         lim = self.peer_limits
-        with trio.move_on_after(lim.idle_timeout_s) as idle:
-            call_id = await read_call_id(reader)
-        if idle.cancelled_caught:  # nothing started: close quietly
-            ticket.release()
-            return False
-        with trio.fail_after(lim.read_timeout_s):
-            try:
-                lengths = await read_lengths(reader, self.limits)
-            except RemoteError as e:
-                self.stats.framing_errors += 1
-                self._refuse(ticket, call_id, e, deliver)
+        # Each step first looks at what is already buffered (a small message usually came
+        # in one chunk: no await, no deadline to set up); only a step that must wait for
+        # the peer gets its deadline.
+        call_id = read_call_id_nowait(reader)
+        if call_id is None:
+            with trio.move_on_after(lim.idle_timeout_s) as idle:
+                call_id = await read_call_id(reader)
+            if idle.cancelled_caught:  # nothing started: close quietly
+                ticket.release()
                 return False
+        try:
+            lengths = read_lengths_nowait(reader, self.limits)
+            if lengths is None:
+                with trio.fail_after(lim.read_timeout_s):
+                    lengths = await read_lengths(reader, self.limits)
+        except RemoteError as e:
+            self.stats.framing_errors += 1
+            self._refuse(ticket, call_id, e, deliver)
+            return False
         total = sum(lengths)
         refusal = self._admit(ticket, peer, total)
         if refusal is not None:
@@ -239,8 +249,10 @@ class RpcServer:
             with trio.fail_after(lim.read_deadline_s(total)):
                 await reader.skip(total)
             return True
-        with trio.fail_after(lim.read_deadline_s(total)):
-            frames = await read_payload(reader, lengths)
+        frames = read_payload_nowait(reader, lengths)
+        if frames is None:
+            with trio.fail_after(lim.read_deadline_s(total)):
+                frames = await read_payload(reader, lengths)
         self.stats.requests += 1
         if total >= self.offload_bytes:
             await trio.to_thread.run_sync(self._submit_one, call_id, frames, ticket, token,
