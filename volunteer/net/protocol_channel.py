@@ -38,7 +38,7 @@ from libp2p.peer.id import ID
 from volunteer.net.peer_limits import PeerLimits
 from volunteer.net.rpc_client import Connector, RpcClient
 from volunteer.net.rpc_server import RpcServer
-from volunteer.net.trio_thread import TrioThread, TrioThreadError
+from volunteer.net.trio_thread import TrioThread
 from volunteer.wire.errors import InternalError, OverloadedError, UnreachableError
 from volunteer.wire.limits import WireLimits
 from volunteer.wire.messages import encode_error
@@ -135,11 +135,10 @@ class ProtocolChannel:
             pid = ID.from_base58(peer)
         except Exception:
             raise UnreachableError(f"not a peer id: {str(peer)[:60]!r}") from None
-        try:
-            return self._thread.call(self.client.call, pid, list(addrs)[:16], list(frames),
-                                     float(timeout))
-        except TrioThreadError as e:
-            raise UnreachableError(f"the network is not running: {e}") from None
+        # one hand-off into the loop per call (``RpcClient.call_from_thread``); a stopped
+        # loop is ``UnreachableError``
+        return self.client.call_from_thread(self._thread, pid, list(addrs)[:16], list(frames),
+                                            float(timeout))
 
     # ------------------------------------------------------------------ inbound
     def dispatch(self, peer: str, frames: list, reply: Reply) -> None:

@@ -27,15 +27,24 @@ whose caller is no longer waiting (timed out, or a call id never sent) is discar
 bounded chunks, never buffered.
 
 ``Libp2pTransport(client_thread, rpc, peer_id, addrs)`` is the CONTRACT ``Transport``:
-thread-safe ``request(frames, timeout)`` that runs the call in the node's trio thread.
+thread-safe ``request(frames, timeout)`` through ``RpcClient.call_from_thread``, which makes
+one hand-off per call: the caller's thread encodes the message and queues one callback in
+the loop (``run_sync_soon``) that writes it on a ready pooled stream; the reply reader
+settles the call and wakes the caller's thread directly (a ``threading.Lock``), with no
+``trio.from_thread`` round trip, no task waiting for the reply and no per-call deadline scope
+in the loop (the caller's own wait is the deadline; the loop then settles the call as timed
+out). Calls that must open a stream first take the async path (``call``). Small messages
+use the yamux fast path of ``stream_io`` (one frame each way, window credit in batches).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
+import threading
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import multiaddr
 import trio
@@ -50,8 +59,12 @@ from volunteer.net.stream_io import (
     BufferedStreamReader,
     encode_message,
     read_call_id,
+    read_call_id_nowait,
     read_lengths,
+    read_lengths_nowait,
+    read_payload_nowait,
     reset_quietly,
+    write_bytes,
 )
 from volunteer.net.trio_thread import TrioThread, TrioThreadError
 from volunteer.wire.errors import RemoteError, RemoteTimeoutError, UnreachableError
@@ -71,11 +84,46 @@ Frame = bytes | memoryview
 Connector = Callable[[ID, list[str]], Awaitable[None]]
 
 
-@dataclass
 class _Pending:
-    done: trio.Event = field(default_factory=trio.Event)
-    frames: list[bytes] | None = None
-    error: RemoteError | None = None
+    """One call waiting for its reply: settled exactly once, in the loop, by ``finish``.
+
+    An async caller waits on ``event`` (made on demand); a caller in another thread waits
+    on ``lock`` (held until settled), so the reply wakes that thread straight from the
+    reader task, with no trio task or ``from_thread`` round trip in between."""
+
+    __slots__ = ("call_id", "chan", "deadline", "done", "error", "event", "frames", "lock")
+
+    def __init__(self, call_id: int, threaded: bool = False) -> None:
+        self.call_id = call_id
+        self.chan: _Channel | None = None
+        self.deadline = math.inf
+        self.done = False
+        self.frames: list[bytes] | None = None
+        self.error: RemoteError | None = None
+        self.event: trio.Event | None = None
+        self.lock: threading.Lock | None = None
+        if threaded:
+            self.lock = threading.Lock()
+            self.lock.acquire()
+
+    def finish(self, frames: list[bytes] | None = None, error: RemoteError | None = None) -> bool:
+        """Settle the call (the first time only); True when this call settled it."""
+        if self.done:
+            return False
+        self.done = True
+        self.frames, self.error = frames, error
+        if self.chan is not None:
+            self.chan.pending.pop(self.call_id, None)
+        if self.event is not None:
+            self.event.set()
+        if self.lock is not None:
+            self.lock.release()
+        return True
+
+    def result(self) -> list[bytes]:
+        if self.error is not None:
+            raise self.error
+        return self.frames  # type: ignore[return-value]
 
 
 class _Channel:
@@ -89,12 +137,10 @@ class _Channel:
         self.relayed = relayed
         self.retired = False
 
-    def fail_all(self, why: str) -> None:
+    def fail_all(self, why: str) -> int:
+        """Mark the stream broken and fail every call on it; how many were still waiting."""
         self.broken = True
-        for p in self.pending.values():
-            if not p.done.is_set():
-                p.error = UnreachableError(why)
-                p.done.set()
+        return sum(p.finish(error=UnreachableError(why)) for p in list(self.pending.values()))
 
 
 @dataclass
@@ -134,57 +180,154 @@ class RpcClient:
 
     async def call(self, peer_id: ID, addrs: Sequence[str], frames: Sequence[Frame],
                    timeout: float) -> list[bytes]:
-        """Send one request to ``peer_id``; return the reply frames."""
+        """Send one request to ``peer_id``; return the reply frames (in the loop)."""
         self.stats.calls += 1
         call_id = next(self._ids)
+        slot = _Pending(call_id)
+        await self._run_call(peer_id, addrs, encode_message(call_id, frames), slot, timeout)
+        return slot.result()
+
+    def call_from_thread(self, thread: TrioThread, peer_id: ID, addrs: Sequence[str],
+                         frames: Sequence[Frame], timeout: float) -> list[bytes]:
+        """``call`` from any thread but the loop's, with one hand-off into the loop.
+
+        The message is encoded here; the loop runs ``_begin`` (a plain callback: no task, no
+        ``from_thread`` round trip) which writes it on a ready pooled stream, and the reply
+        reader wakes this thread directly. Past ``timeout`` the loop settles the call as
+        timed out (a reply that won the race is returned). ``UnreachableError`` when the
+        loop is not running."""
+        if thread.in_loop():  # waiting here would block the loop that must answer
+            raise RuntimeError("RpcClient.call_from_thread called in the loop: await call()")
+        call_id = next(self._ids)  # itertools.count: atomic under the GIL
         data = encode_message(call_id, frames)
+        slot = _Pending(call_id, threaded=True)
+        lock = slot.lock
+        assert lock is not None
+        timeout = float(timeout)
+        try:
+            thread.call_soon(self._begin, peer_id, addrs, data, slot, timeout)
+            if not lock.acquire(timeout=min(max(0.0, timeout), threading.TIMEOUT_MAX)):
+                thread.call_soon(self._expire, peer_id, slot, timeout)
+                while not lock.acquire(timeout=1.0):  # the loop settles it at once
+                    if not thread.running:
+                        raise TrioThreadError("event loop stopped")
+        except TrioThreadError as e:
+            raise UnreachableError(f"libp2p node is not running: {e}") from None
+        return slot.result()
+
+    def _begin(self, peer_id: ID, addrs: Sequence[str], data: bytes, slot: _Pending,
+               timeout: float) -> None:
+        """(loop) Start a threaded call: straight onto a ready stream, else the full path.
+        A callback of ``run_sync_soon`` must not raise (trio would abort the loop): any
+        error settles the call instead."""
+        try:
+            self.stats.calls += 1
+            slot.deadline = trio.current_time() + timeout
+            chan = self._ready_channel(peer_id)
+            if chan is None:  # a stream must be opened (or waited for): the async path
+                self.nursery.start_soon(self._run_call, peer_id, addrs, data, slot, timeout)
+                return
+            chan.pending[slot.call_id] = slot
+            slot.chan = chan
+            self.nursery.start_soon(self._send, peer_id, chan, data, slot, timeout)
+        except Exception as e:  # e.g. the nursery closed: the node is stopping
+            self._settle(slot, error=UnreachableError(f"libp2p node is not running: "
+                                                      f"{type(e).__name__}"))
+
+    async def _send(self, peer_id: ID, chan: _Channel, data: bytes, slot: _Pending,
+                    timeout: float) -> None:
+        """(loop) Write a threaded call's request, bounded by the call's deadline."""
+        with trio.move_on_at(slot.deadline) as scope:
+            try:
+                await self._write(chan, data, slot)
+            except UnreachableError as e:
+                self._settle(slot, error=e)
+        if scope.cancelled_caught:
+            self._settle(slot, error=_timed_out(peer_id, timeout))
+
+    def _expire(self, peer_id: ID, slot: _Pending, timeout: float) -> None:
+        """(loop) A threaded caller's wait ran out: settle the call as timed out unless
+        its reply (or an error) settled it first."""
+        self._settle(slot, error=_timed_out(peer_id, timeout))
+
+    def _settle(self, slot: _Pending, frames: list[bytes] | None = None,
+                error: RemoteError | None = None) -> None:
+        if slot.finish(frames, error):
+            if isinstance(error, RemoteTimeoutError):
+                self.stats.timeouts += 1
+            elif error is not None:
+                self.stats.unreachable += 1
+            self._after_settle(slot.chan)
+
+    def _after_settle(self, chan: _Channel | None) -> None:
+        """A retired (relayed) stream closes once its last call settled."""
+        if chan is not None and chan.retired and not chan.pending and not chan.broken:
+            chan.broken = True
+            try:
+                self.nursery.start_soon(reset_quietly, chan.stream)
+            except RuntimeError:  # the nursery closed: the node is stopping anyway
+                pass
+
+    async def _run_call(self, peer_id: ID, addrs: Sequence[str], data: bytes, slot: _Pending,
+                        timeout: float) -> None:
+        """(loop) The full path: pick or open a stream, write, wait; settles ``slot``."""
+        slot.event = trio.Event()
         try:
             with trio.fail_after(timeout):
                 chan = await self._pick(peer_id, addrs)
-                slot = _Pending()
-                chan.pending[call_id] = slot
-                try:
-                    await self._write(chan, data)
-                    await slot.done.wait()
-                finally:
-                    chan.pending.pop(call_id, None)
-                    if chan.retired and not chan.pending:
-                        self.nursery.start_soon(reset_quietly, chan.stream)
+                if slot.done:  # a threaded caller gave up meanwhile
+                    return
+                chan.pending[slot.call_id] = slot
+                slot.chan = chan
+                await self._write(chan, data, slot)
+                await slot.event.wait()
         except trio.TooSlowError:
-            self.stats.timeouts += 1
-            raise RemoteTimeoutError(f"no reply from {peer_id} within {timeout:.1f} s") from None
-        except UnreachableError:
-            self.stats.unreachable += 1
-            raise
-        if slot.error is not None:
-            self.stats.unreachable += 1
-            raise slot.error
-        return slot.frames  # type: ignore[return-value]
+            self._settle(slot, error=_timed_out(peer_id, timeout))
+        except UnreachableError as e:
+            self._settle(slot, error=e)
+        finally:
+            if not slot.done:  # cancelled (the loop is stopping)
+                self._settle(slot, error=UnreachableError("libp2p node stopped"))
 
-    async def _write(self, chan: _Channel, data: bytes) -> None:
+    async def _write(self, chan: _Channel, data: bytes, slot: _Pending) -> None:
+        """Write one request; a failed or interrupted write resets the stream and fails the
+        other calls on it (``slot`` is settled by the caller: timed out or unreachable)."""
         async with chan.write_lock:
             if chan.broken:
                 raise UnreachableError("stream closed")
             ok = False
             try:
-                await chan.stream.write(data)
+                await write_bytes(chan.stream, data)
                 ok = True
             except Exception as e:
                 raise UnreachableError(f"stream write failed: {type(e).__name__}") from None
             finally:
                 if not ok:  # error or cancelled mid-write: the stream's framing is lost
-                    chan.fail_all("stream reset after an interrupted write")
+                    chan.pending.pop(slot.call_id, None)
+                    self.stats.unreachable += chan.fail_all(
+                        "stream reset after an interrupted write")
                     with trio.CancelScope(shield=True):
                         await reset_quietly(chan.stream)
 
-    async def _pick(self, peer_id: ID, addrs: Sequence[str]) -> _Channel:
-        pool = self._pools.setdefault(peer_id, [])
-        pool[:] = [c for c in pool if not c.broken]
+    def _ready_channel(self, peer_id: ID) -> _Channel | None:
+        """A pooled stream a new call may use now, or None (one must be opened first)."""
+        pool = self._pools.get(peer_id)
+        if not pool:
+            return None
+        if any(c.broken for c in pool):
+            pool[:] = [c for c in pool if not c.broken]
         if any(c.relayed for c in pool) and self._has_direct(peer_id):
             self._retire_relayed(pool)
         best = min(pool, key=lambda c: len(c.pending), default=None)
         if best is not None and (not best.pending or len(pool) >= self.max_streams):
             return best
+        return None
+
+    async def _pick(self, peer_id: ID, addrs: Sequence[str]) -> _Channel:
+        chan = self._ready_channel(peer_id)
+        if chan is not None:
+            return chan
+        pool = self._pools.setdefault(peer_id, [])
         lock = self._open_locks.setdefault(peer_id, trio.Lock())
         async with lock:
             pool[:] = [c for c in pool if not c.broken]
@@ -211,8 +354,7 @@ class RpcClient:
             if chan.relayed:
                 chan.retired = True
                 self.stats.streams_retired += 1
-                if not chan.pending:
-                    self.nursery.start_soon(reset_quietly, chan.stream)
+                self._after_settle(chan)
         pool[:] = [c for c in pool if not c.retired]
 
     async def _open_stream(self, peer_id: ID, addrs: Sequence[str]) -> INetStream:
@@ -233,33 +375,41 @@ class RpcClient:
             raise UnreachableError(f"could not reach {peer_id}: {type(e).__name__}: {e}") from None
 
     async def _read_replies(self, peer_id: ID, chan: _Channel) -> None:
-        """Hand each reply to its waiting caller (see module docstring for the bounds)."""
+        """Hand each reply to its waiting caller (see module docstring for the bounds).
+
+        Each step first takes what is already buffered (a small reply usually came in one
+        chunk); only a step that must wait for the server gets its deadline."""
         reader = BufferedStreamReader(chan.stream)
         why = "stream closed"
         try:
             while True:
                 # Between replies: no deadline (each caller bounds its own wait).
-                call_id = await read_call_id(reader)
-                with trio.fail_after(self.reply_timeout_s):
-                    lengths = await read_lengths(reader, self.limits)
+                call_id = read_call_id_nowait(reader)
+                if call_id is None:
+                    call_id = await read_call_id(reader)
+                lengths = read_lengths_nowait(reader, self.limits)
+                if lengths is None:
+                    with trio.fail_after(self.reply_timeout_s):
+                        lengths = await read_lengths(reader, self.limits)
                 total = sum(lengths)
-                with trio.fail_after(self.reply_timeout_s + total / self.min_reply_rate):
-                    slot = chan.pending.get(call_id)
-                    if slot is None or slot.done.is_set():  # nobody waits: never buffer it
-                        self.stats.replies_dropped += 1
+                slot = chan.pending.get(call_id)
+                if slot is None or slot.done:  # nobody waits: never buffer it
+                    self.stats.replies_dropped += 1
+                    with trio.fail_after(self.reply_timeout_s + total / self.min_reply_rate):
                         await reader.skip(total)
-                        continue
-                    frames = [await reader.read_exactly(n) if n else b"" for n in lengths]
-                if not slot.done.is_set():
-                    slot.frames = frames
-                    slot.done.set()
+                    continue
+                frames = read_payload_nowait(reader, lengths)
+                if frames is None:
+                    with trio.fail_after(self.reply_timeout_s + total / self.min_reply_rate):
+                        frames = [await reader.read_exactly(n) if n else b"" for n in lengths]
+                self._settle(slot, frames=frames)  # type: ignore[arg-type]
         except trio.TooSlowError:
             self.stats.reply_timeouts += 1
             why = f"stream to {peer_id} reset: a reply came too slowly"
         except Exception as e:  # EOF, reset, oversize or garbage reply: drop the stream
             why = f"stream to {peer_id} closed: {type(e).__name__}"
         finally:
-            chan.fail_all(why)
+            self.stats.unreachable += chan.fail_all(why)
             with trio.CancelScope(shield=True):
                 await reset_quietly(chan.stream)
 
@@ -271,9 +421,13 @@ class RpcClient:
         pools, self._pools = self._pools, {}
         for pool in pools.values():
             for chan in list(pool):
-                chan.fail_all("client closed")
+                self.stats.unreachable += chan.fail_all("client closed")
                 await reset_quietly(chan.stream)
 
+
+
+def _timed_out(peer_id: ID, timeout: float) -> RemoteTimeoutError:
+    return RemoteTimeoutError(f"no reply from {peer_id} within {timeout:.1f} s")
 
 
 class Libp2pTransport:
@@ -287,11 +441,8 @@ class Libp2pTransport:
         self.addrs = list(addrs)
 
     def request(self, frames: Sequence[Frame], timeout: float) -> list[Frame]:
-        try:
-            return self._thread.call(self._rpc.call, self.peer_id, self.addrs, list(frames),
-                                     float(timeout))
-        except TrioThreadError as e:
-            raise UnreachableError(f"libp2p node is not running: {e}") from None
+        return self._rpc.call_from_thread(self._thread, self.peer_id, self.addrs, frames,
+                                          float(timeout))  # type: ignore[return-value]
 
     def close(self) -> None:
         """Streams are shared per peer and owned by the node; nothing to release here."""
