@@ -221,22 +221,24 @@ class Trainers:
             conn.send(("run", wire))
         self.barrier.wait(timeout=600)
         start = time.perf_counter()
+        smi = _gpu_busy_sampler()
         if profile is not None and pid is not None and shutil.which("py-spy"):
-            subprocess.run(
+            subprocess.run(  # every thread, idle ones included: where does each one wait?
                 ["py-spy", "record", "-p", str(pid), "-d", str(max(2, int(seconds))), "-r", "500",
-                 "-f", "raw", "--threads", "--gil", "-o", str(profile), "--nonblocking"],
+                 "-f", "raw", "--threads", "--idle", "-o", str(profile), "--nonblocking"],
                 capture_output=True, timeout=seconds + 60, check=False,
             )
         while time.perf_counter() - start < seconds:
             time.sleep(0.02)
         self.stop.set()
         elapsed = time.perf_counter() - start
+        gpu_busy = _gpu_busy(smi)
         counts = [conn.recv() for conn in self.conns]
         bad = [c[1] for c in counts if c[0] != "ok"]
         if bad:
             raise RuntimeError(f"trainer failed: {bad[0]}")
         # trainers finish their call in flight after ``stop``: count whole calls in the window
-        return {"sps": sum(c[1] for c in counts) * self.batch / elapsed}
+        return {"sps": sum(c[1] for c in counts) * self.batch / elapsed, "gpu_busy_pct": gpu_busy}
 
     def close(self) -> None:
         for conn in self.conns:
@@ -248,6 +250,26 @@ class Trainers:
             p.join(20)
             if p.is_alive():
                 p.kill()
+
+
+def _gpu_busy_sampler() -> subprocess.Popen | None:
+    """``nvidia-smi`` sampling the GPU's busy percentage every 100 ms (None without it)."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    return subprocess.Popen(
+        ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+         "-lms", "100", "-i", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+
+
+def _gpu_busy(proc: subprocess.Popen | None) -> float | None:
+    """Mean busy percentage sampled by ``proc`` (stops it)."""
+    if proc is None:
+        return None
+    proc.terminate()
+    out, _ = proc.communicate(timeout=10)
+    values = [float(v) for v in out.split() if v.strip().replace(".", "").isdigit()]
+    return statistics.mean(values[1:] or values) if values else None
 
 
 def round_trip(endpoint: str, uid: str, iters: int) -> dict:
@@ -304,6 +326,8 @@ def bench_config(hidden: int, batch: int, p: dict, device: str, pipeline: bool |
     for w in map(_wire_name, wires):
         out[f"served_sps_{w}"] = statistics.mean(r[w]["sps"] for r in rounds)
         out[f"ratio_{w}"] = statistics.median(r[w]["sps"] / r["local"]["sps"] for r in rounds)
+        busy = [r[w]["gpu_busy_pct"] for r in rounds if r[w].get("gpu_busy_pct") is not None]
+        out[f"gpu_busy_pct_{w}"] = statistics.mean(busy) if busy else None
     out["mean_batch_rows"] = {
         uid: round(s.get("mean_batch_size", 0.0), 1) for uid, s in node.stats.items()
     }
@@ -320,6 +344,10 @@ def bench_nop(iters: int, device: str, pipeline: bool | None) -> dict:
         finally:
             node.close()
     return out
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}%"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         results["configs"].append(r)
         target = TARGETS.get((hidden, batch))
         wires = [k[len("ratio_"):] for k in r if k.startswith("ratio_")]
-        line = "  ".join(f"{w} {r[f'served_sps_{w}']:,.0f}/s ({r[f'ratio_{w}']:.2f})" for w in wires)
+        line = "  ".join(
+            f"{w} {r[f'served_sps_{w}']:,.0f}/s ({r[f'ratio_{w}']:.2f}, GPU busy "
+            f"{_pct(r[f'gpu_busy_pct_{w}'])})" for w in wires)
         print(f"h={hidden} batch={batch}: local {r['local_sps']:,.0f}/s; served {line}"
               + (f"; target >= {target}" if target else ""))
     results["nop_round_trip"] = bench_nop(p["rtt_iters"], args.device, pipeline)

@@ -77,7 +77,9 @@ def test_cuda_pipeline_serves_concurrent_trainers_from_pinned_frames():
         for t in threads:
             t.join(60)
         fe.stop()
-        assert rt.stats()["c.0"]["updates_applied"] == 20
+        st = rt.stats()["c.0"]
+        # concurrent backwards may share a batch (one step for several requests)
+        assert st["ops"]["backward"] == 20 and 1 <= st["updates_applied"] <= 20, st
     for i, (y, g) in results.items():
         leaf = xs[i].clone().requires_grad_()
         ref = cpu.module(leaf)

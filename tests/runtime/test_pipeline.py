@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from tests.runtime.servers import make_backends, running, submit_sync, wait_for
+from tests.runtime.servers import Replies, make_backends, running, submit_sync, wait_for
 from volunteer.client.remote_expert import RemoteExpert
 from volunteer.experts.backend import ExpertBackend, OptimizerSpec
 from volunteer.runtime.completer import Completer
@@ -75,6 +75,35 @@ def test_pipelined_runtime_answers_exactly_like_the_inline_one() -> None:
         assert torch.equal(x, y)
     for p, q in zip(ba.module.parameters(), bb.module.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def _burst(pipeline: bool) -> tuple[list[torch.Tensor], int]:
+    """Forward+backward of 12 requests on 3 experts queued at once (the loop paused), so
+    every batch but the last finds work waiting: with a pipeline they go to the completer."""
+    backends = make_backends({f"p.{i}": ("ffn", H) for i in range(3)}, OptimizerSpec("adam", 1e-2))
+    torch.manual_seed(2)
+    xs = [torch.randn(4, H) for _ in range(12)]
+    outs = []
+    with running(backends, zmq=False, pipeline=pipeline) as (rt, _):
+        for op in ("forward", "backward"):
+            replies = Replies()
+            with rt.exclusive():
+                for i, x in enumerate(xs):
+                    tensors = [x] if op == "forward" else [x, torch.ones(4, H)]
+                    frames = encode_request(op, f"p.{i % 3}", tensors, request_id=i + 1)
+                    rt.submit(frames, replies.callback(str(i)))
+            replies.wait(len(xs))
+            outs += [replies.decoded(str(i)).tensors[0] for i in range(len(xs))]
+        used = rt._completer is not None and rt._completer.finished
+    return outs, used
+
+
+def test_pipelined_batches_with_work_waiting_go_through_the_completer() -> None:
+    a, used = _burst(pipeline=True)
+    b, _ = _burst(pipeline=False)
+    assert used  # the completer answered batches (not all inline)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
 
 
 def test_drain_and_exclusive_wait_for_batches_still_in_the_completer() -> None:

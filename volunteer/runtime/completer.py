@@ -43,6 +43,7 @@ class Completer:
         self._queue: collections.deque[Callable[[], None]] = collections.deque()
         self._cond = threading.Condition()
         self._pending = 0  # queued + running
+        self.finished = 0  # finishers run so far
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -88,6 +89,7 @@ class Completer:
             _safe(finish)
             with self._cond:
                 self._pending -= 1
+                self.finished += 1
                 self._cond.notify_all()
             if self._on_done is not None:
                 _safe(self._on_done)

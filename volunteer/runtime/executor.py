@@ -74,9 +74,18 @@ class BatchExecutor:
         self._on_success = on_success
         self.completer = completer  # None: CUDA batches are finished in the loop thread too
 
-    def run(self, backend: ExpertBackend, op: str, tasks: list[Task], stats: ExpertStats) -> None:
+    def run(
+        self,
+        backend: ExpertBackend,
+        op: str,
+        tasks: list[Task],
+        stats: ExpertStats,
+        inline: bool = False,
+    ) -> None:
         """Compute one batch and answer its tasks: here, or (with a completer) launch it here
-        and let the completer answer once the device is done (a CUDA event marks that)."""
+        and let the completer answer once the device is done (a CUDA event marks that).
+        ``inline``: no other work waits, so answer here unless earlier batches are still in
+        the completer (replies of one expert then keep their order): lowest latency."""
         started = time.monotonic()
         try:
             build = (self._forward if op == "forward" else self._backward)(backend, tasks, stats)
@@ -87,8 +96,8 @@ class BatchExecutor:
         except Exception as e:
             self._fail(backend, op, tasks, stats, e)
             return
-        if self.completer is None:
-            self._finish(backend, op, tasks, stats, started, build, None)
+        if self.completer is None or (inline and self.completer.pending == 0):
+            self._finish(backend, op, tasks, stats, started, build, event)
         else:
             self.completer.submit(
                 lambda: self._finish(backend, op, tasks, stats, started, build, event)

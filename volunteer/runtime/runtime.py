@@ -455,7 +455,9 @@ class Runtime:
             else:
                 live.append(task)
         if live:
-            self._executor.run(self.backends[pool.uid], pool.op, live, stats)
+            # nothing else waiting: finish here (a thread hand-off costs more than it overlaps)
+            idle = self._queued == 0  # racy peek: a request arriving now waits one batch
+            self._executor.run(self.backends[pool.uid], pool.op, live, stats, inline=idle)
 
 
 def _call(reply: ReplyFn, frames: list) -> None:
