@@ -10,7 +10,7 @@ against baselines measured in the same run (these machines are noisy).
 
 The server runs in a subprocess (as a volunteer would), the clients are threads here.
 
-    python scripts/bench_runtime.py --preset smoke|default|full [--json PATH] [--threads N]
+    python scripts/bench_runtime.py --preset smoke|default|full|gpu [--json PATH] [--threads N]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -271,7 +272,9 @@ def round_trip(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    ap.add_argument("--preset", choices=[*sorted(PRESETS), "gpu"], default="default",
+                    help="gpu: the GPU serving benchmark (scripts/bench_gpu.py, default preset; "
+                    "says 'no GPU' and exits 0 where torch sees no CUDA device)")
     ap.add_argument("--json", dest="json_path", help="write the results to this file")
     ap.add_argument(
         "--threads",
@@ -280,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads in server and clients (default: the preset's, smoke: 1; else torch's)",
     )
     args = ap.parse_args(argv)
+    if args.preset == "gpu":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_gpu
+
+        return bench_gpu.main(["--preset", "default"]
+                              + (["--json", args.json_path] if args.json_path else []))
     p = PRESETS[args.preset]
     if args.threads is None:
         args.threads = p.get("threads")
