@@ -46,10 +46,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PRESETS = {
-    "smoke": {"warmup": 1.0, "seconds": 2.0, "hidden": 32, "step_kib": 128, "in_flight": 6},
-    "default": {"warmup": 3.0, "seconds": 10.0, "hidden": 32, "step_kib": 256, "in_flight": 6},
-    "full": {"warmup": 5.0, "seconds": 30.0, "hidden": 32, "step_kib": 256, "in_flight": 8},
+PRESETS = {  # step_kib: bytes each way of one micro-batch's step (forward + backward)
+    "smoke": {"warmup": 1.0, "seconds": 2.0, "hidden": 32, "step_kib": 256, "in_flight": 8},
+    "default": {"warmup": 3.0, "seconds": 10.0, "hidden": 32, "step_kib": 512, "in_flight": 12},
+    "full": {"warmup": 5.0, "seconds": 30.0, "hidden": 32, "step_kib": 512, "in_flight": 16},
 }
 RATE_BIT = 100e6
 ONE_WAY_MS = 20
@@ -89,6 +89,11 @@ def delay_line(queue: int, delay_s: float) -> None:
         err = struct.unpack_from("=i", reply, 16)[0] if len(reply) >= 20 else 0
         if struct.unpack_from("=H", reply, 4)[0] == 2 and err != 0:  # NLMSG_ERROR
             raise OSError(-err, f"nfqueue config: {os.strerror(-err)}")
+    try:  # a wire must not wait for a CPU: run before the busy processes of this machine
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.nice(-20)
     print(json.dumps({"event": "ready"}), flush=True)
     sock.setblocking(False)
     due: deque[tuple[float, int]] = deque()
@@ -154,7 +159,10 @@ def volunteer(hidden: int, micro_batches: list[int]) -> None:
     frontend.start()
     print(json.dumps({"event": "ready", "compute": compute}), flush=True)
     try:
-        sys.stdin.read()  # until the harness closes our stdin
+        for _line in sys.stdin:  # each line asks for the runtime's stats; EOF stops
+            st = runtime.stats()["link.0"]
+            print(json.dumps({"event": "stats", "latency_ms": st["latency_ms"],
+                              "mean_batch_size": st["mean_batch_size"]}), flush=True)
     finally:
         frontend.stop()
         runtime.stop()
@@ -382,18 +390,23 @@ def run(args: argparse.Namespace) -> int:
             got = event(tr, "result", p["warmup"] + p["seconds"] + 180)
             assert got["format"] == fmt, got
             mb = mbs[fmt]
+            assert vol.stdin is not None
+            vol.stdin.write("stats\n")
+            vol.stdin.flush()
+            served = event(vol, "stats", 30)["latency_ms"]
             per_sample = max(got["up_bytes"], got["down_bytes"]) / mb
             bound = RATE_BIT / 8 / per_sample
             row = {"micro_batch": mb, "samples_per_s": got["samples_per_s"],
                    "bytes_per_sample_up": got["up_bytes"] / mb,
                    "bytes_per_sample_down": got["down_bytes"] / mb, "link_bound": bound,
                    "ratio": got["samples_per_s"] / bound, "compute_bound": compute[mb],
-                   "rtt_ms": got["rtt_ms"]}
+                   "rtt_ms": got["rtt_ms"], "volunteer_latency_ms": served}
             results["formats"][fmt] = row
             print(f"  {fmt:>4}: {row['samples_per_s']:9.0f} samples/s  link bound "
                   f"{bound:9.0f} ({per_sample:6.1f} B/sample each way)  ratio "
                   f"{row['ratio']:.3f}  volunteer compute {compute[mb]:9.0f}/s  "
-                  f"rtt {got['rtt_ms']:.1f} ms  micro-batch {mb}")
+                  f"rtt {got['rtt_ms']:.1f} ms  micro-batch {mb}  volunteer queue/compute "
+                  f"p50 {served['queue_p50']:.0f}/{served['compute_p50']:.0f} ms")
     finally:
         link.close()
         signal.signal(signal.SIGTERM, previous)
