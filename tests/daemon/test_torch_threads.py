@@ -1,4 +1,4 @@
-"""The ``torch_threads`` setting: auto leaves a core free, the daemon applies it at startup."""
+"""The ``torch_threads`` setting: auto (measured choice, else the static rule), explicit integers,\nand the daemon applying it at startup."""
 
 from __future__ import annotations
 
@@ -11,17 +11,44 @@ import pytest
 
 from tests.conftest import DaemonFactory, cli_env, run_cli
 from volunteer.daemon.control_client import call
-from volunteer.daemon.hardware import torch_threads_for, usable_cpus
+from volunteer.daemon.hardware import static_auto_threads, torch_threads_for, usable_cpus
 
 
-def test_auto_leaves_one_cpu_for_io_and_an_integer_overrides() -> None:
-    assert torch_threads_for("auto", cpus=1) == 1
-    assert torch_threads_for("auto", cpus=2) == 1
-    assert torch_threads_for("auto", cpus=16) == 15
-    assert torch_threads_for("auto") == max(1, usable_cpus() - 1)
+def test_auto_without_a_measurement_uses_the_static_rule_and_an_integer_overrides() -> None:
+    for cpus in (1, 2, 3, 16):
+        assert torch_threads_for("auto", cpus=cpus) == static_auto_threads(cpus)
+        assert 1 <= static_auto_threads(cpus) <= cpus
+    assert torch_threads_for("auto") == static_auto_threads(usable_cpus())
     assert torch_threads_for(4, cpus=2) == 4
     with pytest.raises(ValueError, match="auto or >= 1"):
         torch_threads_for(0)
+
+
+def test_auto_takes_the_measured_choice_among_the_candidates() -> None:
+    seen: list[list[int]] = []
+
+    def choose(candidates: list[int]) -> int:
+        seen.append(candidates)
+        return 2
+
+    assert torch_threads_for("auto", cpus=3, choose=choose) == 2
+    assert seen == [[1, 2, 3]]
+    assert torch_threads_for("auto", cpus=1, choose=choose) == 1  # nothing to measure
+    assert seen == [[1, 2, 3]]
+
+
+def _boom(candidates: list[int]) -> int:
+    raise RuntimeError("no memory for the benchmark")
+
+
+@pytest.mark.parametrize("choose", [_boom, lambda c: 9, lambda c: 0, lambda c: True, lambda c: "2"])
+def test_a_failed_or_absurd_measurement_falls_back_to_the_static_rule(choose) -> None:
+    assert torch_threads_for("auto", cpus=4, choose=choose) == static_auto_threads(4)
+
+
+def test_an_explicit_integer_is_never_measured() -> None:
+    assert torch_threads_for(3, cpus=2, choose=_boom) == 3
+    assert torch_threads_for("2", cpus=8, choose=_boom) == 2
 
 
 @pytest.mark.timeout(60)

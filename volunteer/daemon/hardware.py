@@ -8,13 +8,17 @@ the status dashboard shows (CPU/RAM of the machine and this process, GPU memory/
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 
 class DeviceError(Exception):
@@ -130,31 +134,62 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def torch_threads_for(setting: int | str, cpus: int | None = None) -> int:
+def static_auto_threads(cpus: int) -> int:
+    """``torch_threads = auto`` without a measurement: one logical CPU left to the IO threads
+    (``max(1, cpus - 1)``).
+
+    Never far off, where all CPUs can be: tiny experts (h=64) on a 2-core machine ran 4-20x
+    slower at 2 threads than at 1 (intra-op workers meeting at a barrier stall whenever one
+    shares a core with the IO threads, the clients or anything else the volunteer runs); at
+    h=1024, 2 threads served about 1.2x faster on an idle 2-core machine (issue 11) and no
+    faster on a busy one (scripts/bench_defaults.py). The measured choice (``choose``) takes
+    that gain where the machine gives it.
+    """
+    return max(1, cpus - 1)
+
+
+def torch_threads_for(setting: int | str, cpus: int | None = None,
+                      choose: Callable[[list[int]], int] | None = None) -> int:
     """The intra-op thread count for the ``torch_threads`` setting.
 
-    ``"auto"`` leaves one logical CPU to the IO and network threads (``max(1, cpus - 1)``):
-    intra-op workers that must all meet at a barrier stall whenever one of them shares a
-    core with the busy ZeroMQ/libp2p threads (measured on 2 cores: one thread ~2x faster for
-    h=1024 experts, ~10x for tiny ones). An integer is used as given.
+    An integer is used as given. ``"auto"`` with ``choose`` (the self-benchmark's
+    ``cached_thread_choice`` behind a closure: it times one batch of serving work at each
+    candidate count and returns the fewest threads within 5% of the fastest) takes its pick
+    among ``candidate_threads(cpus)``; without it, or when it fails or answers out of range,
+    the static rule ``static_auto_threads``. One usable CPU needs no measurement.
     """
     if setting == "auto":
-        return max(1, (usable_cpus() if cpus is None else cpus) - 1)
+        from volunteer.experts.selfbench import candidate_threads
+
+        n = usable_cpus() if cpus is None else max(1, int(cpus))
+        fallback = static_auto_threads(n)
+        if choose is None or n == 1:
+            return fallback
+        try:
+            picked = choose(candidate_threads(n))
+        except Exception as exc:  # a failed measurement must not keep the node from serving
+            log.warning("measuring torch threads failed (%s); using %d", exc, fallback)
+            return fallback
+        if isinstance(picked, bool) or not isinstance(picked, int) or not 1 <= picked <= n:
+            log.warning("torch thread measurement answered %r; using %d", picked, fallback)
+            return fallback
+        return picked
     threads = int(setting)
     if threads < 1:
         raise ValueError(f"torch_threads must be auto or >= 1, got {setting!r}")
     return threads
 
 
-def apply_torch_threads(setting: int | str) -> int:
+def apply_torch_threads(setting: int | str, choose: Callable[[list[int]], int] | None = None) -> int:
     """Set torch's process-wide intra-op thread count (once, at daemon start); returns it.
 
-    Call it before the runtime's threads run their first torch op: each thread adopts the
-    process value when it first uses the intra-op pool.
+    ``choose``: see ``torch_threads_for`` (used for ``auto`` only). Call it before the
+    runtime's threads run their first torch op: each thread adopts the process value when it
+    first uses the intra-op pool.
     """
     import torch
 
-    threads = torch_threads_for(setting)
+    threads = torch_threads_for(setting, choose=choose)
     torch.set_num_threads(threads)
     return int(torch.get_num_threads())
 

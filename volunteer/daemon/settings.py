@@ -108,8 +108,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("checkpoint_interval_s", float, 300.0, "seconds between periodic checkpoints (a kill -9 loses at most this much)", 1, 86400),
     Setting("leave_timeout_s", float, 30.0, "default deadline for a graceful leave (SIGTERM/SIGINT)", 0.1, 3600),
     Setting("log_level", str, "info", "log level for stderr and the log file", choices=LOG_LEVELS),
-    Setting("torch_threads", int, AUTO, "torch intra-op threads; auto = logical CPUs - 1 (at least 1), leaving a "
-            "core to the network and IO threads", 1, 1024, auto=True),
+    Setting("torch_threads", int, AUTO, "torch intra-op threads; auto = on a CPU node, the count that ran the "
+            "expert's serving step fastest in the self-benchmark (the fewest within 5%, cached per device and "
+            "expert); without it (selfbench=false, GPU) logical CPUs - 1, at least 1", 1, 1024, auto=True),
     Setting("max_gpu_memory_fraction", float, 0.9, "largest share of the GPU's memory this node may use", 0.05, 1.0),
     Setting("shard_cache_bytes", int, 4 * 2**30, "disk cap of the expert shard cache (downloads and the shards this "
             "node hands out); least recently used shards go first", 64 * 2**20, 2**50),
