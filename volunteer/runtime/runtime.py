@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from volunteer.experts.backend import ExpertBackend
+from volunteer.net.byte_budget import ByteBudget
 from volunteer.runtime.activation_cache import ActivationCache
 from volunteer.runtime.completer import Completer
 from volunteer.runtime.executor import BatchExecutor, send_error
@@ -105,10 +106,7 @@ class Runtime:
         self._queued = 0  # tasks in all pools
         self._queued_bytes = 0
         # payload bytes of admitted requests until their reply (``submit``): <= max_queued_bytes
-        self._held_lock = threading.Lock()
-        self._held = 0
-        self._held_peak = 0
-        self._held_refused = 0
+        self._budget = ByteBudget(self.limits.max_queued_bytes)
         self.loop = ServingLoop(self._step, self._on_loop_exit)
         # (accepts(frames), submit(frames, reply)): requests the wire decoder does not know
         # (e.g. shard chunks, ``volunteer.net.shard_rpc``) go there; costs nothing on the hot
@@ -318,9 +316,9 @@ class Runtime:
 
     def held_bytes(self) -> dict[str, int]:
         """Payload bytes of requests held (admitted, not yet answered): now, peak, bound."""
-        with self._held_lock:
-            return {"held": self._held, "peak": self._held_peak,
-                    "max": self.limits.max_queued_bytes, "refused": self._held_refused}
+        snap = self._budget.snapshot()
+        return {"held": snap["held"], "peak": snap["peak"], "max": snap["capacity"],
+                "refused": snap["refused"]}
 
     def reserve_bytes(self, nbytes: int) -> RemoteError | None:
         """Take ``nbytes`` of ``max_queued_bytes`` for a frontend reading a request (thread-safe);
@@ -337,24 +335,18 @@ class Runtime:
 
     def _reserve(self, nbytes: int) -> RemoteError | None:
         """Take ``nbytes`` of the queued-bytes bound, or say why not (typed)."""
-        bound = self.limits.max_queued_bytes
+        bound = self._budget.capacity
         if nbytes > bound:
             return TooLargeError(f"request of {nbytes} bytes > this node's max_queued_bytes {bound}")
-        with self._held_lock:
-            if self._held + nbytes > bound:
-                self._held_refused += 1
-                held = self._held
-            else:
-                self._held += nbytes
-                self._held_peak = max(self._held_peak, self._held)
-                return None
+        if self._budget.try_reserve(nbytes):
+            return None
         return OverloadedError(
-            f"node holds {held} bytes of requests (max {bound}); retry later or elsewhere"
+            f"node holds {self._budget.held} bytes of requests (max {bound}); "
+            "retry later or elsewhere"
         )
 
     def _release(self, nbytes: int) -> None:
-        with self._held_lock:
-            self._held -= nbytes
+        self._budget.release(nbytes)
 
     def _respond(self, reply: ReplyFn, frames: list) -> None:
         """Answer without compute: directly in the loop thread, else through the loop."""
