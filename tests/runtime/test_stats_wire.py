@@ -74,8 +74,6 @@ def test_every_compression_is_served_both_ways(compression: str | None) -> None:
         assert memoryview(out_frames[1]).nbytes == 8 * H + 4 * 8 * H // 64
 
 
-@pytest.mark.xfail(strict=True, reason="needs the runtime.py / executor.py lines in WIRE's report "
-                                       "(issue 11); remove this marker when they land")
 def test_runtime_counts_each_experts_bytes_in_and_out() -> None:
     backends = make_backends({"e.0": ("nop", H), "e.1": ("nop", H)})
     x = torch.randn(32, H)
@@ -90,8 +88,6 @@ def test_runtime_counts_each_experts_bytes_in_and_out() -> None:
     assert frames_nbytes(got["int8"]) < 0.3 * frames_nbytes(got[None])
 
 
-@pytest.mark.xfail(strict=True, reason="needs executor.py to encode with encode_result_or_error "
-                                       "(WIRE's report, issue 11); remove this marker then")
 def test_a_non_finite_int8_reply_fails_only_its_own_request() -> None:
     backends = make_backends({"e.0": ("ffn", H)})
     huge = torch.zeros(1, H)

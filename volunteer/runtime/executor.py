@@ -33,7 +33,7 @@ from volunteer.runtime.completer import Completer
 from volunteer.runtime.stats import ExpertStats
 from volunteer.runtime.task_pool import Task
 from volunteer.wire.errors import CacheMissError, InternalError, RemoteError
-from volunteer.wire.messages import encode_error, encode_result
+from volunteer.wire.messages import encode_error, encode_result_or_error, frames_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class BatchExecutor:
             frames = [
                 r
                 if isinstance(r, RemoteError)
-                else encode_result(t.request_id, r, t.compression, t.cached)
+                else encode_result_or_error(t.request_id, r, t.compression, t.cached)
                 for t, r in zip(tasks, results, strict=True)
             ]
         except Exception as e:
@@ -140,8 +140,9 @@ class BatchExecutor:
         for t, f in zip(tasks, frames, strict=True):
             if isinstance(f, RemoteError):
                 send_error(t, f, stats)
-            else:
-                sent += send_reply(t, f)
+            elif send_reply(t, f):
+                sent += 1
+                stats.record_bytes_out(frames_nbytes(f))
         self._on_success(sent)
 
     @staticmethod

@@ -219,6 +219,8 @@ class Runtime:
             return
         backend = self.backends.get(request.uid)
         stats = self._stats.get(request.uid)
+        if stats is not None:
+            stats.record_bytes_in(request.wire_nbytes)
         try:
             if backend is None or stats is None:
                 raise UnknownExpertError(f"this node hosts no expert {request.uid!r}")
