@@ -18,6 +18,8 @@ replies of one micro-batch, headers included; forward input + backward gradient 
 + input gradient down), their ratio (target >= 0.85), and the gain over fp32. The volunteer's
 local compute rate (forward+backward+Adam of the same micro-batch, measured before serving)
 is reported too: where it is below the link's bound the run is compute-bound, not link-bound.
+The trainer uses ``RemoteExpert``'s defaults, adaptive deadlines included: a step that fails
+(e.g. cut by its deadline) is counted and reported, and the run goes on, as a trainer's would.
 
 Presets: smoke (CI: a few seconds per format), default, full. ``--json PATH``. Needs root,
 ``ip``, ``tc`` and iptables' NFQUEUE (or netem); otherwise prints "no netem: skipped" and exits
@@ -198,7 +200,7 @@ def trainer(endpoint: str, hidden: int, plan: list[tuple[str, int]], in_flight: 
             expert.call("info", [])
             rtts.append(time.perf_counter() - t0)
         batches = [torch.randn(micro_batch, hidden) for _ in range(8)]
-        done, marks = 0, []
+        done, marks, failed, why = 0, [], 0, None
         with InFlight(expert, max_in_flight=in_flight) as pipe:
             start = time.perf_counter()
             end = start + warmup + seconds
@@ -206,19 +208,23 @@ def trainer(endpoint: str, hidden: int, plan: list[tuple[str, int]], in_flight: 
             i = 0
             while time.perf_counter() < end:
                 if len(window) >= in_flight:
-                    window.popleft().result()
-                    done += micro_batch
-                    marks.append((time.perf_counter(), done))
+                    exc = window.popleft().exception()
+                    if exc is None:
+                        done += micro_batch
+                        marks.append((time.perf_counter(), done))
+                    else:  # e.g. cut by its adaptive deadline: count it, as a trainer would
+                        failed, why = failed + 1, why or f"{type(exc).__name__}: {exc}"
                 window.append(pipe.step(batches[i % len(batches)], loss_fn=loss_fn))
                 i += 1
             for f in window:
-                f.result()
+                f.exception()
         measured = [(t, n) for t, n in marks if t >= start + warmup]
         rate = ((measured[-1][1] - measured[0][1]) / (measured[-1][0] - measured[0][0])
                 if len(measured) >= 2 and measured[-1][0] > measured[0][0] else 0.0)
         expert.close()
         print(json.dumps({"event": "result", "format": fmt, "samples_per_s": rate,
-                          "up_bytes": up, "down_bytes": down, "rtt_ms": 1000 * min(rtts)}),
+                          "up_bytes": up, "down_bytes": down, "rtt_ms": 1000 * min(rtts),
+                          "failed_steps": failed, "first_failure": why}),
               flush=True)
 
 
@@ -400,13 +406,16 @@ def run(args: argparse.Namespace) -> int:
                    "bytes_per_sample_up": got["up_bytes"] / mb,
                    "bytes_per_sample_down": got["down_bytes"] / mb, "link_bound": bound,
                    "ratio": got["samples_per_s"] / bound, "compute_bound": compute[mb],
-                   "rtt_ms": got["rtt_ms"], "volunteer_latency_ms": served}
+                   "rtt_ms": got["rtt_ms"], "volunteer_latency_ms": served,
+                   "failed_steps": got["failed_steps"], "first_failure": got["first_failure"]}
             results["formats"][fmt] = row
             print(f"  {fmt:>4}: {row['samples_per_s']:9.0f} samples/s  link bound "
                   f"{bound:9.0f} ({per_sample:6.1f} B/sample each way)  ratio "
                   f"{row['ratio']:.3f}  volunteer compute {compute[mb]:9.0f}/s  "
                   f"rtt {got['rtt_ms']:.1f} ms  micro-batch {mb}  volunteer queue/compute "
-                  f"p50 {served['queue_p50']:.0f}/{served['compute_p50']:.0f} ms")
+                  f"p50 {served['queue_p50']:.0f}/{served['compute_p50']:.0f} ms"
+                  + (f"  {got['failed_steps']} steps failed ({got['first_failure']})"
+                     if got["failed_steps"] else ""))
     finally:
         link.close()
         signal.signal(signal.SIGTERM, previous)
