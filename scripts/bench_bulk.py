@@ -108,6 +108,7 @@ def runtime_phase(expert: Any, x: Any, g: Any, seconds: float) -> tuple[float, i
     """(seconds, iterations) of forward+backward through the runtime for ``seconds``."""
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or n < 2:
+        x.grad = None  # no 16 MiB gradient accumulation in the client: the path is measured
         expert(x).backward(g)
         n += 1
     return time.perf_counter() - start, n

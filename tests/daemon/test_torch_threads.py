@@ -69,6 +69,30 @@ def test_applied_value_reaches_threads_started_later() -> None:
 
 
 @pytest.mark.timeout(60)
+def test_auto_applies_the_self_benchmark_choice_through_the_cache(tmp_path: Path) -> None:
+    code = (
+        "import sys, threading, torch\n"
+        "from volunteer.experts import selfbench\n"
+        "from volunteer.daemon.hardware import apply_torch_threads\n"
+        "selfbench.time_threads = lambda step, cands, batch, **kw: {n: 100.0 * min(n, 2) for n in cands}\n"
+        "choose = selfbench.thread_chooser(__import__('pathlib').Path(sys.argv[1]), 'cpu (t)', 'ffn', 16, {}, 8)\n"
+        "applied = apply_torch_threads('auto', choose=lambda cands: choose([1, 2, 3]))\n"
+        "seen = []\n"
+        "t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))\n"
+        "t.start(); t.join()\n"
+        "print(applied, seen[0])\n"
+    )
+    cache = tmp_path / "selfbench.json"
+    out = subprocess.run([sys.executable, "-c", code, str(cache)], capture_output=True, text=True,
+                         timeout=60, check=True)
+    if usable_cpus() == 1:  # nothing to choose: the static rule
+        assert out.stdout.split() == ["1", "1"]
+    else:
+        assert out.stdout.split() == ["2", "2"]  # 3 threads are no faster than 2: the fewer win
+        assert "threads|" in cache.read_text()
+
+
+@pytest.mark.timeout(60)
 def test_settings_command_lists_torch_threads(tmp_path: Path) -> None:
     home = str(tmp_path / "home")
     rows = {r["name"]: r for r in json.loads(run_cli("settings", "--json", "--home", home).stdout)["settings"]}
