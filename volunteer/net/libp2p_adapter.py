@@ -314,7 +314,8 @@ def has_yamux_fastpath(stream: INetStream) -> bool:
     try:
         conn = ys.conn
         return all((isinstance(ys.send_window, int), isinstance(ys.recv_window, int),
-                    isinstance(ys.target_recv_window, int), callable(conn._write_frame),
+                    isinstance(ys.target_recv_window, int), isinstance(conn._write_lock, trio.Lock),
+                    callable(conn.secured_conn.write),
                     isinstance(conn.stream_buffers, dict), isinstance(conn.stream_events, dict),
                     isinstance(stream._state, StreamState)))  # type: ignore[attr-defined]
     except AttributeError as e:
@@ -336,11 +337,22 @@ async def yamux_write_frame(stream: INetStream, data: bytes | bytearray) -> bool
                 or stream._state not in _WRITABLE):  # type: ignore[attr-defined]
             return False
         ys.send_window -= n
-        write_frame = ys.conn._write_frame
+        conn = ys.conn
     except AttributeError as e:
         raise _internals_gone(e) from None
-    await write_frame(_YAMUX_FRAME.pack(0, _YAMUX_DATA, 0, ys.stream_id, n) + data)
+    await _yamux_send(conn, _YAMUX_FRAME.pack(0, _YAMUX_DATA, 0, ys.stream_id, n) + data)
     return True
+
+
+async def _yamux_send(conn: Any, frame: bytes) -> None:
+    """What ``Yamux._write_frame`` does (one frame under the connection's write lock)
+    without its per-frame debug formatting and trailing checkpoint."""
+    try:
+        lock, secured = conn._write_lock, conn.secured_conn
+    except AttributeError as e:
+        raise _internals_gone(e) from None
+    async with lock:
+        await secured.write(frame)
 
 
 async def yamux_read_some(stream: INetStream, n: int) -> bytes | None:
@@ -389,8 +401,7 @@ async def yamux_credit(stream: INetStream, min_credit: int) -> int:
         if owed < max(1, min_credit) or ys.closed or ys.reset_received or buf is None:
             return 0
         ys.recv_window += owed
-        write_frame = conn._write_frame
     except AttributeError as e:
         raise _internals_gone(e) from None
-    await write_frame(_YAMUX_FRAME.pack(0, _YAMUX_WINDOW_UPDATE, 0, sid, owed))
+    await _yamux_send(conn, _YAMUX_FRAME.pack(0, _YAMUX_WINDOW_UPDATE, 0, sid, owed))
     return owed
