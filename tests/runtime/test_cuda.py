@@ -99,3 +99,30 @@ def test_cuda_step_skips_non_finite_gradients_on_the_device():
         assert torch.equal(p, q)
     b.apply_gradients([[torch.ones_like(p) for p in b._params]])
     assert b.steps_skipped == 1 and b.updates_applied == 1
+
+
+@pytest.mark.parametrize("compression", ["fp16", "bf16", "int8"])
+def test_cuda_node_serves_compressed_wires_in_the_clients_dtype(compression):
+    """A GPU node uploads 16-bit requests as they came, casts on the device and sends 16-bit
+    replies cast on the device; the trainer gets float32 close to the CPU expert's answer."""
+    torch.manual_seed(0)
+    cpu = ExpertBackend("c.0", "ffn", H, OptimizerSpec("sgd", lr=0.0))
+    gpu = ExpertBackend("c.0", "ffn", H, OptimizerSpec("sgd", lr=0.0), device="cuda")
+    gpu.module.load_state_dict(cpu.module.state_dict())
+    x = torch.randn(8, H)
+    with running({"c.0": gpu}) as (rt, fe):
+        assert not rt._restore_on_host
+        expert = RemoteExpert("c.0", fe.endpoint, timeout=60, compression=compression)
+        xr = x.clone().requires_grad_()
+        y = expert(xr)
+        y.sum().backward()
+        expert.close()
+        st = rt.stats()["c.0"]
+    leaf = x.clone().requires_grad_()
+    ref = cpu.module(leaf)
+    ref.sum().backward()
+    assert y.dtype == torch.float32 and xr.grad.dtype == torch.float32
+    tol = 3e-2 if compression != "fp16" else 5e-3
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(xr.grad, leaf.grad, rtol=tol, atol=tol)
+    assert st["bytes_out"] < 8 * H * 4 * 2  # both replies travelled in fewer than 32 bits

@@ -122,7 +122,9 @@ class BatchExecutor:
             frames = [
                 r
                 if isinstance(r, RemoteError)
-                else encode_result_or_error(t.request_id, r, t.compression, t.cached)
+                else encode_result_or_error(
+                    t.request_id, r, t.compression, t.cached, _restores(t, r)
+                )
                 for t, r in zip(tasks, results, strict=True)
             ]
         except Exception as e:
@@ -178,7 +180,9 @@ class BatchExecutor:
             dev = pinned.to(backend.device, non_blocking=True)
         return dev if dtype == backend.dtype else dev.to(backend.dtype)  # cast on the device
 
-    def _to_host(self, backend: ExpertBackend, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _to_host(
+        self, backend: ExpertBackend, tensors: list[torch.Tensor], wire: torch.dtype | None = None
+    ) -> list[torch.Tensor]:
         """Queue the copy of results into pinned host memory (CUDA; valid once the batch's
         event has passed, or at once without a completer) or return them as is (CPU: callers
         pass tensors that carry no autograd graph). Pinned blocks come from torch's caching
@@ -187,24 +191,39 @@ class BatchExecutor:
             return tensors
         host = []
         for t in tensors:
+            t = t.detach()
+            if wire is not None and t.dtype == torch.float32:
+                t = t.to(wire)  # the reply's wire dtype, cast on the device
             h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            h.copy_(t.detach(), non_blocking=True)
+            h.copy_(t, non_blocking=True)
             host.append(h)
         if self.completer is None:
             torch.cuda.current_stream(backend.device).synchronize()
         return host
 
     @staticmethod
+    def _wire_dtype(backend: ExpertBackend, tasks: Sequence[Task]) -> torch.dtype | None:
+        """The 16-bit dtype a GPU batch's results are cast to on the device before they are
+        copied back (half the bytes over PCIe, no cast on the host), when every task asked
+        for that same 16-bit wire; None: results come back as computed."""
+        if backend.on_cpu:
+            return None
+        wire = _WIRE_16.get(tasks[0].compression or "")
+        if wire is None or any(t.compression != tasks[0].compression for t in tasks):
+            return None
+        return wire
+
+    @staticmethod
     def _split(
-        tensor: torch.Tensor, tasks: Sequence[Task], like: Sequence[torch.Tensor]
+        tensor: torch.Tensor, tasks: Sequence[Task], dtypes: Sequence[torch.dtype]
     ) -> list[torch.Tensor]:
+        """Each task's rows of ``tensor``, in that task's dtype (see ``_reply_dtype``)."""
         if len(tasks) == 1 and tensor.shape[0] == tasks[0].rows:  # one task: no slicing
-            ref = like[0]
-            return [tensor if tensor.dtype == ref.dtype else tensor.to(ref.dtype)]
+            return [tensor if tensor.dtype == dtypes[0] else tensor.to(dtypes[0])]
         out, start = [], 0
-        for t, ref in zip(tasks, like, strict=True):
+        for t, dtype in zip(tasks, dtypes, strict=True):
             part = tensor[start : start + t.rows]
-            out.append(part if part.dtype == ref.dtype else part.to(ref.dtype))
+            out.append(part if part.dtype == dtype else part.to(dtype))
             start += t.rows
         return out
 
@@ -231,8 +250,10 @@ class BatchExecutor:
                 stats.record_cache("not_stored", len(members))
         else:
             out = backend.forward(xs)
-        (host,) = self._to_host(backend, [out])
-        return lambda: [[o] for o in self._split(host, tasks, [t.inputs[0] for t in tasks])]
+        wire = self._wire_dtype(backend, tasks)
+        (host,) = self._to_host(backend, [out], wire)
+        dtypes = [_reply_dtype(t, 0, wire) for t in tasks]
+        return lambda: [[o] for o in self._split(host, tasks, dtypes)]
 
     def _lookup_hits(
         self, backend: ExpertBackend, tasks: list[Task]
@@ -328,25 +349,24 @@ class BatchExecutor:
         out = entry.graph.output
         whole = len(group) == 1 and hits[group[0]][1:] == (0, out.shape[0])
         if whole:
-            grad_out = group[0].grad_outputs[0]
-            if grad_out.device != out.device or grad_out.dtype != out.dtype:
-                grad_out = grad_out.to(out.device, out.dtype, non_blocking=True)
+            grad_out = _upload(group[0].grad_outputs[0], out)
         else:
             grad_out = torch.zeros_like(out)
             for t in group:
                 _, s, e = hits[t]
-                grad_out[s:e] = t.grad_outputs[0].to(out.device, out.dtype, non_blocking=True)
+                grad_out[s:e] = _upload(t.grad_outputs[0], out)
         in_grads, p_grads = backend.gradients(entry.graph, grad_out)
         param_grads.append(p_grads)
-        host = self._to_host(backend, in_grads)
+        wire = self._wire_dtype(backend, group)
+        host = self._to_host(backend, in_grads, wire)
 
         def fill() -> None:
             for t in group:
                 _, s, e = hits[t]
-                ref = t.inputs or t.grad_outputs * len(host)  # inputs omitted: reply in grad dtype
                 grads_for[t] = [
-                    (h if whole else h[s:e]) if h.dtype == x.dtype else h[s:e].to(x.dtype)
-                    for h, x in zip(host, ref, strict=True)
+                    (h if whole else h[s:e]) if h.dtype == d else h[s:e].to(d)
+                    for i, h in enumerate(host)
+                    for d in (_reply_dtype(t, i, wire),)
                 ]
 
         return fill
@@ -367,14 +387,41 @@ class BatchExecutor:
         grad_out = self._gather(backend, [t.grad_outputs[0] for t in tasks])
         in_grads, p_grads = backend.gradients(backend.forward_graph(xs), grad_out)
         param_grads.append(p_grads)
-        host = self._to_host(backend, in_grads)
+        wire = self._wire_dtype(backend, tasks)
+        host = self._to_host(backend, in_grads, wire)
 
         def fill() -> None:
-            refs = [t.inputs or t.grad_outputs * len(host) for t in tasks]
             per_input = [
-                self._split(h, tasks, [ref[i] for ref in refs]) for i, h in enumerate(host)
+                self._split(h, tasks, [_reply_dtype(t, i, wire) for t in tasks])
+                for i, h in enumerate(host)
             ]
             for j, t in enumerate(tasks):
                 grads_for[t] = [per_input[i][j] for i in range(len(host))]
 
         return fill
+
+
+_WIRE_16 = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _reply_dtype(task: Task, i: int, wire: torch.dtype | None) -> torch.dtype:
+    """The dtype reply tensor ``i`` of ``task`` is built in: the client's dtype (its input's,
+    or its output gradient's when a backward omitted the inputs), or the 16-bit ``wire``
+    dtype the device already cast a float32 result to (restored by the client)."""
+    dtype = task.reply_dtypes(i + 1)[i]
+    return wire if wire is not None and dtype == torch.float32 else dtype
+
+
+def _restores(task: Task, tensors: list[torch.Tensor]) -> list[torch.dtype | None] | None:
+    """Per reply tensor, the dtype the client restores where it travels in another one."""
+    want = task.reply_dtypes(len(tensors))
+    out = [d if x.dtype != d else None for x, d in zip(tensors, want, strict=True)]
+    return out if any(out) else None
+
+
+def _upload(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` on ``like``'s device and in its dtype: copied first, cast on the device (a
+    cast-and-copy in one ``to`` would cast on the host)."""
+    if t.device != like.device:
+        t = t.to(like.device, non_blocking=True)
+    return t if t.dtype == like.dtype else t.to(like.dtype)

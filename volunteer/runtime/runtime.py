@@ -79,6 +79,9 @@ class Runtime:
         the next batch while the device computes (None: on where torch sees a CUDA device)."""
         self.backends = dict(backends)
         self.limits = limits or ServingLimits()
+        # CPU node: 16-bit request tensors are restored on arrival; a GPU node uploads them
+        # as they came (half the bytes) and casts on the device (``BatchExecutor._gather``)
+        self._restore_on_host = all(b.on_cpu for b in self.backends.values())
         self._wire_limits = self.limits.wire()
         self.state = "starting"
         self._cond = threading.Condition()
@@ -200,7 +203,7 @@ class Runtime:
             reply = ReleasingReply(reply, self._release, nbytes)
         now = time.monotonic()
         try:
-            request = decode_request(frames, self._wire_limits)
+            request = decode_request(frames, self._wire_limits, restore=self._restore_on_host)
         except RemoteError as e:
             side = self.side
             if side is not None and side[0](frames):  # another protocol on the same socket
@@ -268,6 +271,7 @@ class Runtime:
             # copy-on-write: readers iterate these dicts without the lock
             self._stats = {**self._stats, uid: ExpertStats()}
             self.backends = {**self.backends, uid: backend}
+            self._restore_on_host = self._restore_on_host and backend.on_cpu
 
     def remove_expert(self, uid: str) -> ExpertBackend:
         """Stop serving ``uid``: waits for a running batch, answers its queued work with "draining"

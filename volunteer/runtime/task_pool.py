@@ -37,6 +37,24 @@ class Task:
     nbytes: int = 0
     cached: bool = False  # forward: its graph was stored (told to the client)
     replied: bool = False
+    # per tensor of inputs + grad_outputs: the dtype the client had, where a 16-bit one was
+    # left in its wire dtype (``decode_request(restore=False)``); empty: all as received
+    restores: list[torch.dtype | None] = field(default_factory=list)
+
+    def dtype_of(self, tensors: str, i: int) -> torch.dtype:
+        """The client's dtype of ``inputs[i]`` ("inputs") or ``grad_outputs[i]`` ("grads")."""
+        own = self.inputs if tensors == "inputs" else self.grad_outputs
+        at = i if tensors == "inputs" else len(self.inputs) + i
+        back = self.restores[at] if at < len(self.restores) else None
+        return back or own[i].dtype
+
+    def reply_dtypes(self, n: int) -> list[torch.dtype]:
+        """The dtypes the client expects its ``n`` reply tensors in: a forward's output and a
+        backward's input gradients take their input's dtype (the output gradient's when a
+        backward omitted its inputs)."""
+        if self.inputs:
+            return [self.dtype_of("inputs", min(i, len(self.inputs) - 1)) for i in range(n)]
+        return [self.dtype_of("grads", 0)] * n
 
 
 class TaskPool:

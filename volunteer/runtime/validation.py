@@ -70,7 +70,8 @@ def validate_request(
     for i, t in enumerate(request.tensors):
         # one reduction per tensor (~4 us for 32x1024): NaN or inf anywhere makes the sum non-finite
         # (so does a sum beyond float range: values that large would wreck the expert as well)
-        if t.is_floating_point() and not math.isfinite(t.sum().item()):
+        # summed in float32: a 16-bit tensor's sum may overflow its own dtype's range
+        if t.is_floating_point() and not math.isfinite(t.sum(dtype=torch.float32).item()):
             what = f"input {i}" if i < n_in else "the output gradient"
             raise NonFiniteError(f"{what} of {request.op} to {request.uid} holds NaN or infinite values; refused")
     if grads and limits.max_grad_norm is not None:
@@ -90,6 +91,7 @@ def validate_request(
         forward_id=request.forward_id,
         compression=request.compression,
         nbytes=sum(t.numel() * t.element_size() for t in request.tensors),
+        restores=list(request.restores) if any(request.restores) else [],
     )
 
 

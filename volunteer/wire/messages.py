@@ -58,6 +58,8 @@ class Request:
     compression: str | None = None
     inputs_included: bool = True
     wire_nbytes: int = 0  # the message's size as received: header + tensor frames
+    # decoded with restore=False: per tensor, the dtype its sender had (None: as received)
+    restores: list[torch.dtype | None] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -155,8 +157,11 @@ def encode_request(
     return [_pack(header), *bufs]
 
 
-def decode_request(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS) -> Request:
-    """Parse and validate a request; raises BadRequestError / TooLargeError."""
+def decode_request(
+    frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS, *, restore: bool = True
+) -> Request:
+    """Parse and validate a request; raises BadRequestError / TooLargeError. ``restore=False``:
+    16-bit tensors stay in their wire dtype and ``Request.restores`` says what they were."""
     if not frames:
         raise BadRequestError("empty message")
     if len(frames) > limits.max_tensors + 1:
@@ -192,7 +197,10 @@ def decode_request(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS)
             raise BadRequestError(
                 "xi must be a bool; inputs may be omitted only by a backward with fid"
             )
-        tensors = frames_to_tensors(header.get("t", []), frames[1:], limits)
+        restores: list[torch.dtype | None] = []
+        tensors = frames_to_tensors(
+            header.get("t", []), frames[1:], limits, restore=restore, restores=restores
+        )
     except RemoteError as e:
         e.request_id = request_id if isinstance(request_id, int) else None  # type: ignore[attr-defined]
         raise
@@ -207,6 +215,7 @@ def decode_request(frames: Sequence[Frame], limits: WireLimits = DEFAULT_LIMITS)
         compression=compression,
         inputs_included=inputs_included,
         wire_nbytes=frames_nbytes(frames),
+        restores=restores,
     )
 
 
@@ -215,11 +224,13 @@ def encode_result(
     tensors: Sequence[torch.Tensor],
     compression: str | None = None,
     cached: bool = False,
+    restore: Sequence[torch.dtype | None] | None = None,
 ) -> list[Frame]:
-    """Frames of a successful reply (``cached``: the forward's graph is kept for a backward)."""
+    """Frames of a successful reply (``cached``: the forward's graph is kept for a backward;
+    ``restore``: per tensor, see ``tensor_to_frame``)."""
     specs, bufs = [], []
-    for t in tensors:
-        spec, buf = tensor_to_frame(t, compression)
+    for i, t in enumerate(tensors):
+        spec, buf = tensor_to_frame(t, compression, restore[i] if restore else None)
         specs.append(spec)
         bufs.append(buf)
     header = {"v": PROTOCOL_VERSION, "op": "result", "id": request_id, "t": specs}
@@ -233,12 +244,13 @@ def encode_result_or_error(
     tensors: Sequence[torch.Tensor],
     compression: str | None = None,
     cached: bool = False,
+    restore: Sequence[torch.dtype | None] | None = None,
 ) -> list[Frame] | RemoteError:
     """``encode_result``, or the typed error that encoding raised (an "int8" reply of NaN or
     infinite values is ``NonFiniteError``): a server answers that one request with the error
     instead of failing the whole batch it was computed in."""
     try:
-        return encode_result(request_id, tensors, compression, cached)
+        return encode_result(request_id, tensors, compression, cached, restore)
     except RemoteError as e:
         return e
 

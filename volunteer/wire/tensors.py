@@ -60,21 +60,29 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def tensor_to_frame(
-    tensor: torch.Tensor, compression: str | None = None
+    tensor: torch.Tensor, compression: str | None = None, restore: torch.dtype | None = None
 ) -> tuple[list, memoryview]:
     """The header spec and a zero-copy buffer for one tensor (copies only to cast, quantise,
     contiguate or bring to the CPU). ``compression``: one of ``COMPRESSIONS``; "int8" raises
-    ``NonFiniteError`` on NaN or infinity (an 8-bit code has no such value)."""
+    ``NonFiniteError`` on NaN or infinity (an 8-bit code has no such value). ``restore``: the
+    caller already cast the tensor to the compression's 16-bit dtype (a GPU node casts on the
+    device, then copies half the bytes back): it travels as is and the receiver restores
+    ``restore``; a tensor not in that 16-bit dtype is restored to ``restore`` here first."""
     t = tensor.detach() if tensor.requires_grad else tensor
+    if restore is not None and restore != t.dtype:
+        cast = _CAST.get(compression or "")
+        if cast is not None and t.dtype == cast[1] and restore in DTYPE_NAMES:
+            return _frame(t, cast[0], DTYPE_NAMES[restore])
+        t = t.to(restore)
     name = DTYPE_NAMES.get(t.dtype)
     if name is None:
         raise ValueError(f"unsupported dtype {t.dtype}; use one of {sorted(DTYPES)}")
-    restore = None
+    back = None  # the restore dtype's name in the spec
     if compression is not None:
         cast = _CAST.get(compression)
         if cast is not None:
             if t.dtype == torch.float32:
-                restore, (name, dtype) = name, cast
+                back, (name, dtype) = name, cast
                 t = t.to(dtype)
         elif compression == "int8":
             if t.numel():
@@ -82,6 +90,11 @@ def tensor_to_frame(
                 return [quant.WIRE_DTYPE, list(t.shape), name, quant.BLOCK], memoryview(q.numpy())
         else:
             raise ValueError(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
+    return _frame(t, name, back)
+
+
+def _frame(t: torch.Tensor, name: str, restore: str | None) -> tuple[list, memoryview]:
+    """Spec and zero-copy host buffer of ``t``, which already has the wire dtype ``name``."""
     if not t.is_cpu:
         t = t.cpu()
     if not t.is_contiguous():
@@ -142,9 +155,14 @@ def frames_to_tensors(
     limits: WireLimits,
     *,
     quantized: bool = True,
+    restore: bool = True,
+    restores: list[torch.dtype | None] | None = None,
 ) -> list[torch.Tensor]:
     """Validate specs against frames and limits, then wrap each frame as a tensor (or
-    dequantise it). ``quantized=False`` refuses int8 specs (``BadRequestError``)."""
+    dequantise it). ``quantized=False`` refuses int8 specs (``BadRequestError``).
+    ``restore=False`` leaves 16-bit tensors in their wire dtype (a GPU node casts them on the
+    device after uploading half the bytes; int8 frames are still dequantised); ``restores``
+    then receives, per tensor, the dtype the sender asked to restore (None: as it is)."""
     if not isinstance(specs, (list, tuple)):
         raise BadRequestError("tensor specs must be a list")
     if len(specs) > limits.max_tensors or len(frames) > limits.max_tensors:
@@ -160,7 +178,7 @@ def frames_to_tensors(
     total_elements = 0
     total_bytes = 0
     for spec, frame in zip(specs, frames, strict=True):
-        dtype, shape, restore, block = _validate_spec(spec, quantized)
+        dtype, shape, back, block = _validate_spec(spec, quantized)
         numel = 1
         for d in shape:
             if d > max_elements:
@@ -174,7 +192,7 @@ def frames_to_tensors(
             held = max(nbytes, 4 * numel)
         else:
             nbytes = numel * ITEMSIZE[dtype]
-            held = nbytes if restore is None else max(nbytes, numel * ITEMSIZE[restore])
+            held = nbytes if back is None else max(nbytes, numel * ITEMSIZE[back])
         total_bytes += held  # what decoding allocates, counted before it does
         if total_bytes > limits.max_bytes:
             raise TooLargeError(f"payload too large: > {limits.max_bytes} bytes")
@@ -184,12 +202,18 @@ def frames_to_tensors(
             raise BadRequestError(
                 f"frame of {mv.nbytes} bytes does not match shape {list(shape)} of {what}"
             )
-        parsed.append((mv, dtype, shape, restore, block))
-    return [
-        _wrap(mv, dtype, shape, restore) if dtype is not None
-        else _dequantize(mv, shape, restore, block)
-        for mv, dtype, shape, restore, block in parsed
+        parsed.append((mv, dtype, shape, back, block))
+    out = [
+        _wrap(mv, dtype, shape, back if restore else None) if dtype is not None
+        else _dequantize(mv, shape, back, block)
+        for mv, dtype, shape, back, block in parsed
     ]
+    if restores is not None:
+        restores[:] = [
+            back if dtype is not None and not restore and back != dtype else None
+            for _, dtype, _, back, _ in parsed
+        ]
+    return out
 
 
 def _dequantize(
