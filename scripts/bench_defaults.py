@@ -15,8 +15,10 @@ the same round's best local figure. The target: served(auto) / local(best) >= 0.
 
     python scripts/bench_defaults.py --preset smoke|default|full [--json PATH]
 
-The daemons select their own torch threads (``auto``: what the node's self-benchmark picked,
-cached in the node home); the figure reported for auto is the count the daemon applied.
+The daemon at defaults reports the thread count it applied. The bench also runs the
+self-benchmark's thread choice (``volunteer.experts.selfbench.cached_thread_choice``, what
+``torch_threads = auto`` applies when the supervisor passes it) on this machine first, and
+reports the served figure of the daemon at that explicit count.
 """
 
 from __future__ import annotations
@@ -300,6 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"preset": args.preset, "params": p, "cpus": cpus,
                                "local_thread_counts": counts, "explicit_thread_counts": explicit}
     t_start = time.monotonic()
+    # what the self-benchmark's thread choice (``torch_threads = auto`` with the measurement
+    # wired in) picks here, measured before anything else runs: its row below is t<choice>
+    from volunteer.experts.selfbench import cached_thread_choice
+
+    pick = cached_thread_choice(tmp / "selfbench.json", "bench", "ffn", h, {}, min(256, batch), counts)
+    results["selfbench_thread_choice"] = {"threads": pick["threads"],
+                                          "rates": {str(n): r for n, r in pick["rates"].items()}}
+    print(f"self-benchmark thread choice: {pick['threads']} (samples/s by threads: "
+          + ", ".join(f"{n}: {r:,.0f}" for n, r in sorted(pick["rates"].items())) + ")", flush=True)
     try:
         t0 = time.monotonic()
         daemons["auto"] = Daemon("auto", manifest, tmp / "home-auto", [])
@@ -384,6 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     for n in explicit:
         print(f"{'served, torch_threads=' + str(n):<48}{med(f't{n}'):>12,.0f}"
               f"{results['ratio_served_vs_local'][f't{n}']:>14.3f}")
+    choice = results["selfbench_thread_choice"]["threads"]
+    if f"t{choice}" in daemons:
+        results["ratio_selfbench_choice_vs_local"] = ratio(f"t{choice}")
+        results["ratio_selfbench_choice_vs_best_explicit"] = ratio(f"t{choice}", f"t{best_explicit}")
+        print(f"self-benchmark choice (torch_threads={choice}): served/local(best) = "
+              f"{results['ratio_selfbench_choice_vs_local']:.3f}, / best explicit = "
+              f"{results['ratio_selfbench_choice_vs_best_explicit']:.3f}")
     vs_best = ("" if best_explicit is None else f"; auto / best explicit (torch_threads="
                f"{best_explicit}) = {results['ratio_auto_vs_best_explicit']:.3f}")
     print(f"served(defaults)/local(best) = {auto:.3f} (target >= {TARGET}: "
