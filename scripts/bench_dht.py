@@ -15,7 +15,9 @@ small staggered batches so that no node's inbound limit overflows):
 Then the RPC round trip of a small tensor (1 x 64 floats, ``ffn`` forward) to the same
 runtime through ZeroMQ (``ZmqTransport``) and through libp2p streams (``Libp2pTransport``
 with a pool of 1, 2 or 4 reused streams, several requests in flight per stream), one
-caller at a time (p50/p90/p99) and 8 concurrent callers. The libp2p figures are also given
+caller at a time (p50/p90/p99, and the process's CPU time per call: client, server and
+runtime together, a steadier figure than latency on a shared machine) and 8 concurrent
+callers. The libp2p figures are also given
 as ratios to ZeroMQ's from the same run, and the issue's target (issue 11, benchmark 4:
 libp2p per-call p50 <= 1 ms with ``ClientNode``'s default pool of 2 streams) is reported as
 met or not met; it is never asserted (a loaded machine can miss it).
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -209,10 +212,14 @@ def _rtt(t, x, iters: int) -> dict:
 
     lat = []
     for i in range(iters + 10):
+        if i == 10:
+            cpu0 = os.times()
         t0 = time.perf_counter()
         call(i)
         if i >= 10:
             lat.append((time.perf_counter() - t0) * 1000)
+    cpu1 = os.times()  # the whole process: caller, client and server loops, runtime
+    cpu_ms = 1000 * (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / max(1, iters)
     per_caller = max(1, iters // 8)
 
     def caller(k: int) -> None:
@@ -224,7 +231,8 @@ def _rtt(t, x, iters: int) -> dict:
         list(pool.map(caller, range(8)))
     return {"p50_ms": round(pct(lat, 50), 3), "p90_ms": round(pct(lat, 90), 3),
             "p99_ms": round(pct(lat, 99), 3),
-            "mean_ms": round(statistics.fmean(lat), 3), "n": len(lat),
+            "mean_ms": round(statistics.fmean(lat), 3), "cpu_ms_per_call": round(cpu_ms, 3),
+            "n": len(lat),
             "concurrent8_req_per_s": round(8 * per_caller / (time.perf_counter() - t0), 1)}
 
 
@@ -316,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = (f" (p50 {r['p50_vs_zmq']}x, p90 {r['p90_vs_zmq']}x ZeroMQ)"
                  if "p50_vs_zmq" in r else "")
         print(f"RPC 1x64 forward via {name}: p50 {r['p50_ms']} ms p90 {r['p90_ms']} ms "
-              f"p99 {r['p99_ms']} ms{ratio}, 8 concurrent callers "
-              f"{r['concurrent8_req_per_s']} req/s")
+              f"p99 {r['p99_ms']} ms{ratio}, CPU {r['cpu_ms_per_call']} ms/call (both ends), "
+              f"8 concurrent callers {r['concurrent8_req_per_s']} req/s")
     if report["rpc_target"]:
         t = report["rpc_target"]
         print(f"target libp2p p50 <= {t['target_p50_ms']} ms ({t['variant']}): "

@@ -346,13 +346,20 @@ async def yamux_write_frame(stream: INetStream, data: bytes | bytearray) -> bool
 
 async def _yamux_send(conn: Any, frame: bytes) -> None:
     """What ``Yamux._write_frame`` does (one frame under the connection's write lock)
-    without its per-frame debug formatting and trailing checkpoint."""
+    without its per-frame debug formatting and trailing checkpoint; a free lock is taken
+    without a scheduling round trip (``acquire_nowait``)."""
     try:
         lock, secured = conn._write_lock, conn.secured_conn
     except AttributeError as e:
         raise _internals_gone(e) from None
-    async with lock:
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+    try:
         await secured.write(frame)
+    finally:
+        lock.release()
 
 
 async def yamux_read_some(stream: INetStream, n: int) -> bytes | None:

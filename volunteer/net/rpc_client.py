@@ -292,7 +292,11 @@ class RpcClient:
     async def _write(self, chan: _Channel, data: bytes, slot: _Pending) -> None:
         """Write one request; a failed or interrupted write resets the stream and fails the
         other calls on it (``slot`` is settled by the caller: timed out or unreachable)."""
-        async with chan.write_lock:
+        try:  # a free lock without a scheduling round trip
+            chan.write_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await chan.write_lock.acquire()
+        try:
             if chan.broken:
                 raise UnreachableError("stream closed")
             ok = False
@@ -308,6 +312,8 @@ class RpcClient:
                         "stream reset after an interrupted write")
                     with trio.CancelScope(shield=True):
                         await reset_quietly(chan.stream)
+        finally:
+            chan.write_lock.release()
 
     def _ready_channel(self, peer_id: ID) -> _Channel | None:
         """A pooled stream a new call may use now, or None (one must be opened first)."""
