@@ -87,3 +87,17 @@ def test_a_result_cast_before_encoding_is_restored_by_the_client(compression, dt
     assert spec[0] != "float32" and spec[2] == "float32"
     back = frames_to_tensors([spec], [bytes(buf)], WireLimits())[0]
     assert back.dtype == torch.float32 and torch.equal(back, y.to(dtype).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finiteness_check_sees_every_position_and_accepts_large_finite_values(dtype) -> None:
+    from volunteer.runtime.validation import _finite
+
+    big = torch.finfo(dtype).max
+    t = torch.full((37, H), big, dtype=dtype)  # a sum would overflow; the values are finite
+    assert _finite(t) and _finite(-t)
+    for pos in (0, 1, 7, 31, 32, 33, 37 * H - 1):  # vector lanes, tails
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            u = torch.zeros(37 * H, dtype=dtype)
+            u[pos] = bad
+            assert not _finite(u.view(37, H)), (pos, bad)

@@ -68,10 +68,7 @@ def validate_request(
     if request.op == "forward" and request.forward_id is not None:
         raise BadRequestError("fid is only valid on backward requests")
     for i, t in enumerate(request.tensors):
-        # one reduction per tensor (~4 us for 32x1024): NaN or inf anywhere makes the sum non-finite
-        # (so does a sum beyond float range: values that large would wreck the expert as well)
-        # summed in float32: a 16-bit tensor's sum may overflow its own dtype's range
-        if t.is_floating_point() and not math.isfinite(t.sum(dtype=torch.float32).item()):
+        if t.is_floating_point() and t.numel() and not _finite(t):
             what = f"input {i}" if i < n_in else "the output gradient"
             raise NonFiniteError(f"{what} of {request.op} to {request.uid} holds NaN or infinite values; refused")
     if grads and limits.max_grad_norm is not None:
@@ -93,6 +90,15 @@ def validate_request(
         nbytes=sum(t.numel() * t.element_size() for t in request.tensors),
         restores=list(request.restores) if any(request.restores) else [],
     )
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t``: its min and max are finite (``aminmax`` propagates NaN).
+    One pass in the tensor's own dtype with no temporary (a 32 MB float32 tensor in ~3.6 ms
+    and a 16 MB float16 one in ~2.5 ms on one core, where a float32 sum of the float16
+    tensor took 37 ms), and unlike a sum it never refuses large finite values."""
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
 
 def check_grad_norm(grad: torch.Tensor, rows: int, bound: float, uid: str) -> None:
