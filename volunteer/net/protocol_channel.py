@@ -12,7 +12,8 @@ never imports ``client``): frames in, frames out.
   ``submit(peer_id, frames, reply)`` with the *authenticated* peer id of the connection
   (base58), never a name taken from the message. Until ``serve`` installs a submit, messages
   are answered ``overloaded`` ("try later"), as the averaging contract asks.
-- **Outbound**: ``request(peer, addrs, frames, timeout)`` from any thread but the loop's: an
+- **Outbound**: ``request(peer, addrs, frames, timeout)`` from any thread but the loop's
+  (``RpcClient.call_from_thread``: one hand-off into the loop per call): an
   ``RpcClient`` with this protocol id (pooled, multiplexed streams; direct, hole-punched or
   relayed connections through the node's connector), replies bounded by ``reply_limits``.
   It returns the reply frames or raises ``RemoteTimeoutError`` / ``UnreachableError``; a

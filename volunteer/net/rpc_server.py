@@ -30,6 +30,11 @@ What a peer can make this server hold, and for how long:
 - **Not on the event loop**: payload frames are read into their own writable buffers (the
   decoder wraps them without a copy); requests of ``offload_bytes`` or more are submitted
   (decoded and validated) in a worker thread, and large replies are written frame by frame.
+- **Cheap per message**: a small message that arrived whole is taken from the reader's
+  buffer without awaits or deadline scopes (``read_*_nowait``: the same limit checks, in
+  the same order); only a step that must wait for the peer sets its deadline. Replies and
+  reads take ``stream_io``'s yamux fast path (one frame per small reply, window credit in
+  batches).
 
 Nothing a peer sends can crash the handler or the host.
 """

@@ -13,6 +13,9 @@ tensor decoder wrap them without another copy) or ``skip`` (discard in bounded c
 ``read_body`` = lengths + payload, for clients. Deadlines are the caller's
 (``trio.fail_after`` around each step); a message that breaks the limits is answered with a
 typed error and the stream is closed (its remaining bytes cannot be trusted to resync).
+``read_call_id_nowait`` / ``read_lengths_nowait`` / ``read_payload_nowait`` do the same steps
+from what is already buffered (None when it is not all there: then await the step under its
+deadline), so a small message that came in one chunk costs no awaits and no deadline scopes.
 
 ``write_message`` sends a large reply as its prefix and then each frame (no join of the
 whole message into one more buffer); small ones go out as one write.
@@ -21,7 +24,7 @@ Small messages take py-libp2p's yamux fast path (``libp2p_adapter.yamux_*``): a 
 that fits one noise message goes out as one yamux frame without the stream's locks, and
 reads take the stream's buffered bytes directly and credit the peer's send window once per
 ``CREDIT_BATCH`` bytes instead of once per read (py-libp2p sends a WINDOW_UPDATE frame on
-every read: a third of the frames of a small call). Bulk bodies and every unusual state
+every read: half the frames of a small call). Bulk bodies and every unusual state
 (EOF, reset, a full send window) go through ``stream.read``/``stream.write`` as before, so
 errors and yamux's window auto-tuning for large transfers are py-libp2p's own. Should an
 upgrade move the internals, the fast path turns itself off (logged once) and everything
