@@ -24,6 +24,7 @@ import trio.testing
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as NOISE_MAX_PLAINTEXT
 from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
 from tests.net.swarm_helpers import wait_for
@@ -88,7 +89,8 @@ def yamux_of(stream: NetStream) -> YamuxStream:
 def test_messages_of_every_size_arrive_intact_and_the_windows_agree() -> None:
     rng = random.Random(0)
     # small (fast path), one noise message exactly, just over it, and bulk (plain path)
-    sizes = [1, 300, lp.YAMUX_FAST_MAX - 40, lp.YAMUX_FAST_MAX, 70_000, 1 << 20, 5, 2_000]
+    sizes = [1, 300, lp.YAMUX_FAST_MAX - 40, lp.YAMUX_FAST_MAX, 70_000, 1 << 20, 5, 2_000,
+             3 << 20]  # the last one over JOIN_MAX: prefix, then each frame in pieces
     sizes += [rng.randrange(1, 3_000) for _ in range(300)]  # > CREDIT_BATCH in all
 
     async def main() -> None:
@@ -105,6 +107,31 @@ def test_messages_of_every_size_arrive_intact_and_the_windows_agree() -> None:
             await wait_for(lambda: ours.send_window == theirs.recv_window
                            and theirs.send_window == ours.recv_window)
             assert stream_io.fastpath_enabled()
+
+    trio.run(main)
+
+
+def test_every_frame_written_is_one_noise_message() -> None:
+    """py-libp2p's own yamux frames of a bulk write are 64 KiB + 12 bytes: two noise
+    messages each (at most 65519 bytes of plaintext per message). Ours fit one."""
+
+    async def main() -> None:
+        async with connected_pair(echo) as (stream, _):
+            secured = yamux_of(stream).conn.secured_conn
+            plain_write, sizes = secured.write, []
+
+            async def recording_write(data: bytes) -> None:
+                sizes.append(len(data))
+                await plain_write(data)
+
+            secured.write = recording_write  # this connection's writes, for this test
+            reader = BufferedStreamReader(stream)
+            payload = random.Random(1).randbytes(3 << 20)
+            await write_message(stream, 1, [b"h", payload])
+            assert await read_call_id(reader) == 1
+            assert await read_body(reader) == [b"h", payload]
+            assert sum(sizes) > len(payload)  # it all went through the recorder
+            assert max(sizes) <= NOISE_MAX_PLAINTEXT
 
     trio.run(main)
 

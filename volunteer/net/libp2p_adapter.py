@@ -322,7 +322,7 @@ def has_yamux_fastpath(stream: INetStream) -> bool:
         raise _internals_gone(e) from None
 
 
-async def yamux_write_frame(stream: INetStream, data: bytes | bytearray) -> bool:
+async def yamux_write_frame(stream: INetStream, data: bytes | bytearray | memoryview) -> bool:
     """Send ``data`` as one yamux DATA frame if it fits one noise message and the send
     window and the stream is open for writing; False (nothing sent) otherwise. Writes on
     one stream must not overlap (the callers serialise them)."""

@@ -66,16 +66,28 @@ def fastpath_enabled() -> bool:
     return _fastpath["on"]
 
 
-async def write_bytes(stream: INetStream, data: bytes | bytearray) -> None:
-    """Write ``data`` on ``stream``: one yamux frame when it fits (fast path), else
-    ``stream.write``. Writes on one stream must not overlap."""
+async def write_bytes(stream: INetStream, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` on ``stream``. Writes on one stream must not overlap.
+
+    Through the fast path, data goes out in pieces of at most ``lp.YAMUX_FAST_MAX`` bytes,
+    each one yamux frame that is one noise message (py-libp2p's own frames of 64 KiB each
+    become two noise messages, the second of 17 bytes); a piece the send window cannot take
+    now goes through ``stream.write``, which waits for the window."""
     if _fastpath["on"]:
         try:
-            if await lp.yamux_write_frame(stream, data):
+            if len(data) <= lp.YAMUX_FAST_MAX:
+                if not await lp.yamux_write_frame(stream, data):
+                    await stream.write(data)  # type: ignore[arg-type]
                 return
+            view = memoryview(data).cast("B")
+            for at in range(0, view.nbytes, lp.YAMUX_FAST_MAX):
+                piece = view[at:at + lp.YAMUX_FAST_MAX]
+                if not await lp.yamux_write_frame(stream, piece):  # type: ignore[arg-type]
+                    await stream.write(piece)  # type: ignore[arg-type]
+            return
         except lp.Libp2pInternalsError as e:
             _fastpath_failed(e)
-    await stream.write(data)
+    await stream.write(data)  # type: ignore[arg-type]
 
 
 class StreamClosedError(Exception):
@@ -185,10 +197,10 @@ async def write_message(stream: INetStream, call_id: int,
         return
     prefix = _U64.pack(call_id) + struct.pack(f"<I{len(views)}I", len(views),
                                               *(v.nbytes for v in views))
-    await stream.write(prefix)
+    await write_bytes(stream, prefix)
     for v in views:
         if v.nbytes:
-            await stream.write(v)  # type: ignore[arg-type]  (yamux slices it; no copy here)
+            await write_bytes(stream, v)  # sliced into frames; no copy of the frame here
 
 
 async def read_call_id(reader: BufferedStreamReader) -> int:
