@@ -237,6 +237,8 @@ class RpcClient:
     async def _send(self, peer_id: ID, chan: _Channel, data: bytes, slot: _Pending,
                     timeout: float) -> None:
         """(loop) Write a threaded call's request, bounded by the call's deadline."""
+        if slot.done:  # the caller gave up before the loop got here: send nothing
+            return
         with trio.move_on_at(slot.deadline) as scope:
             try:
                 await self._write(chan, data, slot)
