@@ -64,7 +64,10 @@ class NodeConfig:
 
 
 def _serve(conn, cfg: NodeConfig) -> None:  # the node subprocess
+    from volunteer.daemon.hardware import apply_torch_threads
     from volunteer.experts.backend import ExpertBackend, OptimizerSpec
+
+    apply_torch_threads("auto", device=cfg.device)  # what the daemon does at its default
     from volunteer.runtime.limits import ServingLimits
     from volunteer.runtime.pinned import frame_alloc_for
     from volunteer.runtime.runtime import Runtime

@@ -112,3 +112,15 @@ def test_daemon_applies_auto_at_startup_and_reports_it(tmp_path: Path, volunteer
     assert snap["device"]["torch_threads"] == expected
     assert snap["settings"]["torch_threads"] == "auto"
     assert f"{expected} torch thread(s)" in volunteer_daemon.procs[0].output()
+
+
+def test_auto_on_a_gpu_node_keeps_few_intra_op_threads() -> None:
+    from volunteer.daemon.hardware import gpu_auto_threads, torch_threads_for
+
+    def never(candidates: list[int]) -> int:
+        raise AssertionError("a GPU node does not measure CPU thread counts")
+
+    assert torch_threads_for("auto", cpus=16, choose=never, device="cuda:0") == 2
+    assert torch_threads_for("auto", cpus=2, device="cuda:1") == 1
+    assert [gpu_auto_threads(n) for n in (1, 2, 3, 64)] == [1, 1, 2, 2]
+    assert torch_threads_for(6, cpus=16, device="cuda:0") == 6  # explicit counts as given

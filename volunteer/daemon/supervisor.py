@@ -120,7 +120,16 @@ class Supervisor:
         m, s = self.manifest, self.settings
         # Process-global, so the daemon decides it once, before the experts, self-benchmark
         # and runtime threads first use torch's intra-op pool (each thread adopts it then).
-        self.torch_threads = apply_torch_threads(s.torch_threads)
+        # On a CPU node ``auto`` is measured: the self-benchmark times the serving step at each
+        # candidate thread count once per device model and expert (cached).
+        choose = None
+        if s.selfbench and self.device == "cpu":
+            from volunteer.experts.selfbench import thread_chooser
+
+            choose = thread_chooser(self.home.cache_dir / "selfbench.json", self.device_description,
+                                    m.expert.kind, m.expert.hidden_dim, m.expert.options,
+                                    min(256, m.serving.max_batch_size))
+        self.torch_threads = apply_torch_threads(s.torch_threads, choose=choose, device=self.device)
         self.node_id = self._node_id()
         store = CheckpointStore(self.home.checkpoint_dir(m.experiment.name), m.fingerprint())
         if s.num_experts > m.grid.size:
