@@ -31,6 +31,8 @@ import time
 
 import trainer_averaging
 
+from volunteer.wire import COMPRESSIONS
+
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,6 +47,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of local layers")
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="forward/backward timeout per expert call, seconds")
+    parser.add_argument("--compression", default=None, choices=[c or "none" for c in COMPRESSIONS],
+                        help="wire compression of activations and gradients (default: the "
+                        "manifest's wire.compression)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--max-failed-steps", type=int, default=5,
@@ -154,9 +159,12 @@ def _build(args: argparse.Namespace):
         directory, n_experts = _static_directory(args, prefix, hidden)
         closer = directory
     torch.manual_seed(args.seed if args.init_seed is None else args.init_seed)
+    compression = manifest.wire.compression if args.compression is None else (
+        None if args.compression == "none" else args.compression)
     moe = RemoteMixtureOfExperts(
         hidden, dims, prefix, directory, k_best=args.k_best, k_min=min(args.k_min, args.k_best),
         forward_timeout=args.timeout, backward_timeout=args.timeout, timeout_after_k_min=1.0,
+        compression=compression,
     )
     model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), moe, nn.Linear(hidden, 10))
     return model, moe, closer, n_experts

@@ -224,7 +224,8 @@ class ClientNode:
         """Join run ``run_id``'s averaging group (see ``node_channel.py``). ``admit``: the
         experiment's filter (``AdmissionPolicy.admits_entry``); ``admission_token``: this
         node's token in a closed experiment; ``reachable``: take relay reservations when
-        not public; ``compression``: ``"fp16"`` halves the bytes of float32 tensors."""
+        not public; ``compression``: ``None``, ``"fp16"`` or ``"bf16"`` (half the bytes of
+        float32 tensors; int8 is refused for parameters)."""
         from volunteer.client.node_channel import NodeAveraging
 
         if self.rpc is None:

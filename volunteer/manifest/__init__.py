@@ -4,7 +4,7 @@ Files:
 
 - ``errors.py``: ``ManifestError`` (file, key path, what was expected) -> one-line message.
 - ``schema.py``: frozen dataclasses (``Manifest``, ``ExperimentInfo``, ``ExpertSpec``,
-  ``GridSpec``, ``OptimizerConfig``, ``ServingConfig``, ``NetworkConfig``) and the
+  ``GridSpec``, ``OptimizerConfig``, ``ServingConfig``, ``NetworkConfig``, ``WireSection``) and the
   architecture fingerprint that guards checkpoints.
 - ``validate.py``: the strict field checks (types, ranges, unknown keys) with key paths.
 - ``loader.py``: ``load_manifest(path_or_name)``: a path or the name of a manifest shipped in

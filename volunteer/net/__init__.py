@@ -9,7 +9,8 @@ Files (one concept each):
 - ``config.py``: ``NetworkConfig``: what ``NetworkService`` needs to join the network
   (manifest ``network`` section + local choices), frozen and validated.
 - ``libp2p_adapter.py``: every reach into py-libp2p internals (connections, DHT routing
-  table and value store, DCUtR, relay), each raising ``Libp2pInternalsError`` when gone;
+  table and value store, DCUtR, relay, yamux fast-path reads, writes and window credit),
+  each raising ``Libp2pInternalsError`` when gone;
   ``side_state``: our state for py-libp2p objects in a weak side table.
 - ``host.py``: TCP + Noise + yamux host construction (set explicitly), the persistent
   Ed25519 identity (``<home>/identity.key``, 0600), multiaddr helpers, log quieting.
@@ -29,7 +30,9 @@ Files (one concept each):
 - ``dht_guard.py``: ``install_dht_guard``: per-peer limits in front of py-libp2p's inbound
   Kademlia handler.
 - ``registry.py``: ``ExpertRegistry``: announce uids (prefix index), children, servers.
-- ``stream_io.py``: expert-RPC message envelope (call id + ``volunteer.wire.framing``).
+- ``stream_io.py``: expert-RPC message envelope (call id + ``volunteer.wire.framing``),
+  nowait reads of buffered messages, and the yamux fast path (one frame per small message,
+  window credit in batches).
 - ``peer_limits.py``: ``PeerLimits`` / ``PeerLimiter``: rate and concurrent requests per
   remote peer, and the read deadlines of its streams.
 - ``byte_budget.py``: ``ByteBudget``: bytes a server holds for requests in flight, shared

@@ -9,8 +9,13 @@ Files:
 - ``task_pool.py``: ``Task`` and ``TaskPool`` (FIFO per (uid, op)).
 - ``validation.py``: request -> ``Task`` (arity, shapes, batch size), typed errors.
 - ``activation_cache.py``: ``ActivationCache`` of forward graphs for backward without recompute.
-- ``executor.py``: ``BatchExecutor`` (forward/backward of one batch, CPU and CUDA).
-- ``stats.py``: ``ExpertStats`` (counts, rates, batch histogram, latency percentiles, errors).
+- ``executor.py``: ``BatchExecutor`` (forward/backward of one batch, CPU and CUDA; 16-bit
+  wires cast on the device).
+- ``completer.py``: ``Completer``, the thread that finishes GPU batches (waits for the
+  batch's CUDA event, builds and sends the replies) while the loop launches the next one.
+- ``pinned.py``: pinned host memory for a GPU node's received frames (``frame_alloc_for``).
+- ``stats.py``: ``ExpertStats`` (counts, rates, batch histogram, latency percentiles, errors,
+  bytes in and out).
 - ``loop.py``: ``ServingLoop``, an epoll loop thread (one computes, one does the ZMTP IO).
 - ``runtime.py``: ``Runtime`` (submit, batching scheduler, drain/stop, ``exclusive()``, stats).
 - ``zmq_frontend.py``: ``ZmqFrontend``, the ZeroMQ ROUTER endpoint on TCP (port 0 allowed),
