@@ -69,10 +69,14 @@ class BatchExecutor:
         cache: ActivationCache,
         on_success: Callable[[int], None],
         completer: Completer | None = None,
+        cpu_too: bool = False,
     ) -> None:
         self.cache = cache
         self._on_success = on_success
         self.completer = completer  # None: CUDA batches are finished in the loop thread too
+        # CPU batches through the completer as well (tests drive its path without a GPU; a
+        # CPU expert computes in the loop thread anyway, so it gains nothing from it)
+        self.cpu_too = cpu_too
 
     def run(
         self,
@@ -96,7 +100,11 @@ class BatchExecutor:
         except Exception as e:
             self._fail(backend, op, tasks, stats, e)
             return
-        if self.completer is None or (inline and self.completer.pending == 0):
+        if (
+            self.completer is None
+            or (backend.on_cpu and not self.cpu_too)
+            or (inline and self.completer.pending == 0)
+        ):
             self._finish(backend, op, tasks, stats, started, build, event)
         else:
             self.completer.submit(

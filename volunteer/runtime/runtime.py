@@ -82,7 +82,8 @@ class Runtime:
         pipeline: bool | None = None,
     ) -> None:
         """``pipeline``: finish CUDA batches in a ``Completer`` thread so the loop launches
-        the next batch while the device computes (None: on where torch sees a CUDA device)."""
+        the next batch while the device computes (None: on where torch sees a CUDA device;
+        True also sends CPU batches through it, which only tests want)."""
         self.backends = dict(backends)
         self.limits = limits or ServingLimits()
         # CPU node: 16-bit request tensors are restored on arrival; a GPU node uploads them
@@ -103,10 +104,10 @@ class Runtime:
             self.limits.activation_cache_bytes,
             self.limits.activation_cache_ttl_s,
         )
-        if pipeline is None:
-            pipeline = torch.cuda.is_available()
-        self._completer = Completer(on_done=self._notify) if pipeline else None
-        self._executor = BatchExecutor(self._cache, self._count_completed, self._completer)
+        use = torch.cuda.is_available() if pipeline is None else pipeline
+        self._completer = Completer(on_done=self._notify) if use else None
+        self._executor = BatchExecutor(self._cache, self._count_completed, self._completer,
+                                       cpu_too=pipeline is True)
         self._exec_lock = threading.Lock()
         self._pause_requests = 0
         self._running = False
