@@ -40,3 +40,10 @@ def test_gpu_budget_uses_the_chosen_device_and_fraction() -> None:
     big = host_capacity(64, 1024, GiB, "cuda:1", hw, 0.75)
     assert big[0] == int(60 * GiB // (3 * GiB)) == 20 and "75% of the GPU" in big[1]
     assert host_capacity(64, 1024, GiB, "cuda:0", hw, 0.75)[0] == 2
+
+
+def test_several_gpus_each_hold_what_fits_in_their_own_memory() -> None:
+    hw = hardware(16 * GiB, [GpuInfo(0, "a", 8 * GiB, "8.0", 10), GpuInfo(1, "b", 80 * GiB, "9.0", 100)])
+    one = host_capacity(64, 1024, GiB, ["cuda:1"], hw, 0.75)[0]
+    both, why = host_capacity(64, 1024, GiB, ["cuda:0", "cuda:1"], hw, 0.75)
+    assert one == 20 and both == 22 and "2 GPUs" in why

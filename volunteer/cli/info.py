@@ -20,7 +20,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """Show GPUs (name, memory, compute capability), CPU, RAM, versions and the device choice."""
-    from volunteer.daemon.hardware import choose_device, describe_device, detect_hardware
+    from volunteer.daemon.hardware import choose_devices, describe_device, detect_hardware
     from volunteer.daemon.home import NodeHome, resolve_home
     from volunteer.daemon.settings import resolve_settings
 
@@ -28,10 +28,12 @@ def info(
         node = NodeHome(resolve_home(home))
         settings = resolve_settings(node.config_file, os.environ, {"device": device})
         hw = detect_hardware()
-        chosen = choose_device(settings.device, hw)
+        devices = choose_devices(settings.device, hw)
+        chosen = devices[0]
         cached = _cached_selfbench(node.cache_dir / "selfbench.json")
     if as_json:
-        doc = {"hardware": hw.as_dict(), "device": chosen, "device_description": describe_device(chosen, hw),
+        doc = {"hardware": hw.as_dict(), "device": chosen, "devices": devices,
+               "device_description": " + ".join(describe_device(d, hw) for d in devices),
                "device_setting": settings.device, "home": str(node.root), "selfbench_cache": cached}
         sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         return
@@ -47,7 +49,8 @@ def info(
         lines.append("gpu      none visible to torch" + (" (MPS available)" if hw.mps else ""))
     lines += [
         f"software python {hw.python}, torch {hw.torch} (cuda {hw.cuda or 'not built in'}), {hw.platform}",
-        f"device   {describe_device(chosen, hw)}  [setting device={settings.device} from {settings.source('device')}]",
+        f"device   {' + '.join(describe_device(d, hw) for d in devices)}  "
+        f"[setting device={settings.device} from {settings.source('device')}]",
         f"home     {node.root}",
     ]
     for key, entry in cached.items():

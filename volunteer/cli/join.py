@@ -124,7 +124,7 @@ def _build_supervisor(node: Any, manifest: Any, settings: Any, live: Any) -> Any
     from volunteer.daemon.footprint import keep_dynamo_unloaded
 
     log.debug("footprint: %d torch.optim wrappers kept from importing torch._dynamo", keep_dynamo_unloaded())
-    from volunteer.daemon.hardware import choose_device, configure_device, detect_hardware
+    from volunteer.daemon.hardware import choose_devices, configure_device, detect_hardware
     from volunteer.daemon.supervisor import Supervisor
     from volunteer.experts.registry import available_experts, build_expert
     from volunteer.manifest import ManifestError
@@ -138,6 +138,7 @@ def _build_supervisor(node: Any, manifest: Any, settings: Any, live: Any) -> Any
     except ValueError as exc:
         raise ManifestError(manifest.source, "expert", str(exc)) from None
     hardware = detect_hardware()
-    device = choose_device(settings.device, hardware)
-    configure_device(device, settings.max_gpu_memory_fraction)
-    return Supervisor(node, manifest, settings, hardware, device, live=live)
+    devices = choose_devices(settings.device, hardware)
+    for device in devices:
+        configure_device(device, settings.max_gpu_memory_fraction)
+    return Supervisor(node, manifest, settings, hardware, devices, live=live)

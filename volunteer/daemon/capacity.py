@@ -14,6 +14,7 @@ takes what fits instead of failing later; the reason is shown in ``status``:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 CPU_RAM_SHARE = 0.5
@@ -34,17 +35,20 @@ def expert_state_bytes(manifest: Any) -> int:
     return 4 * params * (1 + buffers)
 
 
-def host_capacity(num_experts: int, grid_size: int, state_bytes: int, device: str, hardware: Any,
-                  gpu_fraction: float) -> tuple[int, str]:
-    """(slots, why): how many experts to host and what bounds it (pure)."""
-    if device.startswith("cuda") and hardware.gpus:
-        index = int(device.split(":")[1]) if ":" in device else 0
-        gpu = next((g for g in hardware.gpus if g.index == index), hardware.gpus[0])
-        budget, where = gpu.memory_bytes * gpu_fraction, f"{gpu_fraction:.0%} of the GPU's memory"
+def host_capacity(num_experts: int, grid_size: int, state_bytes: int, device: str | Sequence[str],
+                  hardware: Any, gpu_fraction: float) -> tuple[int, str]:
+    """(slots, why): how many experts to host and what bounds it (pure). ``device``: one device
+    or the node's list (several GPUs: each holds what fits in its own memory)."""
+    devices = [device] if isinstance(device, str) else list(device)
+    per_expert = max(1.0, state_bytes * HEADROOM)
+    gpus = [_gpu(d, hardware) for d in devices if d.startswith("cuda") and hardware.gpus]
+    if gpus:
+        fits = max(1, sum(int(g.memory_bytes * gpu_fraction // per_expert) for g in gpus))
+        where = f"{gpu_fraction:.0%} of the GPU's memory" if len(gpus) == 1 else (
+            f"{gpu_fraction:.0%} of the memory of {len(gpus)} GPUs")
     else:
         budget, where = hardware.ram_bytes * CPU_RAM_SHARE, f"{CPU_RAM_SHARE:.0%} of the RAM"
-    per_expert = max(1.0, state_bytes * HEADROOM)
-    fits = max(1, int(budget // per_expert))
+        fits = max(1, int(budget // per_expert))
     slots = min(num_experts, grid_size, fits)
     if slots == num_experts:
         return slots, f"num_experts={num_experts}"
@@ -52,3 +56,9 @@ def host_capacity(num_experts: int, grid_size: int, state_bytes: int, device: st
         return slots, f"the grid has {grid_size} expert(s)"
     return slots, (f"memory: {fits} expert(s) of {state_bytes / 2**20:.1f} MiB state fit in {where} "
                    f"(num_experts={num_experts})")
+
+
+def _gpu(device: str, hardware: Any) -> Any:
+    """The detected GPU behind ``cuda`` / ``cuda:N`` (the first one if the index is unknown)."""
+    index = int(device.split(":")[1]) if ":" in device else 0
+    return next((g for g in hardware.gpus if g.index == index), hardware.gpus[0])

@@ -1,8 +1,8 @@
 """Hardware detection and device choice.
 
 GPUs (name, memory, compute capability) come from torch, CPU and RAM from psutil.
-``choose_device`` turns the ``device`` setting into a concrete torch device string with a
-one-line error when the requested device does not exist. ``live_usage`` samples the numbers
+``choose_devices`` turns the ``device`` setting into the node's torch devices (``auto``: every
+GPU; ``choose_device`` for one) with a one-line error when a requested device does not exist. ``live_usage`` samples the numbers
 the status dashboard shows (CPU/RAM of the machine and this process, GPU memory/utilisation).
 """
 
@@ -113,7 +113,32 @@ def choose_device(requested: str, hw: HardwareInfo) -> str:
         if index >= len(hw.gpus):
             raise DeviceError(f"device {requested} requested but only cuda:0..cuda:{len(hw.gpus) - 1} exist")
         return f"cuda:{index}"
-    raise DeviceError(f"unknown device {requested!r}: expected auto, cpu, cuda, cuda:N or mps")
+    raise DeviceError(f"unknown device {requested!r}: expected auto, cpu, cuda, cuda:N, "
+                      "a list cuda:N,cuda:M or mps")
+
+
+def choose_devices(requested: str, hw: HardwareInfo) -> list[str]:
+    """The ``device`` setting as the list of torch devices the node computes on.
+
+    ``auto`` takes every CUDA GPU torch sees (experts are placed across them), else MPS, else
+    the CPU; a comma-separated list (``cuda:0,cuda:2``) names GPUs explicitly (each checked
+    like a single one, duplicates refused, no mixing with ``cpu``/``mps``/``auto``); any other
+    value is one device (``choose_device``).
+    """
+    req = requested.strip().lower()
+    if req == "auto":
+        return [f"cuda:{g.index}" for g in sorted(hw.gpus, key=lambda g: g.index)] or [
+            choose_device("auto", hw)]
+    if "," not in req:
+        return [choose_device(req, hw)]
+    parts = [p.strip() for p in req.split(",")]
+    if not all(_CUDA_RE.match(p) for p in parts):
+        raise DeviceError(f"device list {requested!r} may only name GPUs (cuda:N,cuda:M); "
+                          "use auto for every GPU, or one device")
+    devices = [choose_device(p, hw) for p in parts]
+    if len(set(devices)) != len(devices):
+        raise DeviceError(f"device list {requested!r} names a GPU twice")
+    return devices
 
 
 def describe_device(device: str, hw: HardwareInfo) -> str:

@@ -98,7 +98,8 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("device", str, "auto", "compute device: auto (best GPU, else CPU), cpu, cuda, cuda:N or mps"),
+    Setting("device", str, "auto", "compute devices: auto (every GPU, experts placed across them; "
+            "else CPU), cpu, cuda, cuda:N, a list cuda:0,cuda:1 or mps"),
     Setting("num_experts", int, 4, "how many experts of the experiment's grid this node hosts", 1, 4096),
     Setting("zmq_host", str, "127.0.0.1", "address the ZeroMQ frontend binds (use 0.0.0.0 to serve other machines)"),
     Setting("zmq_port", int, 0, "ZeroMQ frontend port (0 = any free port)", 0, 65535),

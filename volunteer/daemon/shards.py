@@ -65,7 +65,7 @@ class ShardManager:
         self.grid = list(m.grid.uids())
         self.grid_set = set(self.grid)
         self.capacity, self.capacity_reason = host_capacity(
-            int(sup.settings.num_experts), len(self.grid), expert_state_bytes(m), sup.device, sup.hardware,
+            int(sup.settings.num_experts), len(self.grid), expert_state_bytes(m), sup.devices, sup.hardware,
             float(sup.settings.max_gpu_memory_fraction))
         self.make_backend = make_backend  # (uid, seeded) -> ExpertBackend
         self.cache = ShardCache(sup.home.cache_dir / "shards" / m.experiment.name,

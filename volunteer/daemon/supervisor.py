@@ -41,6 +41,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from typing import Any
 
 from volunteer import __version__
@@ -69,15 +70,18 @@ class Supervisor:
     """Runs one node. The caller holds the home lock and handles signals."""
 
     def __init__(
-        self, home: NodeHome, manifest: Manifest, settings: Settings, hardware: HardwareInfo, device: str,
-        live: LiveLine | None = None,
+        self, home: NodeHome, manifest: Manifest, settings: Settings, hardware: HardwareInfo,
+        device: str | list[str], live: LiveLine | None = None,
     ) -> None:
         self.home = home
         self.manifest = manifest
         self.settings = settings
         self.hardware = hardware
-        self.device = device
-        self.device_description = describe_device(device, hardware)
+        # every device the node computes on; experts go to the one holding the fewest
+        self.devices = [device] if isinstance(device, str) else list(device)
+        self.device = self.devices[0]  # the primary: self-benchmark, status usage, threads
+        self.device_description = " + ".join(describe_device(d, hardware) for d in self.devices)
+        self._placed = {d: weakref.WeakSet() for d in self.devices}  # live backends per device
         self.live = live
         self.state = "starting"
         self.started_at = time.time()
@@ -141,8 +145,11 @@ class Supervisor:
 
         def make_backend(uid: str, seeded: bool) -> ExpertBackend:
             seed = expert_seed(m.experiment.seed, uid) if seeded else None
-            return ExpertBackend(uid, m.expert.kind, m.expert.hidden_dim, spec, device=self.device, seed=seed,
-                                 **m.expert.options)
+            device = self.place()
+            backend = ExpertBackend(uid, m.expert.kind, m.expert.hidden_dim, spec, device=device,
+                                    seed=seed, **m.expert.options)
+            self._placed[device].add(backend)
+            return backend
 
         self.checkpointer = Checkpointer(store, {})
         if s.selfbench:
@@ -151,7 +158,7 @@ class Supervisor:
         self.runtime = Runtime({}, m.serving)  # the manifest's serving section is ServingLimits
         self.runtime.start()
         self.frontend = ZmqFrontend(self.runtime, bind=f"tcp://{s.zmq_host}:{s.zmq_port}",
-                                    alloc=frame_alloc_for(self.device))
+                                    alloc=frame_alloc_for(self.device))  # lists are GPUs only
         self.frontend.start()
         self.endpoint = _advertised_endpoint(self.frontend.endpoint, s.advertise_host)
         # Joins the network first: which experts to host depends on what the swarm serves.
@@ -240,6 +247,11 @@ class Supervisor:
         text = secrets.token_hex(8)
         path.write_text(text + "\n")
         return text
+
+    def place(self) -> str:
+        """The device a new expert goes to: the one holding the fewest live experts (a
+        dropped backend leaves its device's count when it is garbage collected)."""
+        return min(self.devices, key=lambda d: (len(self._placed[d]), self.devices.index(d)))
 
     def _run_selfbench(self) -> dict[str, Any] | None:
         from volunteer.experts.selfbench import cached_throughput
