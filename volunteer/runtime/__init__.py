@@ -11,6 +11,8 @@ Files:
 - ``activation_cache.py``: ``ActivationCache`` of forward graphs for backward without recompute.
 - ``executor.py``: ``BatchExecutor`` (forward/backward of one batch, CPU and CUDA; 16-bit
   wires cast on the device).
+- ``transfers.py``: host <-> device moves of a batch (gather, pinned copies back, per-task
+  slices in each client's dtype).
 - ``completer.py``: ``Completer``, the thread that finishes GPU batches (waits for the
   batch's CUDA event, builds and sends the replies) while the loop launches the next one.
 - ``pinned.py``: pinned host memory for a GPU node's received frames (``frame_alloc_for``).

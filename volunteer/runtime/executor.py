@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -32,6 +32,15 @@ from volunteer.runtime.activation_cache import ActivationCache, CachedGraph
 from volunteer.runtime.completer import Completer
 from volunteer.runtime.stats import ExpertStats
 from volunteer.runtime.task_pool import Task
+from volunteer.runtime.transfers import (
+    gather,
+    reply_dtype,
+    restores,
+    split,
+    to_host,
+    upload,
+    wire_dtype,
+)
 from volunteer.wire.errors import CacheMissError, InternalError, RemoteError
 from volunteer.wire.messages import encode_error, encode_result_or_error, frames_nbytes
 
@@ -131,7 +140,7 @@ class BatchExecutor:
                 r
                 if isinstance(r, RemoteError)
                 else encode_result_or_error(
-                    t.request_id, r, t.compression, t.cached, _restores(t, r)
+                    t.request_id, r, t.compression, t.cached, restores(t, r)
                 )
                 for t, r in zip(tasks, results, strict=True)
             ]
@@ -164,82 +173,11 @@ class BatchExecutor:
         for t in tasks:
             send_error(t, err, stats)
 
-    # -- device helpers --
-
-    def _gather(self, backend: ExpertBackend, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Concatenate per-task tensors into one batch tensor on the backend's device."""
-        if backend.on_cpu:
-            if len(parts) == 1:  # the common small-batch case: no copy at all
-                p = parts[0]
-                return p if p.dtype == backend.dtype else p.to(backend.dtype)
-            return torch.cat([p if p.dtype == backend.dtype else p.to(backend.dtype) for p in parts])
-        dtype = parts[0].dtype
-        if any(p.dtype != dtype for p in parts):  # mixed wire dtypes (rare): cast on the host
-            parts = [p.to(backend.dtype) for p in parts]
-            dtype = backend.dtype
-        if len(parts) == 1 and (parts[0].device.type != "cpu" or parts[0].is_pinned()):
-            dev = parts[0].to(backend.device, non_blocking=True)  # received into pinned memory
-        elif any(p.device.type != "cpu" for p in parts):
-            dev = torch.cat([p.to(backend.device, non_blocking=True) for p in parts])
-        else:
-            rows = sum(p.shape[0] for p in parts)
-            pinned = torch.empty((rows, *parts[0].shape[1:]), dtype=dtype, pin_memory=True)
-            torch.cat(parts, out=pinned)
-            dev = pinned.to(backend.device, non_blocking=True)
-        return dev if dtype == backend.dtype else dev.to(backend.dtype)  # cast on the device
-
-    def _to_host(
-        self, backend: ExpertBackend, tensors: list[torch.Tensor], wire: torch.dtype | None = None
-    ) -> list[torch.Tensor]:
-        """Queue the copy of results into pinned host memory (CUDA; valid once the batch's
-        event has passed, or at once without a completer) or return them as is (CPU: callers
-        pass tensors that carry no autograd graph). Pinned blocks come from torch's caching
-        host allocator: reused batch after batch, never re-registered with the driver."""
-        if backend.on_cpu:
-            return tensors
-        host = []
-        for t in tensors:
-            t = t.detach()
-            if wire is not None and t.dtype == torch.float32:
-                t = t.to(wire)  # the reply's wire dtype, cast on the device
-            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            h.copy_(t, non_blocking=True)
-            host.append(h)
-        if self.completer is None:
-            torch.cuda.current_stream(backend.device).synchronize()
-        return host
-
-    @staticmethod
-    def _wire_dtype(backend: ExpertBackend, tasks: Sequence[Task]) -> torch.dtype | None:
-        """The 16-bit dtype a GPU batch's results are cast to on the device before they are
-        copied back (half the bytes over PCIe, no cast on the host), when every task asked
-        for that same 16-bit wire; None: results come back as computed."""
-        if backend.on_cpu:
-            return None
-        wire = _WIRE_16.get(tasks[0].compression or "")
-        if wire is None or any(t.compression != tasks[0].compression for t in tasks):
-            return None
-        return wire
-
-    @staticmethod
-    def _split(
-        tensor: torch.Tensor, tasks: Sequence[Task], dtypes: Sequence[torch.dtype]
-    ) -> list[torch.Tensor]:
-        """Each task's rows of ``tensor``, in that task's dtype (see ``_reply_dtype``)."""
-        if len(tasks) == 1 and tensor.shape[0] == tasks[0].rows:  # one task: no slicing
-            return [tensor if tensor.dtype == dtypes[0] else tensor.to(dtypes[0])]
-        out, start = [], 0
-        for t, dtype in zip(tasks, dtypes, strict=True):
-            part = tensor[start : start + t.rows]
-            out.append(part if part.dtype == dtype else part.to(dtype))
-            start += t.rows
-        return out
-
     # -- ops --
 
     def _forward(self, backend: ExpertBackend, tasks: list[Task], stats: ExpertStats) -> Build:
         xs = [
-            self._gather(backend, [t.inputs[i] for t in tasks])
+            gather(backend, [t.inputs[i] for t in tasks])
             for i in range(len(backend.input_shapes))
         ]
         if self.cache.enabled and any(t.will_backward for t in tasks):
@@ -258,10 +196,10 @@ class BatchExecutor:
                 stats.record_cache("not_stored", len(members))
         else:
             out = backend.forward(xs)
-        wire = self._wire_dtype(backend, tasks)
-        (host,) = self._to_host(backend, [out], wire)
-        dtypes = [_reply_dtype(t, 0, wire) for t in tasks]
-        return lambda: [[o] for o in self._split(host, tasks, dtypes)]
+        wire = wire_dtype(backend, tasks)
+        (host,) = to_host(backend, [out], wire, sync=self.completer is None)
+        dtypes = [reply_dtype(t, 0, wire) for t in tasks]
+        return lambda: [[o] for o in split(host, tasks, dtypes)]
 
     def _lookup_hits(
         self, backend: ExpertBackend, tasks: list[Task]
@@ -357,16 +295,16 @@ class BatchExecutor:
         out = entry.graph.output
         whole = len(group) == 1 and hits[group[0]][1:] == (0, out.shape[0])
         if whole:
-            grad_out = _upload(group[0].grad_outputs[0], out)
+            grad_out = upload(group[0].grad_outputs[0], out)
         else:
             grad_out = torch.zeros_like(out)
             for t in group:
                 _, s, e = hits[t]
-                grad_out[s:e] = _upload(t.grad_outputs[0], out)
+                grad_out[s:e] = upload(t.grad_outputs[0], out)
         in_grads, p_grads = backend.gradients(entry.graph, grad_out)
         param_grads.append(p_grads)
-        wire = self._wire_dtype(backend, group)
-        host = self._to_host(backend, in_grads, wire)
+        wire = wire_dtype(backend, group)
+        host = to_host(backend, in_grads, wire, sync=self.completer is None)
 
         def fill() -> None:
             for t in group:
@@ -374,7 +312,7 @@ class BatchExecutor:
                 grads_for[t] = [
                     (h if whole else h[s:e]) if h.dtype == d else h[s:e].to(d)
                     for i, h in enumerate(host)
-                    for d in (_reply_dtype(t, i, wire),)
+                    for d in (reply_dtype(t, i, wire),)
                 ]
 
         return fill
@@ -389,47 +327,21 @@ class BatchExecutor:
         """Forward again (one merged batch) and differentiate, for tasks without a usable graph."""
         tasks = [t for t, _ in items]
         xs = [
-            self._gather(backend, [rows[i] for _, rows in items])
+            gather(backend, [rows[i] for _, rows in items])
             for i in range(len(backend.input_shapes))
         ]
-        grad_out = self._gather(backend, [t.grad_outputs[0] for t in tasks])
+        grad_out = gather(backend, [t.grad_outputs[0] for t in tasks])
         in_grads, p_grads = backend.gradients(backend.forward_graph(xs), grad_out)
         param_grads.append(p_grads)
-        wire = self._wire_dtype(backend, tasks)
-        host = self._to_host(backend, in_grads, wire)
+        wire = wire_dtype(backend, tasks)
+        host = to_host(backend, in_grads, wire, sync=self.completer is None)
 
         def fill() -> None:
             per_input = [
-                self._split(h, tasks, [_reply_dtype(t, i, wire) for t in tasks])
+                split(h, tasks, [reply_dtype(t, i, wire) for t in tasks])
                 for i, h in enumerate(host)
             ]
             for j, t in enumerate(tasks):
                 grads_for[t] = [per_input[i][j] for i in range(len(host))]
 
         return fill
-
-
-_WIRE_16 = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _reply_dtype(task: Task, i: int, wire: torch.dtype | None) -> torch.dtype:
-    """The dtype reply tensor ``i`` of ``task`` is built in: the client's dtype (its input's,
-    or its output gradient's when a backward omitted the inputs), or the 16-bit ``wire``
-    dtype the device already cast a float32 result to (restored by the client)."""
-    dtype = task.reply_dtypes(i + 1)[i]
-    return wire if wire is not None and dtype == torch.float32 else dtype
-
-
-def _restores(task: Task, tensors: list[torch.Tensor]) -> list[torch.dtype | None] | None:
-    """Per reply tensor, the dtype the client restores where it travels in another one."""
-    want = task.reply_dtypes(len(tensors))
-    out = [d if x.dtype != d else None for x, d in zip(tensors, want, strict=True)]
-    return out if any(out) else None
-
-
-def _upload(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` on ``like``'s device and in its dtype: copied first, cast on the device (a
-    cast-and-copy in one ``to`` would cast on the host)."""
-    if t.device != like.device:
-        t = t.to(like.device, non_blocking=True)
-    return t if t.dtype == like.dtype else t.to(like.dtype)
