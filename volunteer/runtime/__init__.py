@@ -19,6 +19,7 @@ Files:
 - ``stats.py``: ``ExpertStats`` (counts, rates, batch histogram, latency percentiles, errors,
   bytes in and out).
 - ``loop.py``: ``ServingLoop``, an epoll loop thread (one computes, one does the ZMTP IO).
+- ``request_budget.py``: ``RequestBudget``, ``max_queued_bytes`` with its typed refusals.
 - ``runtime.py``: ``Runtime`` (submit, batching scheduler, drain/stop, ``exclusive()``, stats).
 - ``zmq_frontend.py``: ``ZmqFrontend``, the ZeroMQ ROUTER endpoint on TCP (port 0 allowed),
   served by our own ZMTP server on an IO thread of its own.

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import torch
 
 from volunteer.experts.backend import ExpertBackend
-from volunteer.net.byte_budget import ByteBudget
 from volunteer.runtime.activation_cache import ActivationCache
 from volunteer.runtime.completer import Completer
 from volunteer.runtime.executor import BatchExecutor, send_error
 from volunteer.runtime.limits import ServingLimits
 from volunteer.runtime.loop import ServingLoop
+from volunteer.runtime.request_budget import RequestBudget
 from volunteer.runtime.stats import ExpertStats
 from volunteer.runtime.task_pool import ReleasingReply, Task, TaskPool, payload_nbytes
 from volunteer.runtime.validation import validate_request
@@ -42,7 +42,6 @@ from volunteer.wire.errors import (
     DrainingError,
     OverloadedError,
     RemoteError,
-    TooLargeError,
     UnknownExpertError,
 )
 from volunteer.wire.messages import (
@@ -116,7 +115,7 @@ class Runtime:
         self._queued = 0  # tasks in all pools
         self._queued_bytes = 0
         # payload bytes of admitted requests until their reply (``submit``): <= max_queued_bytes
-        self._budget = ByteBudget(self.limits.max_queued_bytes)
+        self._budget = RequestBudget(self.limits.max_queued_bytes)
         self.loop = ServingLoop(self._step, self._on_loop_exit)
         # (accepts(frames), submit(frames, reply)): requests the wire decoder does not know
         # (e.g. shard chunks, ``volunteer.net.shard_rpc``) go there; costs nothing on the hot
@@ -196,18 +195,18 @@ class Runtime:
         """
         if held is not None:
             if held:
-                reply = ReleasingReply(reply, self._release, held)
+                reply = ReleasingReply(reply, self._budget.release, held)
             nbytes = 0
         else:
             nbytes = payload_nbytes(frames)
         if nbytes:
-            refusal = self._reserve(nbytes)
+            refusal = self._budget.reserve(nbytes)
             if refusal is not None:
                 self.rejected.record_error(refusal.code)
                 rid = reply_request_id(frames[0], self._wire_limits) if frames else None
                 self._respond(reply, encode_error(rid, refusal.code, refusal.message))
                 return
-            reply = ReleasingReply(reply, self._release, nbytes)
+            reply = ReleasingReply(reply, self._budget.release, nbytes)
         now = time.monotonic()
         try:
             request = decode_request(frames, self._wire_limits, restore=self._restore_on_host)
@@ -329,37 +328,20 @@ class Runtime:
 
     def held_bytes(self) -> dict[str, int]:
         """Payload bytes of requests held (admitted, not yet answered): now, peak, bound."""
-        snap = self._budget.snapshot()
-        return {"held": snap["held"], "peak": snap["peak"], "max": snap["capacity"],
-                "refused": snap["refused"]}
+        return self._budget.held_bytes()
 
     def reserve_bytes(self, nbytes: int) -> RemoteError | None:
         """Take ``nbytes`` of ``max_queued_bytes`` for a frontend reading a request (thread-safe);
         None on success, else the typed refusal (``too_large`` / ``overloaded``). Give them
         back with ``release_bytes``, or hand them to ``submit(..., held=)``."""
-        return self._reserve(nbytes) if nbytes > 0 else None
+        return self._budget.reserve(nbytes) if nbytes > 0 else None
 
     def release_bytes(self, nbytes: int) -> None:
         """Give back bytes taken with ``reserve_bytes`` (not handed to ``submit``)."""
         if nbytes > 0:
-            self._release(nbytes)
+            self._budget.release(nbytes)
 
     # -- internals --
-
-    def _reserve(self, nbytes: int) -> RemoteError | None:
-        """Take ``nbytes`` of the queued-bytes bound, or say why not (typed)."""
-        bound = self._budget.capacity
-        if nbytes > bound:
-            return TooLargeError(f"request of {nbytes} bytes > this node's max_queued_bytes {bound}")
-        if self._budget.try_reserve(nbytes):
-            return None
-        return OverloadedError(
-            f"node holds {self._budget.held} bytes of requests (max {bound}); "
-            "retry later or elsewhere"
-        )
-
-    def _release(self, nbytes: int) -> None:
-        self._budget.release(nbytes)
 
     def _respond(self, reply: ReplyFn, frames: list) -> None:
         """Answer without compute: directly in the loop thread, else through the loop."""
