@@ -49,18 +49,6 @@ TARGET = 0.9
 START_TIMEOUT_S = 180.0
 
 
-def thread_counts(cpus: int) -> list[int]:
-    """Thread counts to try: every one up to 4 CPUs, else powers of two plus cpus-1 and cpus."""
-    if cpus <= 4:
-        return list(range(1, cpus + 1))
-    counts = {1, cpus - 1, cpus}
-    n = 2
-    while n < cpus:
-        counts.add(n)
-        n *= 2
-    return sorted(counts)
-
-
 def usable_cpus() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -287,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # the client threads only encode and decode
     cpus = usable_cpus()
-    counts = thread_counts(cpus)
+    from volunteer.experts.selfbench import candidate_threads
+
+    counts = candidate_threads(cpus)  # what torch_threads=auto chooses among
     h, batch, clients, secs = p["hidden"], p["batch"], p["clients"], p["seconds"]
     explicit = counts if p["sweep"] else []
     print(f"preset {args.preset}: ffn h={h} batch={batch} experts={p['experts']} clients={clients} "
