@@ -49,13 +49,6 @@ TARGET = 0.9
 START_TIMEOUT_S = 180.0
 
 
-def usable_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
 # ---------------------------------------------------------------- the experiment's manifest
 
 def write_manifest(path: Path, hidden: int, experts: int) -> None:
@@ -274,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)  # the client threads only encode and decode
+    from volunteer.daemon.hardware import usable_cpus
+
     cpus = usable_cpus()
     from volunteer.experts.selfbench import candidate_threads
 
