@@ -121,7 +121,8 @@ def test_detach_stale_empties_peers_with_only_stale_streams():
 
 def test_rpc_client_close_survives_a_call_picking_a_stream_meanwhile():
     """``RpcClient.close`` had the same loop: a call for a new peer while a reset awaited."""
-    from volunteer.net.rpc_client import RpcClient, _Channel
+    from volunteer.net.rpc_calls import Channel
+    from volunteer.net.rpc_client import RpcClient
     from volunteer.wire.limits import WireLimits
 
     client = RpcClient(None, None, WireLimits(), protocol="/test/1")  # type: ignore[arg-type]
@@ -136,9 +137,9 @@ def test_rpc_client_close_survives_a_call_picking_a_stream_meanwhile():
             await trio.lowlevel.checkpoint()
             self.was_reset = True
 
-    late = _Channel(_ResetStream())  # type: ignore[arg-type]
+    late = Channel(_ResetStream())  # type: ignore[arg-type]
     first = _ResetStream(lambda: client._pools.setdefault(_peer(9), []).append(late))
-    chans = [_Channel(first), _Channel(_ResetStream())]  # type: ignore[arg-type]
+    chans = [Channel(first), Channel(_ResetStream())]  # type: ignore[arg-type]
     for i, chan in enumerate(chans):
         client._pools[_peer(i)] = [chan]
 

@@ -39,6 +39,8 @@ Files (one concept each):
   by all its streams and peers.
 - ``rpc_server.py``: ``RpcServer``: expert RPC streams -> the runtime's ``submit``, bounded
   in bytes (``ByteBudget``), per peer (``PeerLimits``) and in time.
+- ``rpc_calls.py``: ``Pending`` (one call awaiting its reply) and ``Channel`` (a pooled stream
+  with its calls in flight).
 - ``rpc_client.py``: ``RpcClient`` (per-peer stream pools that leave relayed connections
   once a direct one exists; replies bounded in size and time) and ``Libp2pTransport``.
 - ``protocol_channel.py``: ``ProtocolChannel``: one more request/reply protocol on the node's

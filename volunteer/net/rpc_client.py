@@ -41,10 +41,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
 import multiaddr
 import trio
@@ -54,6 +52,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from volunteer.net import libp2p_adapter as lp
+from volunteer.net.rpc_calls import Channel, Pending, RpcClientStats
 from volunteer.net.stream_io import (
     PROTOCOL_ID,
     BufferedStreamReader,
@@ -84,76 +83,6 @@ Frame = bytes | memoryview
 Connector = Callable[[ID, list[str]], Awaitable[None]]
 
 
-class _Pending:
-    """One call waiting for its reply: settled exactly once, in the loop, by ``finish``.
-
-    An async caller waits on ``event`` (made on demand); a caller in another thread waits
-    on ``lock`` (held until settled), so the reply wakes that thread straight from the
-    reader task, with no trio task or ``from_thread`` round trip in between."""
-
-    __slots__ = ("call_id", "chan", "deadline", "done", "error", "event", "frames", "lock")
-
-    def __init__(self, call_id: int, threaded: bool = False) -> None:
-        self.call_id = call_id
-        self.chan: _Channel | None = None
-        self.deadline = math.inf
-        self.done = False
-        self.frames: list[bytes] | None = None
-        self.error: RemoteError | None = None
-        self.event: trio.Event | None = None
-        self.lock: threading.Lock | None = None
-        if threaded:
-            self.lock = threading.Lock()
-            self.lock.acquire()
-
-    def finish(self, frames: list[bytes] | None = None, error: RemoteError | None = None) -> bool:
-        """Settle the call (the first time only); True when this call settled it."""
-        if self.done:
-            return False
-        self.done = True
-        self.frames, self.error = frames, error
-        if self.chan is not None:
-            self.chan.pending.pop(self.call_id, None)
-        if self.event is not None:
-            self.event.set()
-        if self.lock is not None:
-            self.lock.release()
-        return True
-
-    def result(self) -> list[bytes]:
-        if self.error is not None:
-            raise self.error
-        return self.frames  # type: ignore[return-value]
-
-
-class _Channel:
-    """One stream with its in-flight calls."""
-
-    def __init__(self, stream: INetStream, relayed: bool = False) -> None:
-        self.stream = stream
-        self.pending: dict[int, _Pending] = {}
-        self.write_lock = trio.Lock()
-        self.broken = False
-        self.relayed = relayed
-        self.retired = False
-
-    def fail_all(self, why: str) -> int:
-        """Mark the stream broken and fail every call on it; how many were still waiting."""
-        self.broken = True
-        return sum(p.finish(error=UnreachableError(why)) for p in list(self.pending.values()))
-
-
-@dataclass
-class RpcClientStats:
-    calls: int = 0
-    streams_opened: int = 0
-    timeouts: int = 0
-    unreachable: int = 0
-    streams_retired: int = 0
-    replies_dropped: int = 0  # late or unknown replies, discarded unread
-    reply_timeouts: int = 0  # streams reset because a reply came too slowly
-
-
 class RpcClient:
     """Per-peer stream pools with call-id multiplexing (trio side; see module docstring)."""
 
@@ -174,7 +103,7 @@ class RpcClient:
         self.reply_timeout_s = reply_timeout_s
         self.min_reply_rate = min_reply_rate
         self.stats = RpcClientStats()
-        self._pools: dict[ID, list[_Channel]] = {}
+        self._pools: dict[ID, list[Channel]] = {}
         self._open_locks: dict[ID, trio.Lock] = {}
         self._ids = itertools.count(1)
 
@@ -183,7 +112,7 @@ class RpcClient:
         """Send one request to ``peer_id``; return the reply frames (in the loop)."""
         self.stats.calls += 1
         call_id = next(self._ids)
-        slot = _Pending(call_id)
+        slot = Pending(call_id)
         await self._run_call(peer_id, addrs, encode_message(call_id, frames), slot, timeout)
         return slot.result()
 
@@ -200,7 +129,7 @@ class RpcClient:
             raise RuntimeError("RpcClient.call_from_thread called in the loop: await call()")
         call_id = next(self._ids)  # itertools.count: atomic under the GIL
         data = encode_message(call_id, frames)
-        slot = _Pending(call_id, threaded=True)
+        slot = Pending(call_id, threaded=True)
         lock = slot.lock
         assert lock is not None
         timeout = float(timeout)
@@ -215,7 +144,7 @@ class RpcClient:
             raise UnreachableError(f"libp2p node is not running: {e}") from None
         return slot.result()
 
-    def _begin(self, peer_id: ID, addrs: Sequence[str], data: bytes, slot: _Pending,
+    def _begin(self, peer_id: ID, addrs: Sequence[str], data: bytes, slot: Pending,
                timeout: float) -> None:
         """(loop) Start a threaded call: straight onto a ready stream, else the full path.
         A callback of ``run_sync_soon`` must not raise (trio would abort the loop): any
@@ -234,7 +163,7 @@ class RpcClient:
             self._settle(slot, error=UnreachableError(f"libp2p node is not running: "
                                                       f"{type(e).__name__}"))
 
-    async def _send(self, peer_id: ID, chan: _Channel, data: bytes, slot: _Pending,
+    async def _send(self, peer_id: ID, chan: Channel, data: bytes, slot: Pending,
                     timeout: float) -> None:
         """(loop) Write a threaded call's request, bounded by the call's deadline."""
         if slot.done:  # the caller gave up before the loop got here: send nothing
@@ -247,12 +176,12 @@ class RpcClient:
         if scope.cancelled_caught:
             self._settle(slot, error=_timed_out(peer_id, timeout))
 
-    def _expire(self, peer_id: ID, slot: _Pending, timeout: float) -> None:
+    def _expire(self, peer_id: ID, slot: Pending, timeout: float) -> None:
         """(loop) A threaded caller's wait ran out: settle the call as timed out unless
         its reply (or an error) settled it first."""
         self._settle(slot, error=_timed_out(peer_id, timeout))
 
-    def _settle(self, slot: _Pending, frames: list[bytes] | None = None,
+    def _settle(self, slot: Pending, frames: list[bytes] | None = None,
                 error: RemoteError | None = None) -> None:
         if slot.finish(frames, error):
             if isinstance(error, RemoteTimeoutError):
@@ -261,7 +190,7 @@ class RpcClient:
                 self.stats.unreachable += 1
             self._after_settle(slot.chan)
 
-    def _after_settle(self, chan: _Channel | None) -> None:
+    def _after_settle(self, chan: Channel | None) -> None:
         """A retired (relayed) stream closes once its last call settled."""
         if chan is not None and chan.retired and not chan.pending and not chan.broken:
             chan.broken = True
@@ -270,7 +199,7 @@ class RpcClient:
             except RuntimeError:  # the nursery closed: the node is stopping anyway
                 pass
 
-    async def _run_call(self, peer_id: ID, addrs: Sequence[str], data: bytes, slot: _Pending,
+    async def _run_call(self, peer_id: ID, addrs: Sequence[str], data: bytes, slot: Pending,
                         timeout: float) -> None:
         """(loop) The full path: pick or open a stream, write, wait; settles ``slot``."""
         slot.event = trio.Event()
@@ -291,7 +220,7 @@ class RpcClient:
             if not slot.done:  # cancelled (the loop is stopping)
                 self._settle(slot, error=UnreachableError("libp2p node stopped"))
 
-    async def _write(self, chan: _Channel, data: bytes, slot: _Pending) -> None:
+    async def _write(self, chan: Channel, data: bytes, slot: Pending) -> None:
         """Write one request; a failed or interrupted write resets the stream and fails the
         other calls on it (``slot`` is settled by the caller: timed out or unreachable)."""
         try:  # a free lock without a scheduling round trip
@@ -317,7 +246,7 @@ class RpcClient:
         finally:
             chan.write_lock.release()
 
-    def _ready_channel(self, peer_id: ID) -> _Channel | None:
+    def _ready_channel(self, peer_id: ID) -> Channel | None:
         """A pooled stream a new call may use now, or None (one must be opened first)."""
         pool = self._pools.get(peer_id)
         if not pool:
@@ -331,7 +260,7 @@ class RpcClient:
             return best
         return None
 
-    async def _pick(self, peer_id: ID, addrs: Sequence[str]) -> _Channel:
+    async def _pick(self, peer_id: ID, addrs: Sequence[str]) -> Channel:
         chan = self._ready_channel(peer_id)
         if chan is not None:
             return chan
@@ -342,7 +271,7 @@ class RpcClient:
             if len(pool) >= self.max_streams or (pool and any(not c.pending for c in pool)):
                 return min(pool, key=lambda c: len(c.pending))
             stream = await self._open_stream(peer_id, addrs)
-            chan = _Channel(stream, relayed=self._on_relayed_connection(peer_id, stream))
+            chan = Channel(stream, relayed=self._on_relayed_connection(peer_id, stream))
             pool.append(chan)
             self.stats.streams_opened += 1
             self.nursery.start_soon(self._read_replies, peer_id, chan)
@@ -356,7 +285,7 @@ class RpcClient:
         conn = lp.connection_of_stream(self.host, peer_id, stream)
         return conn is not None and lp.is_relayed(conn)
 
-    def _retire_relayed(self, pool: list[_Channel]) -> None:
+    def _retire_relayed(self, pool: list[Channel]) -> None:
         """Stop using relayed streams; each closes when its last in-flight call ends."""
         for chan in pool:
             if chan.relayed:
@@ -382,7 +311,7 @@ class RpcClient:
         except Exception as e:
             raise UnreachableError(f"could not reach {peer_id}: {type(e).__name__}: {e}") from None
 
-    async def _read_replies(self, peer_id: ID, chan: _Channel) -> None:
+    async def _read_replies(self, peer_id: ID, chan: Channel) -> None:
         """Hand each reply to its waiting caller (see module docstring for the bounds).
 
         Each step first takes what is already buffered (a small reply usually came in one
