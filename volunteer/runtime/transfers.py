@@ -36,11 +36,12 @@ def gather(backend: ExpertBackend, parts: Sequence[torch.Tensor]) -> torch.Tenso
         dev = pinned.to(backend.device, non_blocking=True)
     return dev if dtype == backend.dtype else dev.to(backend.dtype)  # cast on the device
 
+
 def to_host(
-backend: ExpertBackend,
-tensors: list[torch.Tensor],
-wire: torch.dtype | None = None,
-sync: bool = True,
+    backend: ExpertBackend,
+    tensors: list[torch.Tensor],
+    wire: torch.dtype | None = None,
+    sync: bool = True,
 ) -> list[torch.Tensor]:
     """Queue the copy of results into pinned host memory (CUDA; valid once the batch's
     event has passed, or at once with ``sync``) or return them as is (CPU: callers
@@ -60,6 +61,7 @@ sync: bool = True,
         torch.cuda.current_stream(backend.device).synchronize()
     return host
 
+
 def wire_dtype(backend: ExpertBackend, tasks: Sequence[Task]) -> torch.dtype | None:
     """The 16-bit dtype a GPU batch's results are cast to on the device before they are
     copied back (half the bytes over PCIe, no cast on the host), when every task asked
@@ -70,6 +72,7 @@ def wire_dtype(backend: ExpertBackend, tasks: Sequence[Task]) -> torch.dtype | N
     if wire is None or any(t.compression != tasks[0].compression for t in tasks):
         return None
     return wire
+
 
 def split(
     tensor: torch.Tensor, tasks: Sequence[Task], dtypes: Sequence[torch.dtype]
