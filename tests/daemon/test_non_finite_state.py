@@ -76,7 +76,7 @@ def test_a_downloaded_shard_with_non_finite_weights_is_not_loaded(tmp_path: Path
         return header
 
     sup = SimpleNamespace(
-        manifest=m, device="cpu", hardware=HardwareInfo("cpu", 2, 1, 8 << 30, "linux", "3.11", "2.13", None, []),
+        manifest=m, device="cpu", devices=["cpu"], hardware=HardwareInfo("cpu", 2, 1, 8 << 30, "linux", "3.11", "2.13", None, []),
         settings=SimpleNamespace(num_experts=4, shard_cache_bytes=1 << 30, max_gpu_memory_fraction=0.9),
         home=SimpleNamespace(cache_dir=tmp_path), network=SimpleNamespace(shards=SimpleNamespace(download=download)))
     manager = ShardManager(sup, lambda uid, seeded: ExpertBackend(uid, "ffn", 64))
