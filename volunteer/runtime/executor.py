@@ -309,10 +309,10 @@ class BatchExecutor:
         def fill() -> None:
             for t in group:
                 _, s, e = hits[t]
+                dtypes = [reply_dtype(t, i, wire) for i in range(len(host))]
                 grads_for[t] = [
                     (h if whole else h[s:e]) if h.dtype == d else h[s:e].to(d)
-                    for i, h in enumerate(host)
-                    for d in (reply_dtype(t, i, wire),)
+                    for h, d in zip(host, dtypes, strict=True)
                 ]
 
         return fill

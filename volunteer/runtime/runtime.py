@@ -86,7 +86,7 @@ class Runtime:
         self.backends = dict(backends)
         self.limits = limits or ServingLimits()
         # CPU node: 16-bit request tensors are restored on arrival; a GPU node uploads them
-        # as they came (half the bytes) and casts on the device (``BatchExecutor._gather``)
+        # as they came (half the bytes) and casts on the device (``transfers.gather``)
         self._restore_on_host = all(b.on_cpu for b in self.backends.values())
         self._wire_limits = self.limits.wire()
         self.state = "starting"

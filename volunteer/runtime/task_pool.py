@@ -48,13 +48,17 @@ class Task:
         back = self.restores[at] if at < len(self.restores) else None
         return back or own[i].dtype
 
-    def reply_dtypes(self, n: int) -> list[torch.dtype]:
-        """The dtypes the client expects its ``n`` reply tensors in: a forward's output and a
+    def reply_dtype(self, i: int) -> torch.dtype:
+        """The dtype the client expects reply tensor ``i`` in: a forward's output and a
         backward's input gradients take their input's dtype (the output gradient's when a
         backward omitted its inputs)."""
         if self.inputs:
-            return [self.dtype_of("inputs", min(i, len(self.inputs) - 1)) for i in range(n)]
-        return [self.dtype_of("grads", 0)] * n
+            return self.dtype_of("inputs", min(i, len(self.inputs) - 1))
+        return self.dtype_of("grads", 0)
+
+    def reply_dtypes(self, n: int) -> list[torch.dtype]:
+        """``reply_dtype`` of each of ``n`` reply tensors."""
+        return [self.reply_dtype(i) for i in range(n)]
 
 
 class TaskPool:

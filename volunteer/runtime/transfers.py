@@ -95,7 +95,7 @@ def reply_dtype(task: Task, i: int, wire: torch.dtype | None) -> torch.dtype:
     """The dtype reply tensor ``i`` of ``task`` is built in: the client's dtype (its input's,
     or its output gradient's when a backward omitted the inputs), or the 16-bit ``wire``
     dtype the device already cast a float32 result to (restored by the client)."""
-    dtype = task.reply_dtypes(i + 1)[i]
+    dtype = task.reply_dtype(i)
     return wire if wire is not None and dtype == torch.float32 else dtype
 
 
