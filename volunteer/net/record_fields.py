@@ -41,7 +41,7 @@ MAX_FREE_SLOTS = 4096
 MAX_SHARD_VERSION = 2**53
 MAX_TOKEN_BYTES = 1024
 ROOT_BYTES = 32
-STATES = ("serving", "draining")
+STATES = ("serving", "draining", "paused")  # paused: experts loaded, no new work taken
 REACHABILITY = ("public", "private", "unknown")
 
 _COMPONENT_RE = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_NAME_CHARS}}}$")

@@ -5,7 +5,8 @@ validators of every field in ``record_fields.py``):
 
 - A server announces, for every *prefix query* that indexes one of its experts, one
   ``ServerEntry``: who it is (peer id), which next coordinates it hosts under that prefix
-  (``children``), its state (serving / draining), load, addresses (libp2p multiaddrs, relay
+  (``children``), its state (serving / draining / paused: a paused server keeps its
+  experts loaded and hands out its shards but takes no new work, so trainers skip it), load, addresses (libp2p multiaddrs, relay
   addresses included), its direct ZeroMQ endpoint and reachability, a sequence number and an
   absolute expiry. Under the prefix that lists a uid itself, the entry also says which expert
   *shard* the server can hand out for that child (``shards``: child, version = updates

@@ -72,6 +72,14 @@ class DrainingError(RemoteError):
     code = "draining"
 
 
+class PausedError(RemoteError):
+    """The node is paused by its owner or one of its resource rules (``volunteer pause``,
+    schedule, idle, battery, CPU): it keeps its experts loaded and finishes in-flight work
+    but takes no new work. Not a fault of the server: try another replica, or later."""
+
+    code = "paused"
+
+
 class InternalError(RemoteError):
     """The server failed while computing; the message says why."""
 
@@ -108,6 +116,7 @@ ERROR_CLASSES: dict[str, type[RemoteError]] = {
         DeadlineExpiredError,
         OverloadedError,
         DrainingError,
+        PausedError,
         InternalError,
         CacheMissError,
         RemoteTimeoutError,
