@@ -32,7 +32,7 @@ SNAPSHOT = {
 
 def test_plain_has_every_section() -> None:
     text = render_plain(SNAPSHOT)
-    for fragment in ("demo v1", "serving", "uptime 1h02m", "tcp://127.0.0.1:5555", "util 37%",
+    for fragment in ("demo v1", "serving", "uptime 1h 02m", "tcp://127.0.0.1:5555", "util 37%",
                      "1.0 GiB / 8.0 GiB", "torch threads 1", "cpu 50% of 2", "last 12s ago", "health      idle: no trainer",
                      "network     not connected", "overloaded=2"):
         assert fragment in text, fragment

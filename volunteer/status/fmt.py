@@ -21,17 +21,31 @@ def bytes_(value: Any) -> str:
 
 
 def duration(value: Any) -> str:
+    """The one way durations are shown to users: ``0.4s``, ``45s``, ``3m 05s``, ``2h 07m``,
+    ``3d 04h`` (two units at most, the second zero-padded so columns line up; whole seconds
+    are cut, not rounded, so an uptime never runs ahead). Sub-10-second fractions keep one
+    decimal (a leave that took 1.3 s). Negative values get a ``-``; odd input gives ``n/a``.
+    """
     v = num(value)
-    if v is None:
+    if v is None or v != v or v in (float("inf"), float("-inf")):
         return "n/a"
+    if v < 0:
+        return "-" + duration(-v)
+    if v < 10 and v != int(v) and round(v, 1) < 10:
+        return f"{v:.1f}s"
     s = int(v)
     if s < 60:
         return f"{s}s"
     if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
+        return f"{s // 60}m {s % 60:02d}s"
     if s < 86400:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+        return f"{s // 3600}h {(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d {(s % 86400) // 3600:02d}h"
+
+
+def ago(value: Any) -> str:
+    """``12s ago`` / ``never`` (no age known) for the age of a last event."""
+    return "never" if num(value) is None else duration(value) + " ago"
 
 
 def rate(value: Any) -> str:
