@@ -34,6 +34,23 @@ app.command()(settings)
 app.add_typer(admission_app, name="admission")
 
 
+def _print_version(value: bool) -> None:
+    """``--version`` / ``-V``: print the installed version and exit before any command runs."""
+    if value:
+        from volunteer import __version__
+
+        typer.echo(f"volunteer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True,
+                                 help="Print the installed version and exit."),
+) -> None:
+    """Options that apply before any command (see HELP for the commands)."""
+
+
 @app.command()
 def version() -> None:
     """Print the installed version."""
