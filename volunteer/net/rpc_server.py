@@ -30,6 +30,10 @@ What a peer can make this server hold, and for how long:
 - **Not on the event loop**: payload frames are read into their own writable buffers (the
   decoder wraps them without a copy); requests of ``offload_bytes`` or more are submitted
   (decoded and validated) in a worker thread, and large replies are written frame by frame.
+- **Bandwidth caps**: with ``traffic`` (``volunteer.net.rate_limit.Traffic``) a request's
+  body is paid for in the download bucket before it is read (the peer waits in its yamux
+  window) and a reply in the upload bucket before it is written; ``traffic`` None (the
+  default, or set to None later) skips both.
 - **Cheap per message**: a small message that arrived whole is taken from the reader's
   buffer without awaits or deadline scopes (``read_*_nowait``: the same limit checks, in
   the same order); only a step that must wait for the peer sets its deadline. Replies and
@@ -52,6 +56,7 @@ from libp2p.custom_types import TProtocol
 
 from volunteer.net.byte_budget import ByteBudget
 from volunteer.net.peer_limits import DEFAULT_PEER_LIMITS, PeerLimiter, PeerLimits, refusal_message
+from volunteer.net.rate_limit import Traffic
 from volunteer.net.stream_io import (
     PROTOCOL_ID,
     BufferedStreamReader,
@@ -149,8 +154,12 @@ class RpcServer:
                  max_inflight: int = 64, protocol: str = PROTOCOL_ID, *,
                  max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
                  peer_limits: PeerLimits | None = None,
-                 offload_bytes: int = OFFLOAD_BYTES) -> None:
+                 offload_bytes: int = OFFLOAD_BYTES,
+                 traffic: Traffic | None = None) -> None:
+        """``traffic``: bandwidth caps and byte meter (None: none); may be replaced later by
+        assigning ``.traffic`` from any thread (read once per message)."""
         self.host = host
+        self.traffic = traffic
         self.protocol = protocol
         self.submit = submit
         self.limits = limits
@@ -254,6 +263,9 @@ class RpcServer:
             with trio.fail_after(lim.read_deadline_s(total)):
                 await reader.skip(total)
             return True
+        traffic = self.traffic
+        if traffic is not None:
+            await traffic.receive_async(total)
         frames = read_payload_nowait(reader, lengths)
         if frames is None:
             with trio.fail_after(lim.read_deadline_s(total)):
@@ -321,6 +333,9 @@ class RpcServer:
             async for call_id, frames, ticket in recv:
                 try:
                     size = sum(memoryview(f).nbytes for f in frames)
+                    traffic = self.traffic
+                    if traffic is not None:
+                        await traffic.send_async(size)
                     with trio.fail_after(lim.read_deadline_s(size)):
                         await write_message(stream, call_id, frames)
                 except Exception as e:  # includes trio.TooSlowError

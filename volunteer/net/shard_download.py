@@ -16,6 +16,9 @@
    blames no holder;
 5. ``finish()`` makes the shard complete in the cache; the header is returned.
 
+With ``traffic`` (``volunteer.net.rate_limit.Traffic``) each chunk is paid for in the download
+bucket before it is asked for, so all workers together keep to the cap.
+
 When every source is gone before the last chunk, ``ShardDownloadError`` says why and the
 partial file stays for the next try. ``progress`` (a ``DownloadProgress``) is updated in
 place for ``volunteer status`` and progress bars; its numbers are plain ints (read from other
@@ -34,6 +37,7 @@ from typing import Any
 import trio
 
 from volunteer.experts.shard import ShardError, ShardHashError, ShardHeader
+from volunteer.net.rate_limit import Traffic
 from volunteer.net.shard_rpc import ShardRequestError
 from volunteer.wire.errors import RemoteError
 
@@ -123,8 +127,10 @@ async def fetch_header(client: Any, uid: str, fingerprint: str, root: bytes, sou
 
 async def download_shard(client: Any, cache: Any, uid: str, fingerprint: str, root: bytes,
                          sources: Sequence[Source], progress: DownloadProgress,
-                         on_chunk: Callable[[DownloadProgress], None] | None = None) -> ShardHeader:
-    """Fetch ``root`` into ``cache`` (see module docstring); returns the verified header."""
+                         on_chunk: Callable[[DownloadProgress], None] | None = None,
+                         traffic: Traffic | None = None) -> ShardHeader:
+    """Fetch ``root`` into ``cache`` (see module docstring); returns the verified header.
+    ``traffic``: the node's download cap and byte meter (None: uncapped)."""
     sources = [s for s in dict.fromkeys(sources) if s.name not in progress.bad_sources]
     if not sources:
         raise ShardDownloadError(f"no holder to download {uid} from")
@@ -140,7 +146,8 @@ async def download_shard(client: Any, cache: Any, uid: str, fingerprint: str, ro
         progress.chunks_done = len(partial.have)
         progress.state = "downloading"
         queue: deque[int] = deque(partial.missing())
-        await _fetch_all(client, partial, header, uid, root, sources, queue, progress, on_chunk)
+        await _fetch_all(client, partial, header, uid, root, sources, queue, progress, on_chunk,
+                         traffic)
         progress.state = "verifying"
         await trio.to_thread.run_sync(partial.finish)
     except BaseException as e:
@@ -157,7 +164,8 @@ async def download_shard(client: Any, cache: Any, uid: str, fingerprint: str, ro
 
 async def _fetch_all(client: Any, partial: Any, header: ShardHeader, uid: str, root: bytes,
                      sources: list[Source], queue: deque[int], progress: DownloadProgress,
-                     on_chunk: Callable[[DownloadProgress], None] | None) -> None:
+                     on_chunk: Callable[[DownloadProgress], None] | None,
+                     traffic: Traffic | None = None) -> None:
     state = _Shared(queue)
     alive = {s.name for s in sources}
 
@@ -170,6 +178,8 @@ async def _fetch_all(client: Any, partial: Any, header: ShardHeader, uid: str, r
                 state.give_back(index)
                 return
             try:
+                if traffic is not None:
+                    await traffic.receive_async(header.chunk_size(index))
                 data = await client.chunk(src.peer_id, src.addrs, uid, root, index, CHUNK_TIMEOUT_S)
                 progress.fetched_bytes += len(data)
                 try:

@@ -23,6 +23,10 @@ is at least ``MIN_REQUEST_BYTES``, so ``shard_inflight_bytes`` turns a bound on 
 memory (``SHARD_REPLY_BYTES``, at most the node's ``ServingLimits.max_queued_bytes``) into
 a bound on requests in flight, all peers together; ``SHARD_PEER_LIMITS`` bounds each peer.
 
+``traffic`` (``volunteer.net.rate_limit.Traffic``: the node's bandwidth caps and byte meter)
+throttles both sides: chunks served over libp2p (the shard ``RpcServer``) and downloads
+(whatever path each chunk takes); set it at construction or later with ``set_traffic``.
+
 ``direct_transport`` (the ZeroMQ transport factory) is given to the constructor or set
 from another thread with ``set_direct_transport``; the pooled transports are guarded by a
 lock (created in the trio thread, closed from the daemon's).
@@ -39,6 +43,7 @@ from libp2p.peer.id import ID
 
 from volunteer.experts.shard import DEFAULT_CHUNK_BYTES
 from volunteer.net.peer_limits import SHARD_PEER_LIMITS, PeerLimits
+from volunteer.net.rate_limit import Traffic
 from volunteer.net.records import ServerEntry
 from volunteer.net.rpc_client import RpcClient
 from volunteer.net.rpc_server import RpcServer
@@ -85,11 +90,14 @@ class ShardNetwork:
                  connector: Callable[[ID, list[str]], Any], server: ShardServer | None, *,
                  limits: ServingLimits | None = None,
                  peer_limits: PeerLimits = SHARD_PEER_LIMITS,
-                 direct_transport: Callable[[str], Any] | None = None) -> None:
+                 direct_transport: Callable[[str], Any] | None = None,
+                 traffic: Traffic | None = None) -> None:
         """``limits``: the node's serving limits (their ``max_queued_bytes`` caps the chunk
         replies held in flight, see module docstring); ``direct_transport``: endpoint ->
-        sync ``Transport`` (e.g. the client library's ZmqTransport), None: libp2p only."""
+        sync ``Transport`` (e.g. the client library's ZmqTransport), None: libp2p only;
+        ``traffic``: bandwidth caps and byte meter for shard traffic (None: uncapped)."""
         self._thread = thread
+        self.traffic = traffic
         self.registry = registry
         self.rpc = RpcClient(host, nursery, REPLY_LIMITS, max_streams=MAX_STREAMS_PER_PEER,
                              connect_timeout=30.0, connector=connector, protocol=SHARD_PROTOCOL_ID)
@@ -106,7 +114,7 @@ class ShardNetwork:
                                         max_inflight=MAX_INFLIGHT_PER_STREAM,
                                         protocol=SHARD_PROTOCOL_ID,
                                         max_inflight_bytes=shard_inflight_bytes(self.reply_bytes),
-                                        peer_limits=peer_limits)
+                                        peer_limits=peer_limits, traffic=traffic)
             self.rpc_server.install()
 
     @property
@@ -124,6 +132,13 @@ class ShardNetwork:
         pooled from an earlier factory are kept until ``close``."""
         with self._lock:
             self._direct_transport = factory
+
+    def set_traffic(self, traffic: Traffic | None) -> None:
+        """Cap (and count) shard traffic from now on; None: uncapped. Safe from any thread
+        (each request and download reads the attribute once)."""
+        self.traffic = traffic
+        if self.rpc_server is not None:
+            self.rpc_server.traffic = traffic
 
     def holders(self, uids: Sequence[str], timeout: float = HOLDERS_TIMEOUT_S) -> dict[str, list[ServerEntry]]:
         """uid -> live entries listing it (see module docstring); {} entries on timeout."""
@@ -144,7 +159,8 @@ class ShardNetwork:
 
         async def run() -> Any:
             with trio.fail_after(timeout):
-                return await download_shard(client, cache, uid, fingerprint, root, srcs, progress)
+                return await download_shard(client, cache, uid, fingerprint, root, srcs, progress,
+                                            traffic=self.traffic)
 
         return self._thread.call(run)
 

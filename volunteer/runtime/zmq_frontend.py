@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 
+from volunteer.net.rate_limit import Traffic
 from volunteer.runtime.loop import ServingLoop
 from volunteer.runtime.runtime import Runtime
 from volunteer.runtime.zmtp_conn import Alloc, ZmtpConn
@@ -67,11 +68,15 @@ class ZmqFrontend:
     ``server`` overrides fields of the derived ``ZmtpServerLimits`` (tests, tuning).
     ``alloc(size)`` allocates the buffer every received frame lands in (default
     ``bytearray(size)``; e.g. pinned host memory on a GPU node; see
-    ``volunteer.runtime.zmtp_conn``): requests' tensors wrap these buffers."""
+    ``volunteer.runtime.zmtp_conn``): requests' tensors wrap these buffers. ``traffic`` (a
+    ``volunteer.net.rate_limit.Traffic``, None: uncapped) caps the upload and download rate
+    of every connection together and counts the bytes (read at ``start``)."""
 
     def __init__(self, runtime: Runtime, bind: str = "tcp://127.0.0.1:0",
-                 server: dict | None = None, alloc: Alloc | None = None) -> None:
+                 server: dict | None = None, alloc: Alloc | None = None,
+                 traffic: Traffic | None = None) -> None:
         self.runtime = runtime
+        self.traffic = traffic
         self._alloc = alloc
         self.bind = bind
         self.endpoint: str | None = None
@@ -89,7 +94,8 @@ class ZmqFrontend:
         io = ServingLoop(_no_work, _nothing, name="volunteer-zmtp")
         server = ZmtpServer(io, server_limits(self.runtime.limits, **self._overrides),
                             self.runtime.reserve_bytes, self.runtime.release_bytes,
-                            self._on_message, self._on_refused, alloc=self._alloc)
+                            self._on_message, self._on_refused, alloc=self._alloc,
+                            traffic=self.traffic)
         try:
             bound_host, bound_port = server.bind(host, port)
         except OSError as e:

@@ -133,10 +133,13 @@ class ZmtpConn:
         "refusal",
         "release",
         "reserve",
+        "rx_paused_at",
+        "rx_timer",
         "size",
         "skip",
         "sock",
         "state",
+        "tx_timer",
         "want_write",
     )
 
@@ -170,6 +173,11 @@ class ZmtpConn:
         self.out_bytes = 0
         self.want_write = False
         self.pongs: list[bytes] = []  # PONG commands to send (the server flushes them)
+        # bandwidth caps (``ZmtpServer(traffic=...)``): a loop timer that resumes reading /
+        # writing once the bucket has refilled (None: not held back), and when reads paused
+        self.rx_timer: list | None = None
+        self.tx_timer: list | None = None
+        self.rx_paused_at = 0.0
 
     # -- state --
 

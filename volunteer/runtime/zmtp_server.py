@@ -30,6 +30,14 @@ Beyond those: a fixed 256 KiB read buffer shared by all connections, and per con
 frame-header buffer (<= 9 bytes) and one command (<= 4 KiB). Anything malformed closes the
 connection (counted); no exception leaves a handler.
 
+**Bandwidth caps** (``traffic``, a ``volunteer.net.rate_limit.Traffic``; None: no shaping,
+and the hot path pays one ``is None`` test): a connection reads at most what the download
+bucket holds and writes at most what the upload bucket holds; when a bucket runs dry the
+connection's reads (or writes) leave the epoll mask and a loop timer brings them back once
+``MIN_CHUNK`` bytes have refilled. Nothing sleeps in the IO thread, other connections go on,
+and the kernel's socket buffers push back on the peer. The time a connection is held back
+does not count against its message or stall deadlines.
+
 Replies are written with ``sendmsg`` straight from the caller's buffers (tensor memory is
 never copied); large frame bodies are read with ``recv_into`` into their own preallocated
 buffer, small ones through the shared buffer. Every frame body's buffer comes from ``alloc``
@@ -39,15 +47,18 @@ by default, pinned host memory on a GPU node.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
+import select
 import socket
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from volunteer.net.rate_limit import TokenBucket, Traffic
 from volunteer.runtime.loop import READ, WRITE, ServingLoop
 from volunteer.runtime.zmtp_conn import (
     HELLO,
@@ -67,6 +78,8 @@ DIRECT_MIN = 64 * 1024  # a frame body with at least this much left is read stra
 READ_BURST = 8 * 2**20  # bytes read from one connection per wake-up (fairness)
 ACCEPT_BURST = 64
 IOV_MAX = 512
+MIN_CHUNK = 16 * 1024  # a capped connection waits for at least this much (or a full bucket)
+_HANGUP = select.EPOLLHUP | select.EPOLLERR
 _LONG_HEADER = struct.Struct(">BQ")
 
 # on_message(conn, frames, held): a complete message; ``held`` bytes stay reserved until the
@@ -96,12 +109,15 @@ class ZmtpServer:
     except ``bind`` (before ``attach``) and ``close`` once the loop is gone.
 
     ``alloc(size)`` allocates every frame body (default ``bytearray(size)``); it runs in the
-    loop's thread, after the frame's bytes were reserved."""
+    loop's thread, after the frame's bytes were reserved. ``traffic`` caps and counts the
+    bytes (see the module docstring); None, the default, shapes nothing."""
 
     def __init__(self, loop: ServingLoop, limits: ZmtpServerLimits,
                  reserve: Callable[[int], RemoteError | None], release: Callable[[int], None],
-                 on_message: OnMessage, on_refused: OnRefused, alloc: Alloc | None = None) -> None:
+                 on_message: OnMessage, on_refused: OnRefused, alloc: Alloc | None = None,
+                 traffic: Traffic | None = None) -> None:
         self.loop = loop
+        self.traffic = traffic
         self._alloc = alloc
         self.limits = limits
         self._conn_limits = ConnLimits(limits.max_frame_bytes, limits.max_frames,
@@ -220,27 +236,42 @@ class ZmtpServer:
         if events & WRITE:
             self._flush(conn)
         if events & ~WRITE and conn.sock is not None:
+            if conn.rx_timer is not None:  # reads held back by the download cap
+                if events & _HANGUP:
+                    self.counters["closed_by_peer"] += 1
+                    self._close(conn, "peer hung up")
+                return
             self._read(conn)
 
     def _read(self, conn: ZmtpConn) -> None:
         sock = conn.sock
         scratch = self._scratch_mv
+        traffic = self.traffic
         left = READ_BURST
+        if traffic is not None and traffic.down is not None:
+            left = self._allowance(conn, traffic.down, True)
         try:
             while left > 0 and conn.sock is not None:
                 direct = conn.body_view()
                 if direct is not None and len(direct) >= DIRECT_MIN:
+                    if traffic is not None and len(direct) > left:
+                        direct = direct[:left]
                     n = sock.recv_into(direct)
                     if n == 0:
                         raise EOFError
+                    if traffic is not None:
+                        traffic.received(n)
                     conn.advance(n, self._done)
                     drained = n < len(direct)
                 else:
-                    n = sock.recv_into(scratch)
+                    buf = scratch if traffic is None or left >= SCRATCH else scratch[:left]
+                    n = sock.recv_into(buf)
                     if n == 0:
                         raise EOFError
+                    if traffic is not None:
+                        traffic.received(n)
                     conn.feed(scratch, n, self._done)
-                    drained = n < SCRATCH
+                    drained = n < len(buf)
                 left -= n
                 if conn.pongs and conn.sock is not None:
                     pongs, conn.pongs = conn.pongs, []
@@ -321,8 +352,17 @@ class ZmtpServer:
         sock = conn.sock
         if sock is None:
             return
+        traffic = self.traffic
+        if traffic is not None and conn.tx_timer is not None:
+            return  # held back by the upload cap: the timer flushes
         while out:
-            batch = list(itertools.islice(out, IOV_MAX)) if len(out) > IOV_MAX else list(out)
+            if traffic is not None and traffic.up is not None:
+                limit = self._allowance(conn, traffic.up, False)
+                if not limit:
+                    break
+                batch = _take(out, limit)
+            else:
+                batch = list(itertools.islice(out, IOV_MAX)) if len(out) > IOV_MAX else list(out)
             try:
                 sent = sock.sendmsg(batch)
             except (BlockingIOError, InterruptedError):
@@ -331,6 +371,8 @@ class ZmtpServer:
                 self.counters["closed_by_peer"] += 1
                 self._close(conn, f"send: {e}")
                 return
+            if traffic is not None:
+                traffic.sent(sent)
             conn.out_bytes -= sent
             conn.last_tx = time.monotonic()
             while sent:
@@ -341,10 +383,53 @@ class ZmtpServer:
                     break
                 sent -= n
                 out.popleft()
-        want = bool(out)
+        want = bool(out) and conn.tx_timer is None
         if want != conn.want_write:
             conn.want_write = want
-            self.loop.modify(conn.fd, READ | WRITE if want else READ)
+            self._set_mask(conn)
+
+    # -- bandwidth caps (only with ``traffic``) --
+
+    def _set_mask(self, conn: ZmtpConn) -> None:
+        if conn.sock is not None:
+            self.loop.modify(conn.fd, (READ if conn.rx_timer is None else 0)
+                             | (WRITE if conn.want_write else 0))
+
+    def _allowance(self, conn: ZmtpConn, bucket: TokenBucket, rx: bool) -> int:
+        """Bytes ``conn`` may move now (at most ``READ_BURST``); 0 after pausing it."""
+        chunk = min(MIN_CHUNK, bucket.burst)
+        avail = bucket.available()
+        if avail >= chunk:
+            return min(READ_BURST, int(avail))
+        delay = max(bucket.wait_time(chunk), 0.001)
+        timer: list = []
+
+        def fire() -> None:  # a timer: resume through call_soon so a new timer is seen
+            self.loop.cancel(timer[0])
+            self.loop.call_soon(self._resume, conn, rx)
+
+        timer.append(self.loop.every(delay, fire))
+        if rx:
+            conn.rx_timer = timer[0]
+            conn.rx_paused_at = time.monotonic()
+        else:
+            conn.tx_timer = timer[0]
+        self._set_mask(conn)
+        return 0
+
+    def _resume(self, conn: ZmtpConn, rx: bool) -> None:
+        if conn.sock is None:
+            return
+        now = time.monotonic()
+        if rx:
+            conn.rx_timer = None
+            if conn.msg_start:  # the time this node held the message back is not the peer's
+                conn.msg_start = min(now, conn.msg_start + now - conn.rx_paused_at)
+            self._set_mask(conn)  # epoll says when there is something to read
+        else:
+            conn.tx_timer = None
+            conn.last_tx = now
+            self._flush(conn)
 
     # -- deadlines and closing --
 
@@ -358,9 +443,10 @@ class ZmtpServer:
             why = None
             if conn.state != READY and now - conn.created > lim.handshake_timeout_s:
                 why = "no handshake in time"
-            elif conn.msg_start and now - conn.msg_start > lim.message_timeout_s:
+            elif (conn.msg_start and conn.rx_timer is None
+                  and now - conn.msg_start > lim.message_timeout_s):
                 why = "message not finished in time"
-            elif conn.out and now - conn.last_tx > lim.stall_timeout_s:
+            elif conn.out and conn.tx_timer is None and now - conn.last_tx > lim.stall_timeout_s:
                 why = "replies not read in time"
             elif conn.idle() and now - conn.last_active > lim.idle_timeout_s:
                 why = "idle"
@@ -375,6 +461,10 @@ class ZmtpServer:
         if why:
             log.debug("closing ZMTP connection from %s: %s", conn.peer, why)
         conn.sock = None
+        for timer in (conn.rx_timer, conn.tx_timer):
+            if timer is not None:
+                self.loop.cancel(timer)
+        conn.rx_timer = conn.tx_timer = None
         self._conns.pop(conn.fd, None)
         self.loop.unregister(conn.fd)
         with contextlib.suppress(OSError):
@@ -383,6 +473,20 @@ class ZmtpServer:
         conn.out.clear()
         conn.out_bytes = 0
         conn.inflight = 0
+
+
+def _take(out: collections.deque, limit: int) -> list:
+    """The leading parts of ``out`` holding at most ``limit`` bytes (the last one cut)."""
+    batch: list = []
+    for part in itertools.islice(out, IOV_MAX):
+        n = part.nbytes if type(part) is memoryview else len(part)
+        if n > limit:
+            if limit:
+                batch.append(_bytes_view(part)[:limit])
+            break
+        batch.append(part)
+        limit -= n
+    return batch
 
 
 def _bytes_view(part: object) -> memoryview:
