@@ -11,11 +11,13 @@ import os
 import typer
 
 from volunteer.cli.admission import admission_app
+from volunteer.cli.doctor import doctor
 from volunteer.cli.info import info
 from volunteer.cli.join import join
 from volunteer.cli.leave import leave
 from volunteer.cli.settings_cmd import settings
 from volunteer.cli.status import status
+from volunteer.cli.swarm import swarm
 
 HELP = """volunteer: lend your GPU or CPU to train one large neural network with strangers.
 
@@ -31,6 +33,8 @@ app.command()(status)
 app.command()(leave)
 app.command()(info)
 app.command()(settings)
+app.command()(doctor)
+app.command()(swarm)
 app.add_typer(admission_app, name="admission")
 
 

@@ -1,0 +1,84 @@
+"""The swarm as the DHT shows it, derived from a ``Census`` without any I/O (pure).
+
+``summarise(census, experiment)`` -> a JSON-ready dict (the shape ``volunteer swarm --json``
+prints and ``volunteer.status.swarm_table`` renders):
+
+- ``volunteers``: one row per peer (its freshest entry): reachability class, state, load,
+  free slots, how many uids it lists, its first addresses;
+- ``reachability``: the mix, each volunteer counted once: ``public`` (its record says so),
+  ``relayed`` (not public, but announces a ``/p2p-circuit`` address: reachable through a
+  relay), ``private`` (not public, no relay: nobody can dial it), ``unknown``;
+- ``uids``: every uid of the grid with its replicas (peer, version = updates applied, load,
+  state), ``unserved``: the uids no serving replica lists;
+- ``totals`` and ``lookups`` (prefixes that did not answer, whether the grid was cut).
+
+Every number comes from signed records, which proves only who wrote it: the record reader
+already bounded each field (``record_fields``: load in [0, 1], versions <= 2^53, at most 16
+addresses), and here replicas are one per peer per uid (``SwarmView.others``: the freshest),
+so a peer cannot inflate a uid's replica count by announcing it twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from volunteer.daemon.swarm_view import SwarmView
+from volunteer.doctor.census import Census
+from volunteer.net.records import ServerEntry
+
+PUBLIC = "public"
+RELAYED = "relayed"
+PRIVATE = "private"
+UNKNOWN = "unknown"
+CLASSES = (PUBLIC, RELAYED, PRIVATE, UNKNOWN)
+SHOWN_ADDRS = 2
+
+
+def reach_class(entry: ServerEntry) -> str:
+    """public / relayed / private / unknown for one record (see module docstring)."""
+    if entry.reachability == PUBLIC:
+        return PUBLIC
+    if any("/p2p-circuit" in a for a in entry.addrs):
+        return RELAYED
+    return PRIVATE if entry.reachability == PRIVATE else UNKNOWN
+
+
+def summarise(census: Census, experiment: str) -> dict[str, Any]:
+    """The JSON-ready view of ``census`` (see module docstring)."""
+    view = SwarmView(census.entries, me="")
+    latest: dict[str, ServerEntry] = {}
+    listed: dict[str, int] = {}
+    uids: list[dict[str, Any]] = []
+    unserved: list[str] = []
+    for uid in census.uids:
+        child = uid.rsplit(".", 1)[1]
+        rows = []
+        for e in sorted(view.others(uid), key=lambda e: e.peer_id):
+            info = e.shard(child)
+            rows.append({"peer_id": e.peer_id, "version": info.version if info else None,
+                         "load": e.load, "state": e.state})
+            listed[e.peer_id] = listed.get(e.peer_id, 0) + 1
+            old = latest.get(e.peer_id)
+            if old is None or e.freshness() > old.freshness():
+                latest[e.peer_id] = e
+        uids.append({"uid": uid, "replicas": rows})
+        if not any(r["state"] == "serving" for r in rows):
+            unserved.append(uid)
+    volunteers = [{"peer_id": pid, "reachability": reach_class(e), "state": e.state, "load": e.load,
+                   "free": e.free, "uids": listed[pid], "addrs": list(e.addrs[:SHOWN_ADDRS])}
+                  for pid, e in sorted(latest.items())]
+    mix = {c: sum(1 for v in volunteers if v["reachability"] == c) for c in CLASSES}
+    replicas = sum(len(u["replicas"]) for u in uids)
+    return {
+        "experiment": experiment,
+        "grid": {"prefix": census.prefix, "dims": list(census.dims), "size": len(census.uids),
+                 "truncated": census.truncated},
+        "volunteers": volunteers,
+        "reachability": mix,
+        "uids": uids,
+        "unserved": unserved,
+        "totals": {"volunteers": len(volunteers), "uids": len(uids), "served": len(uids) - len(unserved),
+                   "unserved": len(unserved), "replicas": replicas,
+                   "draining": sum(1 for v in volunteers if v["state"] == "draining")},
+        "lookups": {"unanswered": list(census.unanswered)},
+    }
