@@ -97,6 +97,19 @@ class Setting:
         return f"{AUTO} or {name}" if self.auto else name
 
 
+class ByteSetting(Setting):
+    """A byte count or rate: an integer or a human size (``1.5MB/s``, ``500k``, ``2MiB``), read
+    by ``volunteer.net.rate_limit.parse_bytes`` (the one parser of sizes)."""
+
+    def _convert(self, value: Any) -> Any:
+        from volunteer.net.rate_limit import parse_bytes
+
+        return parse_bytes(value)
+
+    def _expected(self) -> str:
+        return "a size in bytes such as 1500000, 500k, 1.5MB or 2MiB (0 = unlimited)"
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("device", str, "auto", "compute devices: auto (every GPU, experts placed across them; "
             "else CPU), cpu, cuda, cuda:N, a list cuda:0,cuda:1 or mps"),
@@ -116,6 +129,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shard_cache_bytes", int, 4 * 2**30, "disk cap of the expert shard cache (downloads and the shards this "
             "node hands out); least recently used shards go first", 64 * 2**20, 2**50),
     Setting("selfbench", bool, True, "measure expert throughput on first join (cached per device and expert)"),
+    ByteSetting("max_upload_rate", int, 0, "upload cap on expert and shard traffic, all peers together, in "
+                "bytes/s (units allowed: 500k, 1.5MB/s, 2MiB/s); 0 = unlimited", 0, 2**40),
+    ByteSetting("max_download_rate", int, 0, "download cap on expert and shard traffic, all peers together, in "
+                "bytes/s (units allowed: 500k, 1.5MB/s, 2MiB/s); 0 = unlimited", 0, 2**40),
+    ByteSetting("daily_transfer_cap", int, 0, "bytes in + out per UTC day on expert and shard traffic (e.g. 5GB); "
+                "once reached the node takes no new work until 00:00 UTC; 0 = unlimited", 0, 2**50),
+    Setting("metrics_enabled", bool, False, "serve Prometheus metrics (the status figures) over HTTP at "
+            "metrics_host:metrics_port/metrics"),
+    Setting("metrics_host", str, "127.0.0.1", "address the Prometheus endpoint binds (loopback by default; "
+            "0.0.0.0 exposes it to the network)"),
+    Setting("metrics_port", int, 9477, "port of the Prometheus endpoint (0 = any free port, logged)", 0, 65535),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
