@@ -129,6 +129,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shard_cache_bytes", int, 4 * 2**30, "disk cap of the expert shard cache (downloads and the shards this "
             "node hands out); least recently used shards go first", 64 * 2**20, 2**50),
     Setting("selfbench", bool, True, "measure expert throughput on first join (cached per device and expert)"),
+    # resource rules (volunteer.daemon.rules): when they apply the node pauses (experts stay loaded)
+    Setting("schedule", str, "", 'when this node may work, in local time, e.g. "mon-fri 18:00-08:00, sat-sun '
+            'all day" (days mon..sun, ranges, daily; HH:MM-HH:MM or "all day"); empty = any time'),
+    Setting("pause_on_battery", bool, True, "pause while the machine runs on battery (no battery: never)"),
+    Setting("idle_minutes", float, 0.0, "run only after this many minutes without user input (terminals, input "
+            "devices, X11 via xprintidle; where none is readable the rule cannot tell and never pauses); "
+            "0 = off", 0, 1440),
+    Setting("other_cpu_limit_pct", float, 0.0, "pause while other programs use more than this % of the "
+            "machine's CPU (all cores = 100); 0 = off", 0, 100),
     ByteSetting("max_upload_rate", int, 0, "upload cap on expert and shard traffic, all peers together, in "
                 "bytes/s (units allowed: 500k, 1.5MB/s, 2MiB/s); 0 = unlimited", 0, 2**40),
     ByteSetting("max_download_rate", int, 0, "download cap on expert and shard traffic, all peers together, in "
