@@ -83,5 +83,5 @@ def check_clock(skews: list[Skew], ttl: float) -> Check:
     if hi < -WARN_SKEW_S:
         return warn("clock", f"this clock is ahead of the swarm by {-hi:.0f}..{-lo:.0f} s "
                     f"({len(skews)} peer(s))", fix, **data)
-    return ok("clock", f"within {max(abs(lo), abs(hi)):.0f} s of {len(skews)} peer(s) "
-              "(from their signed record timestamps)", **data)
+    return ok("clock", f"no skew found: peers' clocks minus ours lie in {lo:+.0f}..{hi:+.0f} s "
+              f"(median of {len(skews)} peer(s), from their signed record timestamps)", **data)

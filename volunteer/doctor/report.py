@@ -95,7 +95,8 @@ def render_text(report: Report, width: int = 80) -> str:
     lines = [f"doctor: experiment {report.experiment}, home {report.home}"]
     for c in report.checks:
         head = f"[{c.verdict:^4}] {c.name:<{name_w}} "
-        body = textwrap.wrap(c.detail, max(20, width - lead)) or [""]
+        body = textwrap.wrap(c.detail, max(20, width - lead), break_long_words=False,
+                             break_on_hyphens=False) or [""]  # an address stays whole
         lines.append(head + body[0])
         lines.extend(" " * lead + more for more in body[1:])
         if c.fix:
