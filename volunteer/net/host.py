@@ -50,6 +50,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from volunteer.net import libp2p_adapter as lp
+from volunteer.net.listen_error import listen_error, port_holder_error, shared_port_error
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +162,38 @@ def build_host(
     return host
 
 
+def tcp_listen_targets(addrs: Sequence[multiaddr.Multiaddr]) -> list[tuple[str, int]]:
+    """(ip, port) of each ``/ip4|ip6/A/tcp/P`` listen address (port 0: any free port)."""
+    out = []
+    for addr in addrs:
+        parts = {p.name: addr.value_for_protocol(p.code) for p in addr.protocols()}
+        ip = parts.get("ip4") or parts.get("ip6")
+        if ip and parts.get("tcp") is not None:
+            out.append((str(ip), int(parts["tcp"])))
+    return out
+
+
 @asynccontextmanager
 async def run_host(host: IHost, listen_addrs: Sequence[str] = DEFAULT_LISTEN) -> AsyncIterator[IHost]:
     """Listen on ``listen_addrs`` for the duration of the block; close the host after. The
-    node connects on demand: py-libp2p's auto-connector is stopped (``stop_auto_connector``)."""
+    node connects on demand: py-libp2p's auto-connector is stopped (``stop_auto_connector``).
+
+    Raises ``ListenError`` (``volunteer.net.listen_error``) when a fixed port is held by
+    anyone, another libp2p listener included: py-libp2p's listener sets SO_REUSEPORT (DCUtR
+    needs it), so without these checks a second daemon would share the port silently.
+    """
     addrs = [multiaddr.Multiaddr(a) for a in listen_addrs]
+    targets = tcp_listen_targets(addrs)
+    for ip, port in targets:  # a port held by anyone, reuse-port listeners included
+        if port and (err := port_holder_error(ip, port)) is not None:
+            raise err
     async with host.run(addrs):
         try:
+            if targets and not host.get_transport_addrs():  # py-libp2p only logs a failed listen
+                raise listen_error(*targets[0])
+            for ip, port in targets:  # bound meanwhile by another process (SO_REUSEPORT)
+                if port and (err := shared_port_error(ip, port)) is not None:
+                    raise err
             try:
                 await lp.stop_auto_connector(host)
             except lp.Libp2pInternalsError as e:  # a newer py-libp2p: it just keeps meshing
