@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -22,7 +22,9 @@ def status(
 ) -> None:
     """Show the running node: state, device, each hosted expert's load, network, and why it is idle or degraded.
 
-    On a terminal this is a live dashboard (Ctrl-C to quit); piped, it prints plain text once.
+    On a terminal this is a live dashboard (Ctrl-C to quit) laid out for the terminal's width;
+    piped, it prints plain text once. The addresses other volunteers pass to --bootstrap are
+    printed whole, each on a line of its own.
     """
     from volunteer.daemon.control_client import call
     from volunteer.daemon.home import resolve_home
@@ -38,29 +40,37 @@ def status(
 
             sys.stdout.write(render_plain(snap) + "\n")
             return
-        from volunteer.status.dashboard import render_dashboard
+        from volunteer.status.dashboard import print_dashboard
 
         console = stdout_console()
         if once:
-            console.print(render_dashboard(snap))
+            print_dashboard(console, snap)
             return
         _live(root, console, snap, interval)
 
 
-def _live(root: Path, console: object, snap: dict, interval: float) -> None:
+def _live(root: Path, console: Any, snap: dict, interval: float) -> None:
+    """Redraw the dashboard every ``interval`` s; the addresses to copy are printed above the
+    redrawn area (whole, soft-wrapped), once and again whenever they change."""
     from rich.live import Live
 
     from volunteer.daemon.control_client import ControlError, DaemonNotRunningError, call
-    from volunteer.status.dashboard import render_dashboard
+    from volunteer.status.dashboard import print_addresses, render_dashboard
+    from volunteer.status.network_view import copy_addresses
 
+    shown = copy_addresses(snap)
+    print_addresses(console, shown)
     try:
-        with Live(render_dashboard(snap), console=console, auto_refresh=False, screen=False) as live:  # type: ignore[arg-type]
+        with Live(render_dashboard(snap), console=console, auto_refresh=False, screen=False) as live:
             while True:
                 time.sleep(interval)
                 try:
                     snap = call(root, "status")
                 except (DaemonNotRunningError, ControlError):
                     break
+                if copy_addresses(snap) != shown:
+                    shown = copy_addresses(snap)
+                    print_addresses(live.console, shown)
                 live.update(render_dashboard(snap), refresh=True)
     except KeyboardInterrupt:
         return

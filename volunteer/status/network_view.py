@@ -5,6 +5,10 @@ use, connected peers (direct / relayed / hole-punched), the DHT announce state (
 announced, hosted uids, last announce, heartbeats), bootstrap progress and expert-RPC
 counters. ``--json`` carries the whole section. Unknown or odd values render as "n/a";
 a section that is not a mapping renders as "not connected".
+
+The addresses others pass to ``--bootstrap`` are not table cells (a cell wraps or cuts them):
+``copy_addresses`` lists them for both views to print on lines of their own, whole, under
+``COPY_HEADING``; the ``addresses`` row only counts them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Any
 from volunteer.status import fmt
 
 MAX_ADDRS_SHOWN = 4
+MAX_CIRCUITS_SHOWN = 2
+COPY_HEADING = "addresses to copy (others join with --bootstrap ADDRESS):"
 
 
 def network_rows(snapshot: dict[str, Any]) -> list[tuple[str, str]]:
@@ -25,7 +31,7 @@ def network_rows(snapshot: dict[str, Any]) -> list[tuple[str, str]]:
         return [("error", str(net["error"]))]
     rows = [
         ("peer id", str(net.get("peer_id") or "n/a")),
-        ("addresses", _addrs(net.get("addrs"))),
+        ("addresses", _addrs_count(net)),
         ("reachability", _reachability(net)),
         ("relay", _relay(net)),
         ("peers", _peers(net)),
@@ -60,12 +66,34 @@ def _int(value: Any) -> str:
     return "n/a" if v is None else str(int(v))
 
 
-def _addrs(addrs: Any) -> str:
-    if not isinstance(addrs, list) or not addrs:
+def copy_addresses(snapshot: dict[str, Any]) -> list[str]:
+    """The node's multiaddrs to print whole (the first ``MAX_ADDRS_SHOWN`` direct ones, then
+    up to ``MAX_CIRCUITS_SHOWN`` relay circuits), a ``(+N more)`` line when some are left out."""
+    net = snapshot.get("network")
+    if not isinstance(net, dict):
+        return []
+    out: list[str] = []
+    for key, limit in (("addrs", MAX_ADDRS_SHOWN), ("relay_addrs", MAX_CIRCUITS_SHOWN)):
+        value = net.get(key)
+        addrs = [a for a in value if _printable_addr(a)] if isinstance(value, list) else []
+        out += addrs[:limit]
+        if len(addrs) > limit:
+            out.append(f"(+{len(addrs) - limit} more)")
+    return out
+
+
+def _printable_addr(addr: Any) -> bool:
+    """A multiaddr never holds spaces or control characters (a relay's may come from a peer)."""
+    return isinstance(addr, str) and bool(addr) and addr.isprintable() and not any(c.isspace() for c in addr)
+
+
+def _addrs_count(net: dict[str, Any]) -> str:
+    direct = net.get("addrs") if isinstance(net.get("addrs"), list) else []
+    circuits = net.get("relay_addrs") if isinstance(net.get("relay_addrs"), list) else []
+    if not direct and not circuits:
         return "none"
-    shown = [str(a) for a in addrs[:MAX_ADDRS_SHOWN]]
-    more = len(addrs) - len(shown)
-    return "\n".join(shown) + (f"\n(+{more} more)" if more > 0 else "")
+    text = f"{len(direct)} direct" + (f", {len(circuits)} relay circuit(s)" if circuits else "")
+    return text + " (listed on their own lines to copy)"
 
 
 def _relay(net: dict[str, Any]) -> str:
@@ -93,7 +121,7 @@ def _dht(net: dict[str, Any]) -> str:
 
 def _bootstrap(net: dict[str, Any]) -> str:
     if net.get("new_swarm"):
-        return "new swarm (others join with --bootstrap <one of the addresses above>)"
+        return "new swarm (others join with --bootstrap <one of the addresses to copy>)"
     boot = net.get("bootstrap") if isinstance(net.get("bootstrap"), dict) else {}
     text = (f"{_int(boot.get('peers'))} peer(s) configured, {_int(boot.get('successes'))} of "
             f"{_int(boot.get('attempts'))} round(s) succeeded")

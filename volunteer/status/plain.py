@@ -1,11 +1,21 @@
-"""Plain-text status: stable lines for pipes, logs and terminals without colour."""
+"""Plain-text status: stable lines for pipes, logs and terminals without colour.
+
+Labelled lines and blocks, never cut to a width (a pipe has none). The addresses others pass
+to ``--bootstrap`` end the text, each whole on a line of its own under a heading, so that
+``volunteer status | tail -n 1`` or a copy from a terminal yields one address intact. A
+paused node says why on its state line (``paused: on battery``); lifetime contribution has a
+line when the daemon reports it.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from volunteer.status import fmt
-from volunteer.status.network_view import network_rows
+from volunteer.status.contribution_view import TITLE as CONTRIBUTION_TITLE
+from volunteer.status.contribution_view import contribution_lines
+from volunteer.status.network_view import COPY_HEADING, copy_addresses, network_rows
+from volunteer.status.pause_view import pause_text
 from volunteer.status.replicas_view import replica_rows
 from volunteer.status.shards_view import shard_rows
 
@@ -42,6 +52,7 @@ def _total_latency(lat: dict[str, Any], q: str) -> float | None:
 
 
 def render_plain(snapshot: dict[str, Any]) -> str:
+    """The whole status as text lines (see the module docstring)."""
     node, exp = fmt.section(snapshot, "node"), fmt.section(snapshot, "experiment")
     dev, system = fmt.section(snapshot, "device"), fmt.section(snapshot, "system")
     health, ckpt = fmt.section(snapshot, "health"), fmt.section(snapshot, "checkpoints")
@@ -49,18 +60,20 @@ def render_plain(snapshot: dict[str, Any]) -> str:
         f"node        {node.get('home', 'n/a')} (pid {node.get('pid', 'n/a')}, volunteer {node.get('version', 'n/a')})",
         f"experiment  {exp.get('name', 'n/a')} v{exp.get('version', 'n/a')} ({exp.get('source', 'n/a')})"
         + fmt.wire_text(exp),
-        f"state       {snapshot.get('state', 'n/a')}   uptime {fmt.duration(node.get('uptime_s'))}",
+        f"state       {snapshot.get('state', 'n/a')}   uptime {fmt.duration(node.get('uptime_s'))}"
+        + (f"   {paused}" if (paused := pause_text(snapshot)) else ""),
         f"endpoint    {snapshot.get('endpoint') or 'n/a'}",
         f"device      {dev.get('description') or dev.get('name', 'n/a')}   util {fmt.pct(dev.get('utilization_pct'))}"
         f"   mem {fmt.used_of(dev.get('memory_used_bytes'), dev.get('memory_total_bytes'))}"
         + (f"   torch threads {dev['torch_threads']}" if dev.get("torch_threads") else ""),
         f"system      cpu {fmt.pct(system.get('cpu_pct'))} of {system.get('cpu_count', 'n/a')}   ram "
         f"{fmt.used_of(system.get('ram_used_bytes'), system.get('ram_total_bytes'))}",
-        f"checkpoints every {fmt.duration(ckpt.get('interval_s'))}, last {_ago(ckpt.get('last_age_s'))}"
+        f"checkpoints every {fmt.duration(ckpt.get('interval_s'))}, last {fmt.ago(ckpt.get('last_age_s'))}"
         + (f", error: {ckpt['last_error']}" if ckpt.get("last_error") else ""),
         f"health      {health.get('level', 'n/a')}" + (f": {health['why']}" if health.get("why") else ""),
-        "",
     ]
+    lines += [f"{CONTRIBUTION_TITLE}: {line}" for line in contribution_lines(snapshot)]
+    lines.append("")
     rows = expert_rows(snapshot)
     if rows:
         cols = list(rows[0])
@@ -82,6 +95,9 @@ def render_plain(snapshot: dict[str, Any]) -> str:
         lines += _block("network", net)
     else:
         lines.append("network     not connected (network disabled)")
+    addresses = copy_addresses(snapshot)
+    if addresses:
+        lines += ["", COPY_HEADING, *addresses]
     return "\n".join(lines)
 
 
@@ -94,7 +110,3 @@ def _block(title: str, rows: list[tuple[str, str]]) -> list[str]:
         out.append(f"  {key.ljust(width)}  {first}")
         out += [f"  {'':{width}}  {more}" for more in rest]
     return out
-
-
-def _ago(age: Any) -> str:
-    return "never" if fmt.num(age) is None else fmt.duration(age) + " ago"

@@ -47,8 +47,7 @@ def replica_rows(snapshot: dict[str, Any]) -> list[tuple[str, str]]:
         if count == 0:
             rows.append((uid, "no other replica: nothing to average"))
             continue
-        age = u.get("last_exchange_age_s")
-        last = "never" if fmt.num(age) is None else f"{fmt.duration(age)} ago"
+        last = fmt.ago(u.get("last_exchange_age_s"))
         failures = fmt.errors_text(u.get("failures"))
         rows.append((uid, f"{count} other replica(s); divergence {divergence_text(u.get('last_divergence'))}; "
                           f"{u.get('exchanges_ok', 'n/a')} exchange(s), {u.get('exchanges_failed', 'n/a')} failed"
