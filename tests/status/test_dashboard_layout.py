@@ -144,6 +144,8 @@ def test_pause_and_contribution_are_optional() -> None:
     snap["pause"] = {"paused": True, "reason": "on battery", "until": time.time() + 3600}
     text = render_plain(snap)
     assert "paused: on battery (resumes in 59m" in text or "paused: on battery (resumes in 1h 00m)" in text
+    snap["pause"] = {"paused": True, "reason": "paused by you until 14:05", "until": None}
+    assert "paused by you until 14:05" in render_plain(snap) and "paused: paused" not in render_plain(snap)
 
 
 def test_plain_prints_addresses_whole_last_and_pause_and_contribution() -> None:

@@ -91,8 +91,6 @@ def _build(snapshot: dict[str, Any], experts: Table) -> Group:
     why = Text(f"health: {level}", style=LEVEL_STYLE.get(level, ""))
     if health.get("why"):
         why.append(f"  {health['why']}")
-    if paused:
-        why.append(f"   {paused}", style="yellow")
     return Group(*parts, why)
 
 
