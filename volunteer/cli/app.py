@@ -15,6 +15,8 @@ from volunteer.cli.doctor import doctor
 from volunteer.cli.info import info
 from volunteer.cli.join import join
 from volunteer.cli.leave import leave
+from volunteer.cli.logs import logs
+from volunteer.cli.service import service_app
 from volunteer.cli.settings_cmd import settings
 from volunteer.cli.status import status
 from volunteer.cli.swarm import swarm
@@ -35,7 +37,9 @@ app.command()(info)
 app.command()(settings)
 app.command()(doctor)
 app.command()(swarm)
+app.command()(logs)
 app.add_typer(admission_app, name="admission")
+app.add_typer(service_app, name="service")
 
 
 def _print_version(value: bool) -> None:
