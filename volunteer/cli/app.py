@@ -15,6 +15,7 @@ from volunteer.cli.doctor import doctor
 from volunteer.cli.info import info
 from volunteer.cli.join import join
 from volunteer.cli.leave import leave
+from volunteer.cli.pause import pause, resume
 from volunteer.cli.logs import logs
 from volunteer.cli.service import service_app
 from volunteer.cli.settings_cmd import settings
@@ -35,6 +36,8 @@ app.command()(status)
 app.command()(leave)
 app.command()(info)
 app.command()(settings)
+app.command()(pause)
+app.command()(resume)
 app.command()(doctor)
 app.command()(swarm)
 app.command()(logs)

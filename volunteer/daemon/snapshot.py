@@ -33,7 +33,15 @@ Shape (all JSON; every section present, values may be null)::
                   exchanges_ok, exchanges_failed, failures {code: n}, inbound_ok,
                   inbound_refused {code: n}, last_exchange_at, last_exchange_age_s, last_peer};
                   null without a peer network or with ``averaging.replica_period_s: 0``
-    health        level (ok|idle|degraded|starting|draining), why (one line or null)
+    health        level (ok|idle|degraded|starting|draining), why (one line or null); while
+                  paused: idle, "paused: <reason>"
+    pause         paused, reason (a human phrase: "paused by you until 14:05", "on battery",
+                  "until 18:00 by schedule", "the machine is in use", "other programs use 85%
+                  CPU"), until (epoch s or null), rule (manual|schedule|battery|idle|cpu),
+                  since, manual, readings {idle_s, on_battery, other_cpu_pct} and detection
+                  {idle, battery, cpu: how each is measured} (``PauseController.status``)
+    contribution  lifetime totals of this experiment in this home: experiment, samples,
+                  updates, uptime_s, bytes_served, since (``ContributionLedger.section``)
 """
 
 from __future__ import annotations
@@ -92,6 +100,9 @@ def build_snapshot(sup: Supervisor, stats: dict[str, dict[str, Any]], include_us
         sup.state, recent_requests, recent_errors, sup.health.idle_for(), queue_fill,
         ck.last_error if ck is not None else None, sup.endpoint, network_problem=network_problem(network),
     )
+    pause = _section(sup, "pause", "status")
+    if sup.state == "serving" and isinstance(pause, dict) and pause.get("paused"):
+        level, why = "idle", pause_text(pause)
     return {
         "version": SNAPSHOT_VERSION,
         "node": {
@@ -119,7 +130,26 @@ def build_snapshot(sup: Supervisor, stats: dict[str, dict[str, Any]], include_us
         "shards": sup.shards.status() if sup.shards is not None else None,
         "replicas": _replicas(sup),
         "health": {"level": level, "why": why},
+        "pause": pause,
+        "contribution": _section(sup, "contribution", "section"),
     }
+
+
+def _section(sup: Supervisor, attr: str, method: str) -> dict[str, Any] | None:
+    """``getattr(sup, attr).method()``, None without that component, an error entry when it fails."""
+    part = getattr(sup, attr, None)
+    if part is None:
+        return None
+    try:
+        return getattr(part, method)()
+    except Exception as exc:  # the dashboard must render whatever one section does
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def pause_text(pause: dict[str, Any]) -> str:
+    """"paused: on battery" ("paused by you until 14:05" as it is: no "paused: paused")."""
+    reason = str(pause.get("reason") or "paused")
+    return reason if reason.startswith("paused") else f"paused: {reason}"
 
 
 def _replicas(sup: Supervisor) -> dict[str, Any] | None:
@@ -137,14 +167,16 @@ def live_line_text(snap: dict[str, Any]) -> str:
     """The compact one-line status shown at the bottom of the ``join`` terminal."""
     t = snap.get("totals") or {}
     health = snap.get("health") or {}
+    pause = snap.get("pause") if isinstance(snap.get("pause"), dict) else {}
     updates = sum(int(e.get("updates_applied", 0) or 0) for e in (snap.get("experts") or {}).values())
-    line = (f"[{snap.get('state')}] {len(snap.get('experts') or {})} experts | "
+    line = (f"{pause_text(pause)} | " if pause.get("paused") else "")
+    line += (f"[{snap.get('state')}] {len(snap.get('experts') or {})} experts | "
             f"{float(t.get('requests_per_s', 0) or 0):.1f} req/s | {float(t.get('samples_per_s', 0) or 0):.0f} samples/s"
             f" | {updates} updates | up {int((snap.get('node') or {}).get('uptime_s', 0))}s")
     net = snap.get("network")
     if isinstance(net, dict) and "connected_peers" in net:
         line += f" | {int(net.get('connected_peers') or 0)} peers"
-    if health.get("why"):
+    if health.get("why") and not pause.get("paused"):
         line += f" | {health['level']}: {health['why']}"
     downloading = download_line(snap)
     if downloading:

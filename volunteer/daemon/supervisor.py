@@ -31,13 +31,20 @@ the service's ``snapshot()``, built in the network's trio thread (which owns tha
 handed back as plain data; the supervisor never reads the node, DHT or NAT state itself.
 The manifest's ``serving`` section (``ServingLimits``) goes to the runtime, hence to the
 ZeroMQ frontend, and to the network service's libp2p RPC server: one set of limits.
+
+Pausing (``volunteer pause``/``resume``, the resource rules of the settings) is the
+``PauseController`` of ``volunteer.daemon.pause``: each tick it re-reads the rules and, on a
+change, closes or opens the runtime's pause gate (new work answered "paused", in-flight work
+finishes) and re-announces the records as "paused" or "serving"; while paused the shard
+manager's periodic work (snapshots, rebalancing, downloads) waits. The lifetime totals of
+``volunteer.daemon.contribution`` are fed each tick and saved at the checkpoint cadence and
+on leave. The control ops are in ``volunteer.daemon.control_ops``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -46,7 +53,9 @@ from typing import Any
 
 from volunteer import __version__
 from volunteer.daemon.checkpointer import Checkpointer
-from volunteer.daemon.control_server import ControlRequestError, ControlServer
+from volunteer.daemon.contribution import ContributionLedger
+from volunteer.daemon.control_ops import handlers as control_handlers
+from volunteer.daemon.control_server import ControlServer
 from volunteer.daemon.handoff import Handoff, hand_off
 from volunteer.daemon.hardware import HardwareInfo, apply_torch_threads, describe_device
 from volunteer.daemon.health import HealthTracker
@@ -54,6 +63,8 @@ from volunteer.daemon.home import NodeHome
 from volunteer.daemon.leave_report import LeaveReport
 from volunteer.daemon.logs import LiveLine
 from volunteer.daemon.network import network_load, start_network
+from volunteer.daemon.node_id import load_node_id
+from volunteer.daemon.pause import PausedNetwork, node_pause
 from volunteer.daemon.ready_log import log_ready
 from volunteer.daemon.settings import Settings
 from volunteer.daemon.shards import ShardManager
@@ -63,7 +74,6 @@ from volunteer.manifest import Manifest
 
 log = logging.getLogger(__name__)
 TICK_S = 0.5
-MAX_LEAVE_TIMEOUT_S = 3600.0
 
 
 class Supervisor:
@@ -101,11 +111,14 @@ class Supervisor:
         self.control: ControlServer | None = None
         self.health = HealthTracker()
         self._leave_requested = threading.Event()
-        self._leave_timeout = float(settings.leave_timeout_s)
+        self.leave_timeout = float(settings.leave_timeout_s)
         self._leave_reason = ""
         self._leave_done = threading.Event()
         self.leave_report: LeaveReport | None = None
         self._next_checkpoint = 0.0
+        self.pause = node_pause(self)  # SettingsError for a bad schedule
+        self.contribution = ContributionLedger(home.root, manifest.experiment.name)
+        self._last_tick = time.monotonic()
 
     @property
     def backends(self) -> dict[str, Any]:
@@ -134,7 +147,7 @@ class Supervisor:
                                     m.expert.kind, m.expert.hidden_dim, m.expert.options,
                                     min(256, m.serving.max_batch_size))
         self.torch_threads = apply_torch_threads(s.torch_threads, choose=choose, device=self.device)
-        self.node_id = self._node_id()
+        self.node_id = load_node_id(self.home.root)
         store = CheckpointStore(self.home.checkpoint_dir(m.experiment.name), m.fingerprint())
         if s.num_experts > m.grid.size:
             log.warning("num_experts=%d but the grid has only %d experts: hosting at most all of them",
@@ -161,6 +174,7 @@ class Supervisor:
                                     alloc=frame_alloc_for(self.device))  # lists are GPUs only
         self.frontend.start()
         self.endpoint = _advertised_endpoint(self.frontend.endpoint, s.advertise_host)
+        self.pause.tick()  # a rule that applies at start: paused before the first announce
         # Joins the network first: which experts to host depends on what the swarm serves.
         self.shards = ShardManager(self, make_backend)
         self._start_network()
@@ -169,12 +183,7 @@ class Supervisor:
 
         self.replicas = start_replicas(self)  # elastic averaging with the other holders of each uid
 
-        self.control = ControlServer(self.home.run_dir, {
-            "status": lambda req: self.snapshot(),
-            "ping": lambda req: {"pid": os.getpid(), "state": self.state},
-            "leave": self._control_leave,
-            "checkpoint": self._control_checkpoint,
-        })
+        self.control = ControlServer(self.home.run_dir, control_handlers(self))
         self.control.start()
         self.state = "serving"
         self._next_checkpoint = time.monotonic() + float(s.checkpoint_interval_s)
@@ -212,6 +221,7 @@ class Supervisor:
 
         self.runtime.side = (self.shard_server.accepts, self.shard_server.submit)
         self.network.shards.set_direct_transport(ZmqTransport)
+        self.network = PausedNetwork(self.network, lambda: self.pause.paused)  # records say "paused"
         self.network_ready_s = time.monotonic() - started
 
     def network_load(self) -> float:
@@ -233,20 +243,6 @@ class Supervisor:
             except Exception:
                 log.exception("stopping the network service failed")
             self.network = None
-
-    def _node_id(self) -> str:
-        """A random id kept in the home: seeds the expert assignment (stable across restarts)."""
-        path = self.home.root / "node_id"
-        try:
-            with path.open("rb") as fh:
-                text = fh.read(64).decode("ascii", "replace").strip()
-            if text.isalnum():
-                return text
-        except OSError:
-            pass
-        text = secrets.token_hex(8)
-        path.write_text(text + "\n")
-        return text
 
     def place(self) -> str:
         """The device a new expert goes to: the one holding the fewest live experts (a
@@ -274,18 +270,24 @@ class Supervisor:
         return self.leave()
 
     def tick(self) -> None:
-        """One supervisor step: health sample, periodic checkpoint, live line."""
+        """One supervisor step: pause rules, health sample, contribution, periodic checkpoint,
+        live line."""
         if self.runtime is None:
             return
+        paused = self.pause.tick().paused
         stats = self._expert_stats()
         self.health.observe(stats)
+        now = time.monotonic()
+        self.contribution.observe(stats, now - self._last_tick)
+        self._last_tick = now
         if self.network is not None:
             self.network.set_load(network_load(stats, self.manifest.serving.max_queue_size))
-        if self.shards is not None:
+        if self.shards is not None and not paused:
             self.shards.tick()
         if time.monotonic() >= self._next_checkpoint and self.checkpointer is not None:
             self.checkpointer.checkpoint(self.runtime.exclusive)
             self._next_checkpoint = time.monotonic() + float(self.settings.checkpoint_interval_s)
+        self.contribution.maybe_save(min(60.0, float(self.settings.checkpoint_interval_s)))
         if self.live is not None:
             self.live.update(live_line_text(self.snapshot(include_usage=False)))
 
@@ -293,7 +295,7 @@ class Supervisor:
         """Ask the main loop to leave; False when a leave is already under way."""
         if self._leave_requested.is_set():
             return False
-        self._leave_timeout = float(timeout) if timeout is not None else float(self.settings.leave_timeout_s)
+        self.leave_timeout = float(timeout) if timeout is not None else float(self.settings.leave_timeout_s)
         self._leave_reason = reason
         self._leave_requested.set()
         return True
@@ -302,11 +304,15 @@ class Supervisor:
     def leaving(self) -> bool:
         return self._leave_requested.is_set()
 
+    def wait_left(self, timeout: float) -> bool:
+        """Wait until the leave finished (its report is set); False on timeout."""
+        return self._leave_done.wait(timeout)
+
     def leave(self) -> LeaveReport:
         """Drain, checkpoint and stop (see the module docstring). Idempotent."""
         if self.leave_report is not None:
             return self.leave_report
-        timeout = self._leave_timeout
+        timeout = self.leave_timeout
         report = LeaveReport(reason=self._leave_reason or "leave", timeout_s=timeout)
         start = time.monotonic()
         deadline = start + timeout
@@ -337,6 +343,7 @@ class Supervisor:
         if late > 0 and not report.problems:
             report.problems.append(f"leave took {late:.1f}s longer than the {timeout:g}s deadline")
         self._shutdown()
+        self.contribution.save()
         report.duration_s = time.monotonic() - start
         self.leave_report = report
         self._leave_done.set()
@@ -360,6 +367,7 @@ class Supervisor:
     def _shutdown(self) -> None:
         """Stop every component that was started, in reverse order; never raises."""
         self.state = "stopped"
+        self.pause.close()
         self._stop_replicas()
         self._stop_network()
         if self.shard_server is not None:
@@ -382,25 +390,6 @@ class Supervisor:
             self.control = None
         if self.live is not None:
             self.live.finish()
-
-    # ------------------------------------------------------------------ control ops
-
-    def _control_leave(self, request: dict[str, Any]) -> dict[str, Any]:
-        timeout = request.get("timeout")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= MAX_LEAVE_TIMEOUT_S
-        ):
-            raise ControlRequestError("bad_request", f"timeout must be a number in [0, {MAX_LEAVE_TIMEOUT_S:g}]")
-        self.request_leave(timeout, "leave command")
-        if not self._leave_done.wait(self._leave_timeout + 120.0):
-            raise ControlRequestError("timeout", "the leave did not finish; see the daemon log")
-        assert self.leave_report is not None
-        return self.leave_report.as_dict()
-
-    def _control_checkpoint(self, request: dict[str, Any]) -> dict[str, Any]:
-        if self.state != "serving" or self.checkpointer is None:
-            raise ControlRequestError("not_serving", f"cannot checkpoint while {self.state}")
-        return self.checkpointer.checkpoint(self.runtime.exclusive, force=bool(request.get("force"))).as_dict()
 
     # ------------------------------------------------------------------ snapshot
 

@@ -33,6 +33,7 @@ from volunteer.runtime.completer import Completer
 from volunteer.runtime.executor import BatchExecutor, send_error
 from volunteer.runtime.limits import ServingLimits
 from volunteer.runtime.loop import ServingLoop
+from volunteer.runtime.pause_gate import PauseGate
 from volunteer.runtime.request_budget import RequestBudget
 from volunteer.runtime.stats import ExpertStats
 from volunteer.runtime.task_pool import ReleasingReply, Task, TaskPool, payload_nbytes
@@ -116,6 +117,7 @@ class Runtime:
         self._queued_bytes = 0
         # payload bytes of admitted requests until their reply (``submit``): <= max_queued_bytes
         self._budget = RequestBudget(self.limits.max_queued_bytes)
+        self.pause_gate = PauseGate()  # closed: new work answered "paused" (``pause_gate.py``)
         self.loop = ServingLoop(self._step, self._on_loop_exit)
         # (accepts(frames), submit(frames, reply)): requests the wire decoder does not know
         # (e.g. shard chunks, ``volunteer.net.shard_rpc``) go there; costs nothing on the hot
@@ -235,6 +237,7 @@ class Runtime:
                 raise UnknownExpertError(f"this node hosts no expert {request.uid!r}")
             if self.state != "serving":
                 raise DrainingError(f"node is {self.state}; not accepting new requests")
+            self.pause_gate.check()
             task = validate_request(request, backend, self.limits, reply, now)
             if task.deadline <= now:
                 raise DeadlineExpiredError("deadline already passed on arrival")
