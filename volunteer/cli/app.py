@@ -15,6 +15,7 @@ from volunteer.cli.doctor import doctor
 from volunteer.cli.info import info
 from volunteer.cli.join import join
 from volunteer.cli.leave import leave
+from volunteer.cli.manifest_cmd import manifest_app
 from volunteer.cli.pause import pause, resume
 from volunteer.cli.logs import logs
 from volunteer.cli.service import service_app
@@ -43,6 +44,7 @@ app.command()(swarm)
 app.command()(logs)
 app.add_typer(admission_app, name="admission")
 app.add_typer(service_app, name="service")
+app.add_typer(manifest_app, name="manifest")
 
 
 def _print_version(value: bool) -> None:

@@ -1,7 +1,11 @@
 """Find and read an experiment manifest: a file path or the name of a shipped manifest.
 
 ``volunteer join demo`` must work after a plain ``pip install``, so bare names are looked up
-in the ``volunteer.configs`` package with ``importlib.resources``. Files are read with a
+in the ``volunteer.configs`` package with ``importlib.resources``. Files named
+``example-*.yaml`` there are templates for researchers (placeholder bootstrap addresses),
+not experiments to join: they are left out of ``shipped_manifests()`` (the list ``join``
+offers), a bare name refers to them only to say how to copy one, and ``example_text``
+returns one for ``volunteer manifest example``. Files are read with a
 size bound and parsed with PyYAML's safe loader only (no arbitrary object construction).
 
 A size bound alone does not bound the document: YAML aliases let 500 bytes describe 9**12
@@ -28,6 +32,7 @@ from volunteer.manifest.validate import validate_document
 MAX_MANIFEST_BYTES = 256 * 1024
 MAX_YAML_NODES = 100_000  # the shipped demo manifest has ~60
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+EXAMPLE_PREFIX = "example-"
 
 
 class _TooManyNodesError(yaml.YAMLError):
@@ -63,10 +68,31 @@ def _check_expanded_size(root: yaml.Node) -> None:
                 stack.append(value)
 
 
-def shipped_manifests() -> list[str]:
-    """Names of the manifests bundled in ``volunteer.configs`` (without ``.yaml``)."""
+def _bundled() -> list[str]:
     root = resources.files("volunteer.configs")
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def shipped_manifests() -> list[str]:
+    """Names of the experiments bundled in ``volunteer.configs`` (without ``.yaml``); the
+    ``example-*`` templates are not experiments and are not listed."""
+    return [n for n in _bundled() if not n.startswith(EXAMPLE_PREFIX)]
+
+
+def example_manifests() -> list[str]:
+    """Names of the bundled example manifests (``lm`` for ``example-lm.yaml``)."""
+    return [n[len(EXAMPLE_PREFIX):] for n in _bundled() if n.startswith(EXAMPLE_PREFIX)]
+
+
+def example_text(name: str) -> str:
+    """The text of the bundled example ``name`` (``lm`` or ``example-lm``); ManifestError if
+    there is none."""
+    short = name[len(EXAMPLE_PREFIX):] if name.startswith(EXAMPLE_PREFIX) else name
+    if short not in example_manifests():
+        known = ", ".join(example_manifests()) or "none"
+        raise ManifestError(name, "", f"no such example manifest (examples: {known})")
+    ref = resources.files("volunteer.configs").joinpath(f"{EXAMPLE_PREFIX}{short}.yaml")
+    return ref.read_text(encoding="utf-8")
 
 
 def resolve_manifest_path(experiment: str) -> tuple[str, bytes]:
@@ -78,6 +104,11 @@ def resolve_manifest_path(experiment: str) -> tuple[str, bytes]:
     path = Path(experiment).expanduser()
     if path.is_file():
         return str(path), _read_bounded(path, str(path))
+    if _NAME_RE.match(experiment) and experiment.startswith(EXAMPLE_PREFIX) and experiment in _bundled():
+        short = experiment[len(EXAMPLE_PREFIX):]
+        raise ManifestError(experiment, "", "an example to copy, not an experiment to join: run `volunteer "
+                            f"manifest example {short} > my-experiment.yaml`, edit it (name, bootstrap "
+                            "addresses), then `volunteer join my-experiment.yaml`")
     if _NAME_RE.match(experiment):
         ref = resources.files("volunteer.configs").joinpath(experiment + ".yaml")
         if ref.is_file():
