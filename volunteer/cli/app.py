@@ -17,6 +17,7 @@ from volunteer.cli.join import join
 from volunteer.cli.leave import leave
 from volunteer.cli.manifest_cmd import manifest_app
 from volunteer.cli.pause import pause, resume
+from volunteer.cli.receipt import receipt
 from volunteer.cli.logs import logs
 from volunteer.cli.service import service_app
 from volunteer.cli.settings_cmd import settings
@@ -39,6 +40,7 @@ app.command()(info)
 app.command()(settings)
 app.command()(pause)
 app.command()(resume)
+app.command()(receipt)
 app.command()(doctor)
 app.command()(swarm)
 app.command()(logs)
