@@ -5,6 +5,7 @@ Layout (created 0700)::
     <home>/config.yaml              local settings (optional, written by the volunteer)
     <home>/node.lock                flock'ed while a daemon runs; holds its pid
     <home>/control.json             control API address, written atomically once ready
+    <home>/network.json             the libp2p port last listened on (reused: see below)
     <home>/run/control.sock         the control socket (0600) when its path is short enough
     <home>/cache/                   self-benchmark results and other caches
     <home>/checkpoints/<experiment>/  one checkpoint file per hosted expert
@@ -13,6 +14,10 @@ Layout (created 0700)::
 
 Several nodes with different homes run side by side; the flock makes a second daemon on
 the same home fail fast with the pid of the first.
+
+The libp2p port is kept across restarts (``keep_listen_port`` / ``kept_listen_port``): the
+``--bootstrap`` address a first volunteer prints names its port, and other volunteers keep
+copying it, so a restart that moved to another free port would strand them.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from volunteer.fsutil import atomic_write_bytes
 
 HOME_ENV = "VOLUNTEER_HOME"
 CONTROL_FILE = "control.json"
+NETWORK_FILE = "network.json"
 MAX_CONTROL_FILE_BYTES = 4096
+MAX_NETWORK_FILE_BYTES = 4096
 
 
 class HomeLockedError(Exception):
@@ -72,6 +79,7 @@ class NodeHome:
     logs_dir = property(lambda self: self.root / "logs")
     log_file = property(lambda self: self.root / "logs" / "volunteer.log")
     identity_dir = property(lambda self: self.root / "identity")
+    network_file = property(lambda self: self.root / NETWORK_FILE)
 
     def checkpoint_dir(self, experiment: str) -> Path:
         return self.root / "checkpoints" / experiment
@@ -132,6 +140,25 @@ class NodeHome:
         except ValueError:
             return None
         return info if isinstance(info, dict) and isinstance(info.get("socket"), str) else None
+
+    def kept_listen_port(self) -> int | None:
+        """The libp2p port this home listened on last, or None (none kept, or unreadable)."""
+        try:
+            with self.network_file.open("rb") as fh:
+                data = fh.read(MAX_NETWORK_FILE_BYTES + 1)
+            info = json.loads(data) if len(data) <= MAX_NETWORK_FILE_BYTES else None
+        except (OSError, ValueError):
+            return None
+        port = info.get("listen_port") if isinstance(info, dict) else None
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
+            return None
+        return port
+
+    def keep_listen_port(self, port: int) -> None:
+        """Remember the libp2p port for the next start (atomic; the home must exist)."""
+        if port == self.kept_listen_port():
+            return
+        atomic_write_bytes(self.network_file, json.dumps({"listen_port": int(port)}).encode() + b"\n")
 
     def remove_control_file(self) -> None:
         try:

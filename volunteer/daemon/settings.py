@@ -119,6 +119,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("advertise_host", str, "", "host name trainers should dial, when different from zmq_host"),
     Setting("network_enabled", bool, True, "join the peer network (DHT); false serves over ZeroMQ only (offline runs)"),
     Setting("listen_host", str, "0.0.0.0", "address the libp2p host listens on (127.0.0.1 for a swarm on one machine)"),
+    Setting("listen_port", int, AUTO, "libp2p TCP port (open or forward it to serve as a public node); auto = the "
+            "manifest's network.listen_port, and where that is 0 the port this home used last (kept in "
+            "<home>/network.json, so the --bootstrap address others copied stays valid); 0 = any free port, "
+            "new at each start", 0, 65535, auto=True),
+    Setting("announce_addrs", str, AUTO, "comma-separated multiaddrs to announce instead of the detected ones "
+            "(e.g. /ip4/203.0.113.5/tcp/4001 for a forwarded port); auto = the manifest's "
+            "network.announce_addrs; empty = the detected addresses", auto=True),
+    Setting("public", bool, AUTO, "serve the DHT and relay for others: yes (a public node), no (never), auto = "
+            "the manifest's network.public (whose own auto decides by a dial-back check)", auto=True),
     Setting("checkpoint_interval_s", float, 300.0, "seconds between periodic checkpoints (a kill -9 loses at most this much)", 1, 86400),
     Setting("leave_timeout_s", float, 30.0, "default deadline for a graceful leave (SIGTERM/SIGINT)", 0.1, 3600),
     Setting("log_level", str, "info", "log level for stderr and the log file", choices=LOG_LEVELS),

@@ -264,6 +264,16 @@ class NetworkService:
         return self.node.multiaddrs() if self.node is not None else []
 
     @property
+    def listen_addrs(self) -> list[str]:
+        """The transport addresses the host listens on (the real port, also when announcing
+        other addresses), without /p2p; read in the loop."""
+        return self._thread.run_sync(self._listen_addrs_now)
+
+    def _listen_addrs_now(self) -> list[str]:
+        self._thread.check_owner("the host's listen addresses")
+        return [str(a) for a in self.node.host.get_transport_addrs()] if self.node is not None else []
+
+    @property
     def reachability(self) -> str:
         """public / private / unknown: the manifest's ``public`` choice, else the NAT check."""
         if self.config.public == "yes":
