@@ -13,38 +13,103 @@ from typing import Any, Optional
 import typer
 
 from volunteer.cli.console import EXIT_FAILED, EXIT_FORCED, EXIT_OK, domain_errors
+from volunteer.daemon.settings import BY_NAME
 
 log = logging.getLogger("volunteer.cli.join")
+PUBLIC_CHOICES = ("yes", "no", "auto")
+MAX_SETTING_CHARS = 256  # what a string setting holds (volunteer.daemon.settings)
+
+
+def shipped_experiments() -> list[str]:
+    """Names of the manifests shipped in ``volunteer.configs`` (what ``load_manifest``
+    resolves a bare name to), read without importing the manifest package: the help
+    text is built whenever the CLI starts."""
+    from importlib import resources
+
+    try:
+        return sorted(p.name[:-5] for p in resources.files("volunteer.configs").iterdir()
+                      if p.name.endswith(".yaml"))
+    except (ModuleNotFoundError, OSError):
+        return []
+
+
+def _default(name: str) -> str:
+    """A setting's default as ``--help`` shows it (the flag itself defaults to "unset")."""
+    value = BY_NAME[name].default
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+_SHIPPED = ", ".join(shipped_experiments()) or "none"
 
 
 def join(
-    experiment: str = typer.Argument(..., help="Manifest path, or the name of a shipped manifest (e.g. demo)."),
+    experiment: str = typer.Argument(..., metavar="EXPERIMENT",
+                                     help=f"Manifest path, or the name of a shipped experiment: {_SHIPPED}."),
     home: Optional[Path] = typer.Option(None, "--home", envvar="VOLUNTEER_HOME", show_envvar=True,
+                                        show_default="the user data directory, e.g. ~/.local/share/volunteer",
                                         help="Node home (identity, config, checkpoints, logs, control socket)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (setting: device)."),
-    num_experts: Optional[int] = typer.Option(None, "--num-experts", help="How many experts of the grid to host."),
-    host: Optional[str] = typer.Option(None, "--host", help="ZeroMQ bind address (setting: zmq_host)."),
-    port: Optional[int] = typer.Option(None, "--port", help="ZeroMQ port, 0 = any (setting: zmq_port)."),
-    bootstrap: list[str] = typer.Option([], "--bootstrap", metavar="MULTIADDR",
+    device: Optional[str] = typer.Option(None, "--device", show_default=_default("device"),
+                                         help="auto, cpu, cuda, cuda:N, cuda:0,cuda:1 or mps (setting: device)."),
+    num_experts: Optional[int] = typer.Option(None, "--num-experts", show_default=_default("num_experts"),
+                                              help="How many experts of the grid to host (setting: num_experts)."),
+    host: Optional[str] = typer.Option(None, "--host", show_default=_default("zmq_host"),
+                                       help="ZeroMQ bind address; 0.0.0.0 serves other machines (setting: zmq_host)."),
+    port: Optional[int] = typer.Option(None, "--port", show_default=_default("zmq_port"),
+                                       help="ZeroMQ port, 0 = any (setting: zmq_port)."),
+    bootstrap: list[str] = typer.Option([], "--bootstrap", metavar="MULTIADDR", show_default="the manifest's",
                                         help="A peer of the swarm to join through (/ip4/../tcp/../p2p/ID), added "
                                              "to the manifest's network.bootstrap; repeatable."),
     new_swarm: bool = typer.Option(False, "--new-swarm",
                                    help="Start a new swarm (ignore the manifest's bootstrap peers); prints the "
                                         "addresses other volunteers pass as --bootstrap."),
-    listen_host: Optional[str] = typer.Option(None, "--listen-host",
+    listen_host: Optional[str] = typer.Option(None, "--listen-host", show_default=_default("listen_host"),
                                               help="libp2p listen address (setting: listen_host; 127.0.0.1 for a "
                                                    "swarm on one machine)."),
+    listen_port: Optional[int] = typer.Option(None, "--listen-port", min=0, max=65535, metavar="PORT",
+                                              show_default="auto: the manifest's, else the last run's",
+                                              help="libp2p TCP port to open or forward (setting: listen_port); "
+                                                   "0 = any free port, new at each start."),
+    announce: list[str] = typer.Option([], "--announce", metavar="MULTIADDR", show_default="the manifest's",
+                                       help="Address to announce instead of the detected ones, e.g. "
+                                            "/ip4/203.0.113.5/tcp/4001 for a forwarded port (setting: "
+                                            "announce_addrs); repeatable."),
+    public: Optional[str] = typer.Option(None, "--public", metavar="yes|no|auto",
+                                         show_default="auto: the manifest's",
+                                         help="Serve the DHT and relay for others from the start (yes: a public "
+                                              "node), never (no), or as the manifest says (setting: public)."),
     set_: list[str] = typer.Option([], "--set", metavar="NAME=VALUE",
                                    help="Any setting (see `volunteer settings`); repeatable."),
 ) -> None:
     """Join an experiment: host experts on this machine until `volunteer leave` or Ctrl-C.
 
     Detects the hardware, validates the manifest, joins the experiment's peer network (DHT), chooses which experts to host from what the swarm already serves (unserved ones first, then those below the manifest's replication target), downloads their newest weights from the volunteers that hold them (or resumes this home's checkpoints, or starts fresh experts from the experiment's seed), announces each once loaded, serves trainers, and prints where they reach this node (ZeroMQ endpoint, peer id, multiaddrs). A manifest without bootstrap peers (or --new-swarm) starts a new swarm. Logs go to stderr and to <home>/logs/volunteer.log. SIGTERM/SIGINT leave gracefully (in-flight work finishes, and each expert no other volunteer serves is handed to one that takes it over); a second one forces.
+
+    Settings: flags > VOLUNTEER_* environment > <home>/config.yaml > defaults (`volunteer settings` lists them all). The network settings listen_port, announce_addrs and public are per machine: left at auto they take the manifest's network section; the libp2p port is kept in the home, so the --bootstrap address printed at the first start stays valid after a restart.
     """
     with domain_errors():
         code = _join(experiment, home, set_, bootstrap, new_swarm, device=device, num_experts=num_experts,
-                     zmq_host=host, zmq_port=port, listen_host=listen_host)
+                     zmq_host=host, zmq_port=port, listen_host=listen_host, listen_port=listen_port,
+                     announce_addrs=_announce_flag(announce), public=_public_flag(public))
     raise typer.Exit(code)
+
+
+def _announce_flag(values: list[str]) -> str | None:
+    """``--announce`` values as the ``announce_addrs`` setting (comma-separated), or None."""
+    from volunteer.daemon.settings import SettingsError
+
+    text = ",".join(v.strip() for v in values)
+    if len(text) > MAX_SETTING_CHARS:
+        raise SettingsError(f"--announce: at most {MAX_SETTING_CHARS} characters in all, got {len(text)}: "
+                            "announce fewer addresses (one per forwarded port is enough)")
+    return text or None
+
+
+def _public_flag(value: str | None) -> str | None:
+    from volunteer.daemon.settings import SettingsError
+
+    if value is not None and value.strip().lower() not in PUBLIC_CHOICES:
+        raise SettingsError(f"--public {value!r}: expected one of {', '.join(PUBLIC_CHOICES)}")
+    return value
 
 
 class _Signals:
@@ -91,7 +156,8 @@ def _join(experiment: str, home: Optional[Path], set_: list[str], bootstrap: lis
     manifest = load_manifest(experiment)  # the cheap checks first: torch is not imported yet
     if (bootstrap or new_swarm) and not settings.network_enabled:
         raise SettingsError("--bootstrap/--new-swarm need the peer network, but network_enabled is false")
-    manifest = dataclasses.replace(manifest, network=effective_network(manifest.network, bootstrap, new_swarm))
+    network = effective_network(manifest.network, bootstrap, new_swarm, settings, manifest.source)
+    manifest = dataclasses.replace(manifest, network=network)
     node.create()
     node.acquire_lock()
     node.remove_control_file()  # a killed daemon's stale address: not ready until we publish ours
