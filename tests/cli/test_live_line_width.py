@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 import pytest
-from rich.cells import get_character_cell_size
+from rich.cells import cell_len, get_character_cell_size
 
 from tests.conftest import cli_env
-from volunteer.daemon.logs import fit_line
+from volunteer.daemon.logs import LiveLine, fit_line
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a pty")
 
@@ -214,3 +214,47 @@ def test_fit_line_counts_display_cells() -> None:
     assert cut.endswith("\u2026") and sum(get_character_cell_size(c) for c in cut) <= 11
     assert fit_line("a\nb\x1b[31m", 20) == "a b [31m"  # no control character reaches the terminal
     assert fit_line("x" * 30, 10, ascii_only=True) == "xxxxxxx..."
+
+
+def test_winch_handler_chains_the_previous_one_and_is_restored() -> None:
+    master, slave = pty.openpty()
+    set_size(slave, 100)
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGWINCH, lambda signum, frame: calls.append(signum))
+    mine = signal.getsignal(signal.SIGWINCH)
+    try:
+        with os.fdopen(slave, "w", encoding="utf-8", closefd=True) as stream:
+            live = LiveLine(stream)
+            assert live.width() == 100 and signal.getsignal(signal.SIGWINCH) != mine
+            live.update("x" * 300)
+            assert cell_len(live.fitted()) == 99 and live.fitted().endswith("\u2026")
+            set_size(slave, 50)
+            assert live.width() == 100  # measured once, until the terminal says it changed
+            signal.raise_signal(signal.SIGWINCH)
+            assert calls == [signal.SIGWINCH]  # the handler it replaced still runs
+            assert live.width() == 50 and cell_len(live.fitted()) == 49
+            live.finish()
+            assert signal.getsignal(signal.SIGWINCH) is mine
+            while select.select([master], [], [], 0)[0]:
+                os.read(master, 65536)
+    finally:
+        signal.signal(signal.SIGWINCH, previous)
+        os.close(master)
+
+
+def test_no_handler_off_a_terminal_or_off_the_main_thread() -> None:
+    import io
+    import threading
+
+    before = signal.getsignal(signal.SIGWINCH)
+    LiveLine(io.StringIO())
+    assert signal.getsignal(signal.SIGWINCH) is before
+    master, slave = pty.openpty()
+    try:
+        with os.fdopen(slave, "w", encoding="utf-8") as stream:
+            worker = threading.Thread(target=LiveLine, args=(stream,))
+            worker.start()
+            worker.join()
+            assert signal.getsignal(signal.SIGWINCH) is before
+    finally:
+        os.close(master)
