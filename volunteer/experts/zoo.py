@@ -9,6 +9,12 @@ each with ``input_shapes`` (per-sample shapes of its inputs, batch dimension exc
   validation and batching simple; ``h`` must be divisible by ``num_heads``.
 - ``NopExpert`` ("nop"): returns (a view of) its input; measures pure framework overhead.
   No parameters.
+
+Other architectures come from plug-in packages (``registry.py``: the ``volunteer.experts``
+entry point group), with the same contract as these classes: ``cls(hidden_dim, **options)``
+returns an ``nn.Module`` with ``input_shapes``; forward must be deterministic (no dropout),
+because the backward recomputes it; parameters are created in ``__init__`` from torch's
+default generator, which the daemon seeds per uid so that every node builds the same init.
 """
 
 from __future__ import annotations
