@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from tests.net.test_shard_download import FP, UID, FakeClient, Peer, assert_complete
-from tests.net.test_shard_download import shard as shard
+from tests.net.test_shard_download import shard as shard  # the module-scoped fixture, reused
 from tests.runtime.servers import make_backends
 from volunteer.client.node import ClientNode
 from volunteer.experts.shard_cache import ShardCache
