@@ -70,10 +70,6 @@ def swarm_targets(flags: Sequence[str], daemon: Sequence[str], manifest: Sequenc
 def read_swarm(experiment: str, prefix: str, dims: Sequence[int], targets: Sequence[boot.Target],
                listen_host: str, lookup_timeout: float = LOOKUP_TIMEOUT_S) -> dict[str, Any]:
     """Join through ``targets`` and summarise the grid (see module docstring)."""
-    from volunteer.client.node import ClientNode
-    from volunteer.doctor.census import read_grid
-    from volunteer.doctor.swarm_summary import summarise
-
     if not targets:
         raise NoBootstrapError("no peer to ask: the manifest names no bootstrap peer and no daemon runs on "
                                "this home; pass --bootstrap <address of a running volunteer> "
@@ -83,6 +79,10 @@ def read_swarm(experiment: str, prefix: str, dims: Sequence[int], targets: Seque
     if not live:
         why = "; ".join(f"{r.error} (from the {r.target.source})" for r in results[:4])
         raise SwarmUnreachableError(f"cannot reach any peer of the swarm: {why}")
+    from volunteer.client.node import ClientNode  # libp2p loads only when there is a peer to ask
+    from volunteer.doctor.census import read_grid
+    from volunteer.doctor.swarm_summary import summarise
+
     family = "ip6" if ":" in listen_host else "ip4"
     client = ClientNode(experiment, live, listen_addrs=(f"/{family}/{listen_host}/tcp/0",), nat=False,
                         lookup_timeout=lookup_timeout)
