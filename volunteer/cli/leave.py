@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from volunteer.cli.console import EXIT_FAILED, EXIT_OK, domain_errors, fail
+from volunteer.status.fmt import duration
 
 
 def leave(
@@ -41,7 +42,7 @@ def leave(
     else:
         ck = report.get("checkpoint") or {}
         n = len(ck.get("written", [])) + len(ck.get("unchanged", []))
-        print(f"left in {report.get('duration_s', 0):.1f}s: finished {report.get('completed', 0)} in-flight "
+        print(f"left in {duration(report.get('duration_s', 0))}: finished {report.get('completed', 0)} in-flight "
               f"request(s), cut short {report.get('cut_short', 0)}; checkpointed {n} expert(s) to "
               f"{ck.get('directory', root)}")
         for handoff in report.get("handoffs", []):  # per expert: who took it over, or why nobody

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from volunteer.experts.assignment import PeerSlots, choose_adopter
+from volunteer.status.fmt import duration
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Handoff:
 
     def line(self) -> str:
         if self.outcome == "adopted":
-            return f"handed off {self.uid} v{self.version} to {self.peer} in {self.seconds:.1f}s ({self.detail})"
+            return f"handed off {self.uid} v{self.version} to {self.peer} in {duration(self.seconds)} ({self.detail})"
         if self.outcome == "held":
             return f"{self.uid} v{self.version}: {self.peer} already serves these exact weights"
         if self.outcome == "replicated":

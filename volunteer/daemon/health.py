@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from volunteer.status.fmt import duration
+
 IGNORED_ERRORS = ("draining",)  # refusals we cause ourselves while leaving
 
 
@@ -102,5 +104,5 @@ def assess(
         return "degraded", f"{failed} of {recent_requests} recent requests failed (mostly {code!r}); see the log"
     if idle_for_s >= idle_after_s:
         where = f" at {endpoint}" if endpoint else ""
-        return "idle", f"no trainer has sent work for {int(idle_for_s)}s (trainers reach this node{where})"
+        return "idle", f"no trainer has sent work for {duration(idle_for_s)} (trainers reach this node{where})"
     return "ok", None

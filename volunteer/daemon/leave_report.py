@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from volunteer.status.fmt import duration
+
 
 @dataclass
 class LeaveReport:
@@ -41,7 +43,7 @@ class LeaveReport:
         ck = self.checkpoint
         written = len(ck.get("written", [])) + len(ck.get("unchanged", []))
         lines = [
-            f"left ({self.reason}) in {self.duration_s:.1f}s: finished {self.completed} in-flight request(s), "
+            f"left ({self.reason}) in {duration(self.duration_s)}: finished {self.completed} in-flight request(s), "
             f"cut short {self.cut_short}",
             f"checkpointed {written} expert(s) to {ck.get('directory', 'the home')}",
         ]
