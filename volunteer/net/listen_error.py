@@ -101,6 +101,19 @@ def shared_port_error(host: str, port: int, own: int = 1) -> ListenError | None:
                        f"{ADDRESS_IN_USE} (another listener shares it through SO_REUSEPORT)", holder)
 
 
+def find_listen_error(exc: BaseException) -> ListenError | None:
+    """The ``ListenError`` inside ``exc`` (trio nests it in exception groups), if any."""
+    stack, seen = [exc], 0
+    while stack and seen < 64:
+        e, seen = stack.pop(), seen + 1
+        if isinstance(e, ListenError):
+            return e
+        inner = getattr(e, "exceptions", None)
+        if isinstance(inner, tuple):
+            stack.extend(x for x in inner if isinstance(x, BaseException))
+    return None
+
+
 def port_holders(port: int) -> list[str]:
     """``pid N (name)`` of each process listening on TCP ``port`` that the OS shows us."""
     listeners = _listeners(port) or []

@@ -76,7 +76,7 @@ from volunteer.net.config import NetworkConfig, NetworkSection, network_config
 from volunteer.net.dht_guard import DhtGuard, install_dht_guard
 from volunteer.net.dialing import dial
 from volunteer.net.host import default_listen_host, load_or_create_identity, peer_id_of
-from volunteer.net.listen_error import ListenError, listen_error
+from volunteer.net.listen_error import ListenError, find_listen_error, listen_error
 from volunteer.net.nat import reachability as rb
 from volunteer.net.nat.traversal import NatTraversal
 from volunteer.net.node import NodeConfig, SwarmNode
@@ -169,9 +169,10 @@ class NetworkService:
         """
         try:
             self._thread.start(self._main, timeout=timeout)
-        except BaseException:
-            if self._listen_error is not None:  # unwrapped from trio's exception groups
-                raise self._listen_error from None
+        except BaseException as exc:
+            err = self._listen_error or find_listen_error(exc)  # unwrapped from trio's exception groups
+            if err is not None:
+                raise err from None
             raise
         return self
 
