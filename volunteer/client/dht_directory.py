@@ -1,14 +1,17 @@
 """``DhtDirectory``: the CONTRACT ``ExpertDirectory`` over the DHT expert registry.
 
 - ``children(prefixes)``: one DHT lookup per prefix query (all concurrent), the union of
-  the next coordinates of *serving* servers.
+  the next coordinates of *serving* servers (a record that says "draining" or "paused" is
+  passed over: that volunteer is leaving, or paused by its owner or a resource rule).
 - ``resolve(uids)``: reads the value of each uid's parent prefix (the one beam search just
   read for its last dimension, so usually a cache hit), keeps the serving servers that
   host the uid, and picks one by ``server_choice.ServerScores``: what this client measured
   of each server (latency, errors, timeouts) combined with the load it reports about
   itself, capped, at random among near-equals (so no liar draws all the traffic, and
   trainers spread over equal servers). Every transport it returns is a
-  ``MeasuredTransport`` that feeds those scores with the outcome of each request. The transport is ZeroMQ to the server's direct endpoint when
+  ``MeasuredTransport`` that feeds those scores with the outcome of each request (a
+  "paused" reply marks its server unavailable, so the next resolve picks another replica
+  before the record saying "paused" reaches this trainer). The transport is ZeroMQ to the server's direct endpoint when
   its record says it is publicly reachable, falling back to libp2p by itself if ZeroMQ
   cannot connect (``FallbackTransport``), else a ``Libp2pTransport`` (direct,
   hole-punched or relayed: the node decides).
@@ -148,7 +151,7 @@ class DhtDirectory:
     def invalidate(self, uids: Sequence[str] | None = None) -> None:
         """Forget cached lookups: all of them, or those that could offer one of ``uids``.
 
-        A trainer calls this when experts answered "draining", "unknown_expert" or were
+        A trainer calls this when experts answered "draining", "paused", "unknown_expert" or were
         unreachable: the lookups of every prefix above them (``"p."``, ``"p.3."`` for
         ``"p.3.7"``) are read again from the DHT on next use, so a volunteer that just left
         is not offered again for the rest of the cache lifetime.

@@ -16,6 +16,13 @@ module wraps *all* the calls of one layer invocation into a single ``autograd.Fu
   its socket. An expert failing in backward contributes no input gradient (its server
   did not get the update either); backward never raises for a remote failure.
 
+A forward refused with "paused" (the volunteer stopped taking work, ``volunteer pause``;
+codes in ``REROUTE_CODES``) is retried once on another replica when the plan has a
+``reroute(uid, exc)`` callback that offers one (e.g. the layer asks its directory again,
+which now passes over the paused server): in the same thread and within the same call's
+deadline, so the layer sees one answer and the backward goes to the replica that computed
+the forward. Without another replica the call fails like any other and is dropped.
+
 Deadlines per call: an expert that exposes ``deadline(op)`` (``RemoteExpert``: adaptive,
 from the latency its server showed, see ``latency.py``) is waited for at most that long
 (plus a small grace, so that its own transport timeout normally fires first and says
@@ -44,6 +51,10 @@ log = logging.getLogger(__name__)
 #: a call is cut at ``deadline * DEADLINE_SLACK + DEADLINE_GRACE`` (its transport first)
 DEADLINE_SLACK = 1.1
 DEADLINE_GRACE = 0.05
+#: forward refusals worth one retry on another replica (the server is fine, just not working now)
+REROUTE_CODES = frozenset({"paused"})
+
+Reroute = Callable[[str, BaseException], "torch.nn.Module | None"]
 
 
 class CutOffError(RemoteTimeoutError):
@@ -91,6 +102,8 @@ class CallPlan:
     on_failure: Callable[[str, BaseException], None]
     report: CallReport = field(default_factory=CallReport)
     record: bool = True  # set by ``dispatch``: whether the caller records autograd graphs
+    #: (uid, the refusal) -> another replica's expert module, or None; see the module docstring
+    reroute: Reroute | None = None
 
 
 def _describe(exc: BaseException) -> str:
@@ -130,6 +143,26 @@ def _forward_job(expert: torch.nn.Module, x: torch.Tensor, out_features: int, re
     if not torch.isfinite(out).all():
         raise ValueError("expert returned non-finite values")
     return inp, out
+
+
+def _forward_rerouted(call: ExpertCall, x: torch.Tensor, out_features: int, record: bool,
+                      reroute: Reroute | None):
+    """``_forward_job``; a refusal in ``REROUTE_CODES`` is retried once on the replica that
+    ``reroute`` offers (``call.expert`` becomes it, so the backward goes there too)."""
+    try:
+        return _forward_job(call.expert, x, out_features, record)
+    except RemoteError as exc:
+        if reroute is None or exc.code not in REROUTE_CODES:
+            raise
+        try:
+            other = reroute(call.uid, exc)
+        except Exception:  # a directory hiccup: the refusal stands
+            log.debug("reroute of %s failed", call.uid, exc_info=True)
+            other = None
+        if other is None or other is call.expert:
+            raise
+        call.expert = other
+        return _forward_job(other, x, out_features, record)
 
 
 def _backward_job(inp: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -249,7 +282,7 @@ class _Dispatch(torch.autograd.Function):
         mask = torch.zeros(plan.batch, plan.k, dtype=torch.bool, device=x.device)
         futures = {
             plan.pool.submit(
-                _forward_job, call.expert, x[call.rows], plan.out_features, plan.record
+                _forward_rerouted, call, x[call.rows], plan.out_features, plan.record, plan.reroute
             ): i
             for i, call in enumerate(plan.calls)
         }

@@ -19,6 +19,14 @@ weighted by 1/cost: one liar cannot attract all the traffic, and equal servers s
 ``MeasuredTransport`` wraps a ``Transport`` and records the outcome of every request it
 carries: latency on success, an error on failure or on an error reply that blames the
 server (overloaded, internal, draining, ...), a timeout with its elapsed time.
+
+A "paused" reply (the volunteer paused itself: ``volunteer pause``, a schedule, battery,
+...) is neither: the server is not broken and its fast refusal says nothing about its
+speed. It marks the server *unavailable* for ``UNAVAILABLE_S`` (or until it answers a
+request again): ``choose`` passes over unavailable servers while any other candidate is
+left, so the trainer's next lookup, and a retry of the same call
+(``dispatch.CallPlan.reroute``), go to another replica. Its record says "paused" within a
+heartbeat, after which directories skip it anyway.
 """
 
 from __future__ import annotations
@@ -53,6 +61,9 @@ MAX_PEEK_BYTES = 4096
 # Error replies that say the server, not the request, failed.
 SERVER_FAULTS = frozenset({"overloaded", "internal", "draining", "unknown_expert",
                            "deadline_expired"})
+# Error replies that say the server takes no work for now, through no fault of its own.
+UNAVAILABLE_CODES = frozenset({"paused"})
+UNAVAILABLE_S = 30.0  # a paused server is passed over this long (or until it answers again)
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ class ServerScores:
         self.clock = clock
         self._lock = threading.Lock()
         self._servers: OrderedDict[str, ServerMeasure] = OrderedDict()
+        self._unavailable: OrderedDict[str, float] = OrderedDict()  # peer id -> until (clock)
 
     # ------------------------------------------------------------------ measuring
     def _decayed(self, m: ServerMeasure, now: float) -> ServerMeasure:
@@ -110,7 +122,26 @@ class ServerScores:
                 self._servers.popitem(last=False)
 
     def record_success(self, peer_id: str, latency: float) -> None:
+        with self._lock:
+            self._unavailable.pop(peer_id, None)
         self._update(peer_id, latency=latency, success=1.0)
+
+    def record_unavailable(self, peer_id: str, seconds: float = UNAVAILABLE_S) -> None:
+        """``peer_id`` takes no work for now (it answered "paused"): not a failure, not a
+        latency; ``choose`` passes over it for ``seconds`` while others are left."""
+        now = self.clock()
+        with self._lock:
+            self._unavailable.pop(peer_id, None)
+            self._unavailable[peer_id] = now + max(0.0, seconds)
+            while self._unavailable and (len(self._unavailable) > self.max_tracked
+                                         or next(iter(self._unavailable.values())) <= now):
+                self._unavailable.popitem(last=False)
+
+    def available(self, peer_id: str) -> bool:
+        """False while ``peer_id`` is marked unavailable (``record_unavailable``)."""
+        with self._lock:
+            until = self._unavailable.get(peer_id)
+        return until is None or until <= self.clock()
 
     def record_error(self, peer_id: str) -> None:
         self._update(peer_id, error=1.0)
@@ -147,9 +178,11 @@ class ServerScores:
 
     def choose(self, candidates: Sequence[ServerEntry],
                rng: random.Random | None = None) -> ServerEntry | None:
-        """One of ``candidates``: random among the near-equals, weighted by 1/cost."""
+        """One of ``candidates``: random among the near-equals, weighted by 1/cost; servers
+        marked unavailable only when no other candidate is left."""
         if not candidates:
             return None
+        candidates = [e for e in candidates if self.available(e.peer_id)] or list(candidates)
         prior = self.prior([e.peer_id for e in candidates])
         costs = [self.score(e.peer_id, e.load, prior) for e in candidates]
         best = min(costs)
@@ -219,7 +252,9 @@ class MeasuredTransport:
             self.scores.record_error(self.peer_id)
             raise
         code = error_reply_code(reply)
-        if code is not None and (code in SERVER_FAULTS or code == "garbage"):
+        if code in UNAVAILABLE_CODES:
+            self.scores.record_unavailable(self.peer_id)
+        elif code is not None and (code in SERVER_FAULTS or code == "garbage"):
             self.scores.record_error(self.peer_id)
         else:
             self.scores.record_success(self.peer_id, self.clock() - t0)
