@@ -44,6 +44,9 @@ SNAPSHOT = {
     "network": {"peers": {"direct": 3, "relayed": 1, "hole_punched": 2}, "connected_peers": 6},
     "shards": {"hosted": {"demo.ffn.1.0": {}, "demo.ffn.0.0": {}}, "downloads": {}},
     "transfer": {"bytes_in": 10, "bytes_out": 20, "cap": 5 * 10**9},
+    "pause": {"paused": True, "reason": "on battery", "until": None},
+    "contribution": {"experiment": "demo", "samples": 123456, "updates": 789, "uptime_s": 86400.5,
+                     "bytes_served": 10**10, "since": 1.7e9},
     "health": {"level": "idle", "why": "no trainer has sent work for 61s"},
 }
 
@@ -103,6 +106,10 @@ def test_every_section_of_the_snapshot_is_served():
     assert value(m, "volunteer_checkpoint_age_seconds") == 12
     assert value(m, "volunteer_transfer_bytes_today", direction="out") == 20
     assert value(m, "volunteer_transfer_daily_cap_bytes") == 5e9
+    assert value(m, "volunteer_paused") == 1
+    assert value(m, "volunteer_contribution_samples_total") == 123456
+    assert value(m, "volunteer_contribution_uptime_seconds_total") == 86400.5
+    assert value(m, "volunteer_contribution_bytes_served_total") == 1e10
 
 
 def test_a_real_runtime_s_figures_follow_the_requests_it_served():

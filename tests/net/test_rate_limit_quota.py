@@ -16,6 +16,9 @@ from volunteer.net.rate_limit import Traffic
 pytestmark = pytest.mark.timeout(60)
 GB = 10**9
 REASON = "daily transfer cap of 5.0 GB reached (resets 00:00 UTC)"
+RUNNING = {"paused": False, "reason": None, "until": None, "rule": None}
+MIDNIGHT = float(calendar.timegm((2026, 11, 29, 0, 0, 0)))
+PAUSED = {"paused": True, "reason": REASON, "until": MIDNIGHT, "rule": "transfer_cap"}
 
 
 class Clock:
@@ -29,16 +32,16 @@ class Clock:
 def test_the_cap_pauses_with_a_reason_and_survives_a_restart(tmp_path):
     clock = Clock()
     q = TransferQuota.for_home(tmp_path, 5 * GB, clock=clock)
-    assert q.limit_state() == {"paused": False, "reason": None}
+    assert q.limit_state() == RUNNING
     q.add(3 * GB, 0)
     q.add(0, 2 * GB - 1)
-    assert q.limit_state() == {"paused": False, "reason": None}
+    assert q.limit_state() == RUNNING
     q.add(1, 0)
-    assert q.limit_state() == {"paused": True, "reason": REASON}
+    assert q.limit_state() == PAUSED
     saved = json.loads((tmp_path / FILE_NAME).read_text())  # written at once when reached
     assert saved == {"day": "2026-11-28", "bytes_in": 3 * GB + 1, "bytes_out": 2 * GB - 1}
     again = TransferQuota.for_home(tmp_path, 5 * GB, clock=clock)  # a restart, same day
-    assert again.limit_state() == {"paused": True, "reason": REASON}
+    assert again.limit_state() == PAUSED
     usage = again.usage()
     assert usage["bytes"] == 5 * GB and usage["resets_at"] == calendar.timegm((2026, 11, 29, 0, 0, 0))
 
@@ -51,7 +54,7 @@ def test_the_count_starts_again_at_midnight_utc(tmp_path):
     clock.now += 3599
     assert q.limit_state()["paused"]
     clock.now += 1  # 00:00 UTC
-    assert q.limit_state() == {"paused": False, "reason": None}
+    assert q.limit_state() == RUNNING
     assert q.usage()["day"] == "2026-11-29" and q.usage()["bytes"] == 0
     q.close()
     assert json.loads((tmp_path / FILE_NAME).read_text())["day"] == "2026-11-29"
@@ -86,7 +89,7 @@ def test_a_malformed_file_starts_at_zero(tmp_path, content):
 def test_no_cap_never_pauses(tmp_path):
     q = TransferQuota.for_home(tmp_path, 0, clock=Clock())
     q.add(10**15, 10**15)
-    assert q.limit_state() == {"paused": False, "reason": None}
+    assert q.limit_state() == RUNNING
     with pytest.raises(ValueError):
         TransferQuota.for_home(tmp_path, -1)
 

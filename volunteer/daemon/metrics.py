@@ -23,8 +23,11 @@ per expert (label ``uid``) ``expert_requests_total``, ``expert_samples_total``,
 ``device_utilization_ratio``, ``device_memory_used_bytes``, ``device_memory_total_bytes``,
 ``system_cpu_ratio``, ``process_cpu_ratio``, ``process_resident_memory_bytes``; the network
 ``connected_peers``, ``peers{path}``; shards ``shards_hosted``, ``shard_downloads``;
-``checkpoint_age_seconds``; and, when the snapshot has a ``transfer`` section (the daily cap),
-``transfer_bytes_today{direction}`` and ``transfer_daily_cap_bytes``.
+``checkpoint_age_seconds``; ``paused`` (1 while the node takes no new work: ``volunteer
+pause``, a resource rule or the daily cap); the lifetime ``contribution_samples_total``,
+``contribution_updates_total``, ``contribution_uptime_seconds_total`` and
+``contribution_bytes_served_total``; and, when the snapshot has a ``transfer`` section (the
+daily cap), ``transfer_bytes_today{direction}`` and ``transfer_daily_cap_bytes``.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class SnapshotCollector(Collector):
         yield from self._network(snap.get("network"))
         yield from self._shards(snap)
         yield from self._transfer(snap.get("transfer"))
+        yield from self._contribution(snap)
 
     def _node(self, snap: dict[str, Any]) -> Iterator[Metric]:
         node = snap.get("node") or {}
@@ -217,6 +221,20 @@ class SnapshotCollector(Collector):
         if isinstance(downloads, dict):
             yield GaugeMetricFamily(PREFIX + "shard_downloads", "shard downloads under way or recent",
                                     value=len(downloads))
+
+    def _contribution(self, snap: dict[str, Any]) -> Iterator[Metric]:
+        pause = snap.get("pause")
+        if isinstance(pause, dict) and isinstance(pause.get("paused"), bool):
+            yield GaugeMetricFamily(PREFIX + "paused", "1 while the node takes no new work",
+                                    value=1 if pause["paused"] else 0)
+        c = snap.get("contribution")
+        if not isinstance(c, dict):
+            return
+        for key, name, doc in (("samples", "samples", "samples served, lifetime of this home"),
+                               ("updates", "updates", "expert updates applied, lifetime of this home"),
+                               ("uptime_s", "uptime_seconds", "seconds served, lifetime of this home"),
+                               ("bytes_served", "bytes_served", "bytes served, lifetime of this home")):
+            yield from _counter("contribution_" + name, doc, c.get(key))
 
     def _transfer(self, transfer: Any) -> Iterator[Metric]:
         if not isinstance(transfer, dict):

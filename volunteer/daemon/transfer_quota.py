@@ -102,15 +102,18 @@ class TransferQuota:
         return bool(self.daily_cap) and usage["bytes"] >= self.daily_cap
 
     def limit_state(self) -> dict[str, Any]:
-        """``{"paused": bool, "reason": str | None}`` for the pause engine, e.g. ``reason``
-        "daily transfer cap of 5.0 GB reached (resets 00:00 UTC)"; also persists the count
-        when due (call it periodically, e.g. every supervisor tick)."""
-        reached = self.reached()
+        """``{"paused": bool, "reason": str | None, "until": epoch | None, "rule": str | None}``
+        for the pause engine (the fields of its ``PauseDecision``), e.g. ``reason`` "daily
+        transfer cap of 5.0 GB reached (resets 00:00 UTC)", ``until`` the next 00:00 UTC,
+        ``rule`` "transfer_cap"; also persists the count when due (call it periodically,
+        e.g. every supervisor tick)."""
+        usage = self.usage()
+        reached = bool(self.daily_cap) and usage["bytes"] >= self.daily_cap
         self.flush(force=reached and not self._reached_saved)
         if not reached:
-            return {"paused": False, "reason": None}
+            return {"paused": False, "reason": None, "until": None, "rule": None}
         self._reached_saved = True
-        return {"paused": True,
+        return {"paused": True, "until": usage["resets_at"], "rule": "transfer_cap",
                 "reason": f"daily transfer cap of {format_bytes(self.daily_cap)} reached (resets 00:00 UTC)"}
 
     # -- persistence --
