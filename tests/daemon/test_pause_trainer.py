@@ -92,7 +92,7 @@ def test_a_paused_forward_is_retried_on_another_replica_and_its_backward_follows
     other = Double()
     asked: list[str] = []
 
-    def reroute(uid, exc):
+    def reroute(uid, expert, exc):
         asked.append(f"{uid}:{exc.code}")
         return other
 
@@ -111,7 +111,7 @@ def test_without_another_replica_the_refusal_stands() -> None:
     failures: list = []
     paused = Paused()
     with cf.ThreadPoolExecutor(2) as pool:
-        for reroute in (None, lambda uid, exc: None, lambda uid, exc: paused):
+        for reroute in (None, lambda uid, expert, exc: None, lambda uid, expert, exc: expert):
             plan = _plan(paused, pool, reroute, failures)
             _out, mask = dispatch(plan, torch.ones(2, 3))
             assert not bool(mask.any())

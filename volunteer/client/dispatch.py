@@ -18,7 +18,7 @@ module wraps *all* the calls of one layer invocation into a single ``autograd.Fu
 
 A forward refused with "paused" (the volunteer stopped taking work, ``volunteer pause``;
 codes in ``REROUTE_CODES``) is retried once on another replica when the plan has a
-``reroute(uid, exc)`` callback that offers one (e.g. the layer asks its directory again,
+``reroute(uid, expert, exc)`` callback that offers one (e.g. the layer asks its directory again,
 which now passes over the paused server): in the same thread and within the same call's
 deadline, so the layer sees one answer and the backward goes to the replica that computed
 the forward. Without another replica the call fails like any other and is dropped.
@@ -54,7 +54,8 @@ DEADLINE_GRACE = 0.05
 #: forward refusals worth one retry on another replica (the server is fine, just not working now)
 REROUTE_CODES = frozenset({"paused"})
 
-Reroute = Callable[[str, BaseException], "torch.nn.Module | None"]
+#: (uid, the expert that refused, the refusal) -> another replica's expert module, or None
+Reroute = Callable[[str, "torch.nn.Module", BaseException], "torch.nn.Module | None"]
 
 
 class CutOffError(RemoteTimeoutError):
@@ -102,7 +103,7 @@ class CallPlan:
     on_failure: Callable[[str, BaseException], None]
     report: CallReport = field(default_factory=CallReport)
     record: bool = True  # set by ``dispatch``: whether the caller records autograd graphs
-    #: (uid, the refusal) -> another replica's expert module, or None; see the module docstring
+    #: another replica after a "paused" refusal (``Reroute``); see the module docstring
     reroute: Reroute | None = None
 
 
@@ -155,7 +156,7 @@ def _forward_rerouted(call: ExpertCall, x: torch.Tensor, out_features: int, reco
         if reroute is None or exc.code not in REROUTE_CODES:
             raise
         try:
-            other = reroute(call.uid, exc)
+            other = reroute(call.uid, call.expert, exc)
         except Exception:  # a directory hiccup: the refusal stands
             log.debug("reroute of %s failed", call.uid, exc_info=True)
             other = None
