@@ -127,3 +127,17 @@ def test_test_seam_reads_the_named_file(tmp_path) -> None:
     assert s.idle() is None and s.clock() > 1e9  # unreadable: unknown, and the real clock
     real = sources_from_env({})
     assert real.test_file is None and set(real.methods()) == {"idle", "battery", "cpu"}
+
+
+def test_live_line_starts_with_the_pause_reason() -> None:
+    from volunteer.daemon.snapshot import live_line_text, pause_text
+
+    snap = {"state": "serving", "experts": {"e.0": {}}, "totals": {}, "node": {"uptime_s": 5},
+            "health": {"level": "idle", "why": "paused: on battery"},
+            "pause": {"paused": True, "reason": "on battery", "until": None}}
+    line = live_line_text(snap)
+    assert line.startswith("paused: on battery | [serving] 1 experts") and line.count("on battery") == 1
+    assert pause_text({"reason": "paused by you until 14:05"}) == "paused by you until 14:05"
+    snap["pause"] = {"paused": False, "reason": None, "until": None}
+    snap["health"] = {"level": "ok", "why": None}
+    assert live_line_text(snap).startswith("[serving]")

@@ -1,4 +1,4 @@
-"""Client side of the control API, used by ``volunteer status`` and ``volunteer leave``.
+"""Client side of the control API, used by ``volunteer status``, ``leave``, ``pause`` and ``resume``.
 
 Finds the daemon through ``<home>/control.json`` (published atomically once the daemon is
 ready) and raises ``DaemonNotRunningError`` with the command that starts one when there is
