@@ -30,6 +30,20 @@ Files:
   by the load a server reports about itself.
 
 The main names are importable from here; submodules load on first access (no import-time work).
+
+A trainer in a few lines (the values come from the experiment's manifest: ``volunteer manifest
+check FILE`` prints them)::
+
+    from volunteer.client import ClientNode, RemoteMixtureOfExperts
+
+    with ClientNode("example-lm", bootstrap=[...]) as node:       # experiment.name, bootstrap
+        moe = RemoteMixtureOfExperts(1024, (32, 32), "lm.layer12.ffn", node.directory(),
+                                     k_best=4, k_min=1, timeout_after_k_min=0.2,
+                                     forward_timeout=10, backward_timeout=15,
+                                     compression="fp16")           # wire.compression
+        y = moe(x)  # x: (..., 1024); trains like any layer
+
+Each class's docstring explains every argument and when to change it.
 """
 
 from __future__ import annotations

@@ -40,7 +40,11 @@ __all__ = ["BeamSearchResult", "beam_search"]
 
 @dataclass(frozen=True)
 class BeamSearchResult:
-    """Per sample, the chosen experts best first (at most ``k_best`` each)."""
+    """Per sample, the chosen experts best first (at most ``k_best`` each).
+
+    ``uids[b]``: sample ``b``'s expert uids; ``coords[b]``: their grid coordinates (same
+    order); ``transports``: uid -> the ``Transport`` the directory resolved it to.
+    """
 
     uids: list[list[str]]
     coords: list[list[tuple[int, ...]]]
@@ -89,8 +93,12 @@ def beam_search(
     """Find up to ``k_best`` alive experts per sample with the highest summed grid score.
 
     ``grid_scores[i]`` has shape ``(batch, d_i)``: the gate's scores for coordinate ``i``.
-    ``exclude`` holds uids to skip (e.g. recently draining experts). Coordinates the
-    directory reports outside the grid are ignored.
+    ``uid_prefix``: the grid's prefix (uids are ``<uid_prefix>.<i>.<j>``); ``directory``
+    answers which coordinates are alive. ``beam_size``: prefixes kept per sample and level;
+    at least ``k_best``, larger when the grid is sparsely served (exact with a beam as wide
+    as the alive prefixes; see the module docstring). ``exclude`` holds uids to skip (e.g.
+    recently draining experts). Coordinates the directory reports outside the grid are
+    ignored. ``RemoteMixtureOfExperts`` calls this; call it yourself only for custom routing.
     """
     if not grid_scores:
         raise ValueError("grid_scores must have one tensor per grid dimension")

@@ -19,7 +19,11 @@ __all__ = ["GridGate", "expert_logits", "masked_softmax"]
 
 
 class GridGate(nn.Module):
-    """``x (..., in_features) -> [scores for dim 0 (..., d0), scores for dim 1, ...]``."""
+    """``x (..., in_features) -> [scores for dim 0 (..., d0), scores for dim 1, ...]``: one
+    linear layer with ``sum(grid_size)`` outputs, the trainable part of a
+    ``RemoteMixtureOfExperts`` that lives on the trainer. ``in_features``: the hidden size;
+    ``grid_size``: the expert grid's shape (the manifest's ``grid.dims``). Used by the layer
+    itself; build one directly only to gate a custom mixture."""
 
     def __init__(self, in_features: int, grid_size: Sequence[int]):
         super().__init__()
@@ -31,6 +35,7 @@ class GridGate(nn.Module):
         self.proj = nn.Linear(in_features, sum(self.grid_size))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One score tensor ``(..., d_i)`` per grid dimension."""
         return list(torch.split(self.proj(x), self.grid_size, dim=-1))
 
 
@@ -51,7 +56,8 @@ def expert_logits(grid_scores: Sequence[torch.Tensor], coords: torch.Tensor) -> 
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax over the entries where ``mask`` is True; masked entries get exactly 0.
+    """Softmax of ``logits`` along ``dim`` over the entries where ``mask`` (same shape) is
+    True; masked entries get exactly 0.
 
     A row with no True entry gets all zeros (no NaN), so a caller may check ``k_min`` and
     still backpropagate safely.

@@ -70,7 +70,8 @@ class NotEnoughExpertsError(RuntimeError):
 
 
 class AvoidList:
-    """Uids to skip until their expiry (monotonic clock); thread-safe."""
+    """Uids to skip until their expiry; thread-safe. ``clock``: seconds, monotonic (tests
+    pass a fake one)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
@@ -78,12 +79,14 @@ class AvoidList:
         self._lock = threading.Lock()
 
     def add(self, uid: str, seconds: float) -> None:
+        """Skip ``uid`` for ``seconds`` more (an existing, later expiry is kept)."""
         if seconds <= 0:
             return
         with self._lock:
             self._until[uid] = max(self._until.get(uid, 0.0), self._clock() + seconds)
 
     def active(self) -> set[str]:
+        """The uids still avoided now (expired ones are dropped)."""
         now = self._clock()
         with self._lock:
             for uid in [u for u, t in self._until.items() if t <= now]:
@@ -108,6 +111,46 @@ class RemoteMixtureOfExperts(nn.Module):
     are the longest waits: with ``adaptive_deadlines`` a call waits less once its server's
     latency is known (learnt in ``latency``, default the process-wide tracker).
     ``last_report`` describes the latest call (answered/failed experts, forward and backward).
+
+    Args:
+        in_features: the hidden size: the experts' ``hidden_dim`` in the manifest.
+        grid_size: the manifest's ``grid.dims`` (e.g. ``(32, 32)``); the gate scores each
+            dimension, so its cost grows with their sum, not their product.
+        uid_prefix: the manifest's ``grid.prefix`` (uids are ``<prefix>.<i>.<j>``).
+        directory: where experts are found: ``ClientNode(...).directory()`` for a real
+            swarm, ``StaticDirectory`` for fixed endpoints (tests, one machine).
+        k_best: experts each sample is sent to (and mixed from), typically 2-4. More
+            experts per sample cost more traffic and volunteer time per step but make a
+            step less sensitive to any single slow or wrong expert.
+        k_min: answers each sample needs; fewer raises ``NotEnoughExpertsError`` (default
+            1). Raise it for quality when the swarm is large and healthy; 0 never fails a
+            step (a sample with no answer gets a zero output).
+        forward_timeout: longest wait for a forward answer (None: bounded by the transport's
+            timeout, the larger of the two timeouts given, else 30 s). Set it to a few times
+            the normal step latency so a vanished volunteer costs that much, not 30 s.
+        backward_timeout: the same for the backward; a backward also runs the volunteer's
+            optimizer step, so allow a little more than for the forward.
+        timeout_after_k_min: once every sample has ``k_min`` answers, wait at most this many
+            more seconds for the other chosen experts (None: wait for all until the
+            timeout). The main lever against stragglers: e.g. 0.05-0.5 s on a volunteer
+            swarm; late experts are dropped from this step, not avoided later.
+        beam_size: prefixes kept per grid dimension in beam search (default ``k_best``).
+            Raise it (e.g. 2-4 x ``k_best``) when the grid is sparsely served so that the
+            search does not miss alive experts; it costs more DHT lookups per step.
+        avoid_for: seconds to skip an expert that answered draining / unknown, could not be
+            reached or timed out (default 30); 0 turns the avoid list off.
+        compression: wire compression of activations and gradients: None, ``"fp16"``,
+            ``"bf16"`` or ``"int8"``; default None. Use the manifest's ``wire.compression``
+            (``volunteer manifest check`` shows it); fp16 halves the bytes with little
+            effect on training, int8 quarters them.
+        max_workers: threads issuing expert calls in parallel (default 32); at least the
+            number of distinct experts one step calls, or calls queue behind each other.
+        expert_factory: ``(uid, transport) -> nn.Module`` building the proxy of each
+            expert; default ``RemoteExpert``. For tests and instrumentation.
+        adaptive_deadlines: True (default): per-server deadlines from observed latency,
+            capped by the timeouts; False: always the fixed timeouts (reproducible runs).
+        latency: the ``LatencyTracker`` to learn latencies in (default the process-wide one,
+            shared with other layers calling the same volunteers).
     """
 
     def __init__(
@@ -167,6 +210,7 @@ class RemoteMixtureOfExperts(nn.Module):
         self._pool_lock = threading.Lock()
 
     def extra_repr(self) -> str:
+        """Grid, prefix and k values, shown by ``print(model)``."""
         return (
             f"in_features={self.in_features}, grid_size={self.grid_size}, "
             f"uid_prefix={self.uid_prefix!r}, k_best={self.k_best}, k_min={self.k_min}"
@@ -217,6 +261,8 @@ class RemoteMixtureOfExperts(nn.Module):
             raise NotEnoughExpertsError(f"the expert directory failed: {exc}") from exc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mix the chosen experts' outputs for ``x`` of shape ``(..., in_features)``; raises
+        ``NotEnoughExpertsError`` when a sample has fewer than ``k_min`` answers."""
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"expected (..., {self.in_features}) input, got {tuple(x.shape)}")
         lead = x.shape[:-1]

@@ -62,7 +62,44 @@ log = logging.getLogger(__name__)
 
 
 class ClientNode:
-    """A trainer's libp2p peer (see module docstring)."""
+    """A trainer's libp2p peer: finds experts in the DHT and reaches their volunteers, even
+    behind NATs, without hosting anything (see module docstring). Start it, then hand
+    ``node.directory()`` to ``RemoteMixtureOfExperts``; stop it when training ends (or use
+    ``with ClientNode(...) as node:``).
+
+    Args:
+        experiment: the manifest's ``experiment.name``; records of other experiments are
+            invisible. Must match the volunteers' manifest exactly.
+        bootstrap: multiaddrs (``/ip4/.../tcp/.../p2p/<id>``) of long-lived swarm nodes, as
+            in the manifest's ``network.bootstrap``; the node keeps redialling them. Pass
+            the manifest's list; add a volunteer's printed address for a private swarm.
+        home: folder holding a persistent identity (``home/identity.key``). None (default):
+            a fresh peer id each run; set it when volunteers admit peers by id (a closed
+            experiment) or you want stable ids in logs.
+        listen_addrs: where this peer listens (default: one TCP port on the default host).
+            A trainer only dials out; change it to pin a port for a firewall rule or for
+            averaging peers that must dial this trainer directly.
+        limits: bounds on replies read from volunteers (``WireLimits``; default
+            ``REPLY_LIMITS``: 512 MiB, 64 tensors). Raise ``max_bytes`` only for experts whose
+            outputs are larger; every reply is checked against them before allocation.
+        lookup_timeout: seconds a DHT lookup may take before ``RemoteTimeoutError`` (default
+            15). Lower it to fail a training step sooner when the DHT is unhealthy.
+        relays: relay / dial-back servers for NAT traversal; default the bootstrap peers.
+            Set it when your bootstrap nodes do not relay (the manifest's ``network.relays``).
+        nat: None (default): start NAT traversal the first time a volunteer is announced
+            behind a relay; True: at ``start()`` (waits for the reachability check); False:
+            never (NATed volunteers are then unreachable: only for all-public swarms).
+        max_streams: libp2p streams kept open per volunteer (default 2). Raise it when many
+            threads call experts of the same volunteer at once and its calls queue.
+        upgrade_timeout: seconds to wait for a hole punch before using a relayed connection
+            (default 5). Lower it when punches rarely succeed on your network.
+        connect_timeout: seconds to reach a volunteer (direct, then relayed) before the call
+            fails as unreachable (default 20).
+        holepunch: False keeps relayed connections relayed (no DCUtR); leave it on unless a
+            network breaks hole punching.
+        **node_options: further ``volunteer.net.node.NodeConfig`` fields (bootstrap backoff,
+            ``announce_addrs``, ...); rarely needed.
+    """
 
     def __init__(self, experiment: str, bootstrap: Sequence[str], *, home: Path | None = None,
                  listen_addrs: Sequence[str] | None = None,
@@ -98,6 +135,7 @@ class ClientNode:
 
     @property
     def peer_id(self) -> str:
+        """This peer's id (base58); volunteers and admission lists know it by this."""
         return self.node.peer_id.to_base58()
 
     @property
@@ -106,6 +144,8 @@ class ClientNode:
         return self._thread.run_sync(self.node.multiaddrs)
 
     def start(self, timeout: float = 60.0) -> ClientNode:
+        """Start the network thread and wait (up to ``timeout`` s) until the host listens
+        (and, with ``nat=True``, until the reachability check ends). Returns ``self``."""
         self._thread.start(self._main, timeout=timeout)
         return self
 
@@ -167,6 +207,7 @@ class ClientNode:
         return self._thread.call(async_fn, *args)
 
     def stop(self) -> None:
+        """Leave averaging groups, close connections and stop the network thread."""
         if self.averaging is not None:
             self.averaging.close()  # withdraws the group entries while the loop still runs
         self._thread.stop()
@@ -178,6 +219,7 @@ class ClientNode:
         self.stop()
 
     def connected_peers(self) -> list[str]:
+        """Peer ids this node holds connections to (a health check: empty means cut off)."""
         return self._thread.call(_sync_async(self.node.connected_peers))
 
     def _lookup(self, async_fn: Any, *args: Any) -> Any:
@@ -210,9 +252,12 @@ class ClientNode:
         return self._lookup(many, list(prefixes))
 
     def servers(self, uid: str) -> list[ServerEntry]:
+        """Live server entries of expert ``uid`` (uncached DHT lookup)."""
         return self._lookup(self.registry.servers, uid)
 
     def transport(self, peer_id: str, addrs: Sequence[str] = ()) -> Libp2pTransport:
+        """A ``Transport`` that calls experts on ``peer_id`` over libp2p streams (dialling
+        ``addrs``, relays included); for ``RemoteExpert`` when you pick servers yourself."""
         if self.rpc is None:
             raise RuntimeError("ClientNode is not started")
         return Libp2pTransport(self._thread, self.rpc, peer_id, addrs)
@@ -240,6 +285,8 @@ class ClientNode:
                                     members_only=members_only)
 
     def directory(self, **options: Any) -> DhtDirectory:
+        """The ``ExpertDirectory`` over this node's DHT view, for ``RemoteMixtureOfExperts``;
+        ``options`` go to ``DhtDirectory`` (e.g. ``cache_ttl``)."""
         from volunteer.client.dht_directory import DhtDirectory
 
         return DhtDirectory(self, **options)

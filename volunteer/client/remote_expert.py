@@ -52,11 +52,27 @@ def new_request_id() -> int:
 
 
 class RemoteExpert(nn.Module):
-    """Proxy of expert ``uid`` served at ``endpoint`` (``tcp://host:port`` or a Transport).
+    """Proxy of expert ``uid`` served at ``endpoint`` (``tcp://host:port`` or a Transport):
+    call it like a local module; its backward trains the remote expert. Use it directly to
+    talk to one known expert (tests, benchmarks, a fixed pipeline); ``RemoteMixtureOfExperts``
+    builds these itself for the experts beam search picks.
 
-    ``timeout``: the longest any call waits (seconds); with ``adaptive`` (default) a call
-    waits less once the server's latency is known, learnt in ``latency`` (default: the
-    process-wide ``default_tracker()``, shared by every proxy of the same server).
+    Args:
+        uid: the expert's uid (``<grid prefix>.<i>.<j>``), as the volunteer hosts it.
+        endpoint: ``tcp://host:port`` of a volunteer's ZeroMQ frontend (a transport is then
+            created and owned: ``close()`` closes it), or a ``Transport`` you own, e.g.
+            ``ClientNode.transport(peer_id, addrs)`` for a volunteer behind a NAT.
+        timeout: the longest any call waits, in seconds (default 30). Raise it for large
+            batches on slow links; lower it to give up on slow volunteers sooner.
+        compression: how tensors travel: None (as computed), ``"fp16"`` / ``"bf16"`` (half
+            the bytes of float32), ``"int8"`` (a quarter, blockwise quantised). Use fp16 when
+            the link, not the volunteer, is the bottleneck; replies come back the same way.
+        adaptive: True (default): each call waits a multiple of the latency this server showed
+            lately, never more than ``timeout``, so a vanished server costs less than a full
+            timeout. False: always wait ``timeout`` (reproducible benchmarks).
+        latency: the ``LatencyTracker`` learning each server's latency (default: the
+            process-wide one, shared by every proxy of the same server); pass your own to
+            isolate experiments in one process.
     """
 
     def __init__(
@@ -90,9 +106,13 @@ class RemoteExpert(nn.Module):
             self.transport.close()
 
     def extra_repr(self) -> str:
+        """The uid and transport, shown by ``print(model)``."""
         return f"uid={self.uid!r}, transport={self.transport!r}"
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Run the expert remotely on ``inputs`` (batch first, per-sample shapes as the
+        expert's ``input_shapes``); raises the typed ``volunteer.wire.errors`` exception of
+        a failed call. Under autograd the server keeps the activations for the backward."""
         will_backward = torch.is_grad_enabled()
         return _RemoteCall.apply(self._dummy, self, will_backward, *inputs)
 

@@ -76,7 +76,24 @@ def _snapshot(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class Averager:
-    """Averages ``params`` with the other members of ``group`` by ``config.method``."""
+    """Averages ``params`` with the other members of ``group`` by ``config.method``.
+    ``CollaborativeOptimizer`` builds one; use it directly only to average parameters outside
+    an optimizer (the daemon's expert replicas do).
+
+    Args:
+        params: the parameters to keep in agreement (the trainer's dense ones).
+        group: the ``AveragingGroup`` (``SwarmGroup`` or ``LocalGroup``) of the members.
+        config: ``AveragingConfig`` (method, period / prob, alpha, timeout); only
+            gradAllReduce and the gossip methods use an averager.
+        seed: seeds the choice of gossip partners (None: random).
+        max_buffered: peers' gradient entries kept for gradAllReduce rounds (default 64);
+            raise it for groups with more members than that.
+        max_pending: inbound updates waiting for ``apply_pending()`` before more are
+            answered ``overloaded`` (default 8).
+        defer_inbound: True (default): peers' pulls and pushes are applied between our own
+            steps (``apply_pending``), never during a forward/backward; False applies them
+            on arrival (only for parameters nothing else reads concurrently).
+    """
 
     def __init__(self, params: list[torch.nn.Parameter], group: AveragingGroup,
                  config: AveragingConfig, *, seed: int | None = None,

@@ -41,7 +41,10 @@ SWEEP_PAUSE_S = 0.3
 class FinishReport:
     """How ``finish`` ended: ``agreed`` (a quiet sweep), ``alone`` (no member left),
     ``timeout``; the sweeps and exchanges it ran; the largest divergence its last sweep saw
-    before pulling (None when no exchange succeeded); its duration."""
+    before pulling (None when no exchange succeeded); its duration.
+
+    Fields: ``ended``, ``sweeps``, ``exchanges_ok``, ``exchanges_failed``,
+    ``last_divergence``, ``duration_s``."""
 
     ended: str
     sweeps: int
@@ -51,6 +54,7 @@ class FinishReport:
     duration_s: float
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as a JSON-serialisable dict."""
         return asdict(self)
 
 
@@ -58,7 +62,12 @@ def finish(averager: Averager, step: int, *, timeout: float = FINISH_TIMEOUT_S,
            tol: float = FINISH_TOL, pause: float = SWEEP_PAUSE_S,
            seed: int | None = None) -> FinishReport:
     """Agree on one copy with the live members before leaving (see the module docstring).
-    ``step`` is the caller's last step (sent as the exchanges' round)."""
+
+    ``averager``: this member's ``Averager`` (no local step may follow); ``step`` is the
+    caller's last step (sent as the exchanges' round); ``timeout``: the longest it runs, in
+    seconds; ``tol``: the divergence below which a sweep counts as quiet (agreement);
+    ``pause``: seconds between sweeps; ``seed``: seeds the order members are visited in.
+    ``CollaborativeOptimizer.finish`` calls this."""
     if not timeout > 0 or not tol >= 0 or not pause >= 0:
         raise ValueError("timeout must be > 0, tol and pause >= 0")
     rng = random.Random(seed)

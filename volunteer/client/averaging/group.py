@@ -50,7 +50,8 @@ class Exchange:
     gradients for round ``round``; the peer files them for its own all-reduce of that
     round; empty answer), ``consensus`` (the end-of-run agreement, ``consensus.py``: like
     ``elastic`` with alpha at most 1/2, taken by every method). ``round`` is the sender's
-    step counter.
+    step counter. ``tensors``: the parameters or gradients carried (checked against the
+    receiver's own before use).
     """
 
     kind: str

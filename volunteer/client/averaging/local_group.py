@@ -62,7 +62,9 @@ def _copy(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class LocalGroup:
-    """One member of a ``LocalHub``; implements ``AveragingGroup``."""
+    """One member of a ``LocalHub``; implements ``AveragingGroup``. ``hub``: the shared
+    in-process hub (threads of one process: tests, experiments); ``peer_id``: this member's
+    name, unique within the hub."""
 
     def __init__(self, hub: LocalHub, peer_id: str) -> None:
         self._hub = hub

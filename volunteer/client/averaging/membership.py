@@ -51,8 +51,12 @@ def group_prefix(run_id: str) -> str:
 
 class DhtMembership:
     """Announce this member under ``prefix`` and list the admitted members (see module
-    docstring). ``registry`` is this member's own (its ttl and admission token are used);
-    ``addrs`` and ``reachability`` are called in the loop at every publish."""
+    docstring). ``thread``: the node's trio thread (DHT calls run there); ``registry`` is
+    this member's own (its ttl and admission token are used); ``addrs`` and
+    ``reachability`` are called in the loop at every publish. ``admit``: the experiment's
+    admission filter (None: everyone); ``cache_s``: seconds a member list is reused before
+    the DHT is read again (lower it for faster joins, raise it for less DHT traffic);
+    ``lookup_timeout``: seconds a DHT read may take (an expired one keeps the last list)."""
 
     def __init__(self, thread: TrioThread, registry: ExpertRegistry, prefix: str, *,
                  addrs: Callable[[], Sequence[str]],

@@ -173,7 +173,7 @@ def divergence(mine: Sequence[torch.Tensor], theirs: Sequence[torch.Tensor]) -> 
 
 
 def checked(tensors: Any, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """A peer's tensor list checked against ours before any use: the count and shapes must
+    """A peer's tensor list (``tensors``) checked against ours (``params``) before any use: the count and shapes must
     match, floating dtypes only (converted to ours, on CPU); ``NonFiniteError`` for NaN/inf,
     ``BadRequestError`` for anything else wrong."""
     if not isinstance(tensors, list) or len(tensors) != len(params):

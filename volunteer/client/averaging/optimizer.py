@@ -41,7 +41,25 @@ from volunteer.client.averaging.methods import AveragingConfig
 
 
 class CollaborativeOptimizer:
-    """Wraps ``optimizer``; averages its parameters over ``group`` by ``config.method``."""
+    """Wraps ``optimizer``; averages its parameters over ``group`` by ``config.method``.
+
+    Use it in place of the torch optimizer for the trainer's dense parameters when several
+    trainers train one model together (see the module docstring for the loop).
+
+    Args:
+        optimizer: the torch optimizer of the parameters to keep in agreement (its param
+            groups); stepping, learning rate and state stay the optimizer's own.
+        group: who to average with: ``ClientNode.averaging_group(run_id)`` over the swarm,
+            ``LocalGroup`` in one process; None only for methods without peers (``local``,
+            ``noComm``).
+        config: ``AveragingConfig``: the method (``gradAllReduce``, ``elasticGossip``,
+            ``gossipingSgd``, ``noComm``, ``local``), how often (``period`` / ``prob``), how
+            far (``alpha``) and the per-exchange ``timeout``. Start with elasticGossip,
+            period 4, alpha 0.5 on volunteer links; gradAllReduce needs members that start
+            together and fast links.
+        seed: seeds the random choice of gossip partners (and consensus) for reproducible
+            runs; None: random.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, group: AveragingGroup | None,
                  config: AveragingConfig, *, seed: int | None = None) -> None:

@@ -59,7 +59,15 @@ NEWCOMER_REFRESH_S = 1.0  # at most one forced membership read per this many sec
 
 
 class ExchangeServer:
-    """Answers inbound exchanges for every group of one host (see module docstring)."""
+    """Answers inbound exchanges for every group of one host (see module docstring).
+
+    ``channel``: the host's ``PeerChannel`` (a ``ClientNode``'s or a daemon's). ``workers``:
+    threads decoding and answering exchanges (default 2); ``max_pending``: messages queued
+    or running before new ones are answered ``overloaded`` (default 8): raise both only for
+    large groups with small parameters. ``limits``: bounds on an inbound message
+    (``AVERAGING_LIMITS``), checked before allocation; raise ``max_bytes`` for models whose
+    averaged parameters are larger. ``ClientNode.averaging_group`` builds the one per node.
+    """
 
     def __init__(self, channel: PeerChannel, *, workers: int = WORKERS,
                  max_pending: int = MAX_PENDING, limits: WireLimits = AVERAGING_LIMITS) -> None:
@@ -89,6 +97,7 @@ class ExchangeServer:
             self._handlers.pop(group, None)
 
     def groups(self) -> list[str]:
+        """The groups whose exchanges are answered now."""
         with self._lock:
             return sorted(self._handlers)
 
@@ -152,7 +161,23 @@ class ExchangeServer:
 
 
 class SwarmGroup:
-    """One member of one averaging group over a ``PeerChannel`` (see module docstring)."""
+    """One member of one averaging group over a ``PeerChannel`` (see module docstring).
+    Built by ``ClientNode.averaging_group(run_id)``; construct it directly only on a host of
+    your own.
+
+    Args:
+        server: the host's ``ExchangeServer`` (answers this group's inbound exchanges).
+        channel: the ``PeerChannel`` frames travel on.
+        group: the group's name; every member uses the same one.
+        me: this member's peer id (never listed among the others).
+        members: provider of the current ``(peer id, addrs)`` list (``DhtMembership``).
+        compression: None, ``"fp16"`` or ``"bf16"`` for the parameters sent (half the bytes
+            of float32); int8 is refused for parameters.
+        limits: bounds on answers read from members (``AVERAGING_LIMITS``).
+        members_only: True (default): exchanges from peers the provider does not list are
+            answered ``overloaded``; False: anyone who knows the group name may exchange.
+        on_close: called once by ``close()`` (the node withdraws its DHT entry there).
+    """
 
     def __init__(self, server: ExchangeServer, channel: PeerChannel, group: str, me: str,
                  members: MembersProvider, *, compression: str | None = None,
@@ -174,6 +199,7 @@ class SwarmGroup:
 
     @property
     def me(self) -> str:
+        """This member's peer id."""
         return self._me
 
     def members(self) -> list[str]:
