@@ -44,7 +44,7 @@ _SHIPPED = ", ".join(shipped_experiments()) or "none"
 
 def join(
     experiment: str = typer.Argument(..., metavar="EXPERIMENT",
-                                     help=f"Manifest path, or the name of a shipped experiment: {_SHIPPED}."),
+                                     help=f"A shipped manifest ({_SHIPPED}) or the path of a manifest file."),
     home: Optional[Path] = typer.Option(None, "--home", envvar="VOLUNTEER_HOME", show_envvar=True,
                                         show_default="the user data directory, e.g. ~/.local/share/volunteer",
                                         help="Node home (identity, config, checkpoints, logs, control socket)."),
@@ -65,7 +65,7 @@ def join(
     listen_host: Optional[str] = typer.Option(None, "--listen-host", show_default=_default("listen_host"),
                                               help="libp2p listen address (setting: listen_host; 127.0.0.1 for a "
                                                    "swarm on one machine)."),
-    listen_port: Optional[int] = typer.Option(None, "--listen-port", min=0, max=65535, metavar="PORT",
+    listen_port: Optional[int] = typer.Option(None, "--listen-port", metavar="PORT",
                                               show_default="auto: the manifest's, else the last run's",
                                               help="libp2p TCP port to open or forward (setting: listen_port); "
                                                    "0 = any free port, new at each start."),
