@@ -163,7 +163,8 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
     for args, words in ((["nosuchexperiment"], "unknown experiment"),
                         (["./missing.yaml"], "not found"),
                         (["demo", "--name", "bad name"], "service name"),
-                        (["demo", "--", "--set", "leave_timeout_s=soon"], "leave_timeout_s")):
+                        (["demo", "--", "--set", "leave_timeout_s=soon"], "leave_timeout_s"),
+                        (["demo", "--", "--home", "/elsewhere"], "pass --home before")):
         out = cli(["service", "install", "--home", str(tmp_path / "h"), *args], env, tmp_path)
         assert out.returncode == 2, (args, out.stderr)
         assert words in out.stderr and out.stderr.count("\n") == 1

@@ -106,6 +106,9 @@ def install(
     from volunteer.daemon.settings import parse_assignments, resolve_settings
 
     join_args = [a for a in ctx.args if a != "--"]
+    if any(a == "--home" or a.startswith("--home=") for a in join_args):
+        raise fail("pass --home before `--` (it is the service's home), not among the join arguments",
+                   EXIT_BAD_INPUT)
     exp = _experiment_arg(experiment)
     root = resolve_home(home)
     with domain_errors():
