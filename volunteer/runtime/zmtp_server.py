@@ -31,12 +31,8 @@ frame-header buffer (<= 9 bytes) and one command (<= 4 KiB). Anything malformed 
 connection (counted); no exception leaves a handler.
 
 **Bandwidth caps** (``traffic``, a ``volunteer.net.rate_limit.Traffic``; None: no shaping,
-and the hot path pays one ``is None`` test): a connection reads at most what the download
-bucket holds and writes at most what the upload bucket holds; when a bucket runs dry the
-connection's reads (or writes) leave the epoll mask and a loop timer brings them back once
-``MIN_CHUNK`` bytes have refilled. Nothing sleeps in the IO thread, other connections go on,
-and the kernel's socket buffers push back on the peer. The time a connection is held back
-does not count against its message or stall deadlines.
+and the hot path pays an ``is None`` test per read and write): see
+``volunteer.runtime.zmtp_shaping`` (reads and writes held back by loop timers, never a sleep).
 
 Replies are written with ``sendmsg`` straight from the caller's buffers (tensor memory is
 never copied); large frame bodies are read with ``recv_into`` into their own preallocated
@@ -47,7 +43,6 @@ by default, pinned host memory on a GPU node.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import itertools
 import logging
@@ -58,7 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from volunteer.net.rate_limit import TokenBucket, Traffic
+from volunteer.net.rate_limit import Traffic
 from volunteer.runtime.loop import READ, WRITE, ServingLoop
 from volunteer.runtime.zmtp_conn import (
     HELLO,
@@ -68,6 +63,7 @@ from volunteer.runtime.zmtp_conn import (
     ProtocolError,
     ZmtpConn,
 )
+from volunteer.runtime.zmtp_shaping import ZmtpShaping, take_parts
 from volunteer.wire.errors import RemoteError
 from volunteer.wire.zmtp import LONG, MORE
 
@@ -78,7 +74,6 @@ DIRECT_MIN = 64 * 1024  # a frame body with at least this much left is read stra
 READ_BURST = 8 * 2**20  # bytes read from one connection per wake-up (fairness)
 ACCEPT_BURST = 64
 IOV_MAX = 512
-MIN_CHUNK = 16 * 1024  # a capped connection waits for at least this much (or a full bucket)
 _HANGUP = select.EPOLLHUP | select.EPOLLERR
 _LONG_HEADER = struct.Struct(">BQ")
 
@@ -104,7 +99,7 @@ class ZmtpServerLimits:
     idle_timeout_s: float = 900.0
 
 
-class ZmtpServer:
+class ZmtpServer(ZmtpShaping):
     """ROUTER semantics on one listening TCP socket; everything runs in ``loop``'s thread
     except ``bind`` (before ``attach``) and ``close`` once the loop is gone.
 
@@ -249,7 +244,7 @@ class ZmtpServer:
         traffic = self.traffic
         left = READ_BURST
         if traffic is not None and traffic.down is not None:
-            left = self._allowance(conn, traffic.down, True)
+            left = min(READ_BURST, self._allowance(conn, traffic.down, True))
         try:
             while left > 0 and conn.sock is not None:
                 direct = conn.body_view()
@@ -360,7 +355,7 @@ class ZmtpServer:
                 limit = self._allowance(conn, traffic.up, False)
                 if not limit:
                     break
-                batch = _take(out, limit)
+                batch = take_parts(out, limit, IOV_MAX)
             else:
                 batch = list(itertools.islice(out, IOV_MAX)) if len(out) > IOV_MAX else list(out)
             try:
@@ -387,49 +382,6 @@ class ZmtpServer:
         if want != conn.want_write:
             conn.want_write = want
             self._set_mask(conn)
-
-    # -- bandwidth caps (only with ``traffic``) --
-
-    def _set_mask(self, conn: ZmtpConn) -> None:
-        if conn.sock is not None:
-            self.loop.modify(conn.fd, (READ if conn.rx_timer is None else 0)
-                             | (WRITE if conn.want_write else 0))
-
-    def _allowance(self, conn: ZmtpConn, bucket: TokenBucket, rx: bool) -> int:
-        """Bytes ``conn`` may move now (at most ``READ_BURST``); 0 after pausing it."""
-        chunk = min(MIN_CHUNK, bucket.burst)
-        avail = bucket.available()
-        if avail >= chunk:
-            return min(READ_BURST, int(avail))
-        delay = max(bucket.wait_time(chunk), 0.001)
-        timer: list = []
-
-        def fire() -> None:  # a timer: resume through call_soon so a new timer is seen
-            self.loop.cancel(timer[0])
-            self.loop.call_soon(self._resume, conn, rx)
-
-        timer.append(self.loop.every(delay, fire))
-        if rx:
-            conn.rx_timer = timer[0]
-            conn.rx_paused_at = time.monotonic()
-        else:
-            conn.tx_timer = timer[0]
-        self._set_mask(conn)
-        return 0
-
-    def _resume(self, conn: ZmtpConn, rx: bool) -> None:
-        if conn.sock is None:
-            return
-        now = time.monotonic()
-        if rx:
-            conn.rx_timer = None
-            if conn.msg_start:  # the time this node held the message back is not the peer's
-                conn.msg_start = min(now, conn.msg_start + now - conn.rx_paused_at)
-            self._set_mask(conn)  # epoll says when there is something to read
-        else:
-            conn.tx_timer = None
-            conn.last_tx = now
-            self._flush(conn)
 
     # -- deadlines and closing --
 
@@ -473,20 +425,6 @@ class ZmtpServer:
         conn.out.clear()
         conn.out_bytes = 0
         conn.inflight = 0
-
-
-def _take(out: collections.deque, limit: int) -> list:
-    """The leading parts of ``out`` holding at most ``limit`` bytes (the last one cut)."""
-    batch: list = []
-    for part in itertools.islice(out, IOV_MAX):
-        n = part.nbytes if type(part) is memoryview else len(part)
-        if n > limit:
-            if limit:
-                batch.append(_bytes_view(part)[:limit])
-            break
-        batch.append(part)
-        limit -= n
-    return batch
 
 
 def _bytes_view(part: object) -> memoryview:
