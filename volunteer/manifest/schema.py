@@ -250,7 +250,7 @@ SECTIONS: dict[str, tuple[str, bool]] = {
     "serving": ("What one volunteer accepts per request and holds in memory.", False),
     "network": ("How volunteers find each other.", False),
     "shards": ("How the swarm keeps its weights.", False),
-    "admission": ("Who may take part (absent: everyone).", False),
+    "admission": ("Who may take part. Absent: everyone; present: an owner key and/or listed peers.", False),
     "averaging": ("How replicas of one expert stay one expert.", False),
     "wire": ("How trainers send tensors by default.", False),
 }
