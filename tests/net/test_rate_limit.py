@@ -189,3 +189,39 @@ def test_upload_cap_holds_within_10_percent_on_a_zeromq_transfer():
     assert got > 5 * 2**20
     rate = got / elapsed
     assert abs(rate - CAP) <= 0.1 * CAP, f"replies left at {rate / 1e6:.2f} MB/s, cap 1.5"
+
+
+def test_a_peer_that_resets_while_held_back_is_closed_at_once():
+    """Reads held back for minutes (100 B/s): a reset from the peer still closes the
+    connection right away (epoll reports the hang-up even with reads out of the mask), and
+    the bytes it held are given back."""
+    import socket
+    import struct
+
+    from tests.runtime.servers import wait_for
+    from volunteer.runtime.zmtp_conn import HELLO, ready_command
+    from volunteer.wire.zmtp import GREETING, LONG, MORE
+
+    runtime = Runtime(make_backends({"n.0": ("nop", H)}), ServingLimits())
+    runtime.start()
+    frontend = ZmqFrontend(runtime, traffic=Traffic(down=TokenBucket(100, burst=16 * 1024)))
+    try:
+        frontend.start()
+        host, port = frontend.endpoint[len("tcp://"):].rsplit(":", 1)
+        s = socket.create_connection((host, int(port)), timeout=30)
+        s.sendall(GREETING + ready_command(b"DEALER"))
+        got = b""
+        while len(got) < len(HELLO):
+            got += s.recv(len(HELLO) - len(got))
+        assert got == HELLO
+        body = bytes(256 * 1024)  # one frame of a message: far more than the bucket holds
+        s.sendall(struct.pack(">BQ", MORE | LONG, len(body)) + body[: 64 * 1024])
+        wait_for(lambda: runtime.held_bytes()["held"] > 0, what="the frame reserved")
+        wait_for(lambda: frontend.stats()["partial_bytes"] > 0, what="the message started")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # a reset
+        wait_for(lambda: frontend.stats()["connections"] == 0, timeout=30, what="the connection closed")
+        assert runtime.held_bytes()["held"] == 0
+    finally:
+        frontend.stop()
+        runtime.stop()
