@@ -8,6 +8,8 @@ under 2% of the transfer, and the achieved rate must be within 10% of the cap.
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 
 import pytest
@@ -15,7 +17,7 @@ import torch
 import trio
 import trio.testing
 
-from tests.runtime.servers import make_backends
+from tests.runtime.servers import make_backends, wait_for
 from volunteer.net.rate_limit import (
     MIN_BURST,
     TokenBucket,
@@ -26,8 +28,9 @@ from volunteer.net.rate_limit import (
 from volunteer.runtime.limits import ServingLimits
 from volunteer.runtime.runtime import Runtime
 from volunteer.runtime.zmq_frontend import ZmqFrontend
+from volunteer.runtime.zmtp_conn import HELLO, ready_command
 from volunteer.wire.messages import decode_reply, encode_request
-from volunteer.wire.zmtp import ZmtpConnection
+from volunteer.wire.zmtp import GREETING, LONG, MORE, ZmtpConnection
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -195,13 +198,6 @@ def test_a_peer_that_resets_while_held_back_is_closed_at_once():
     """Reads held back for minutes (100 B/s): a reset from the peer still closes the
     connection right away (epoll reports the hang-up even with reads out of the mask), and
     the bytes it held are given back."""
-    import socket
-    import struct
-
-    from tests.runtime.servers import wait_for
-    from volunteer.runtime.zmtp_conn import HELLO, ready_command
-    from volunteer.wire.zmtp import GREETING, LONG, MORE
-
     runtime = Runtime(make_backends({"n.0": ("nop", H)}), ServingLimits())
     runtime.start()
     frontend = ZmqFrontend(runtime, traffic=Traffic(down=TokenBucket(100, burst=16 * 1024)))
