@@ -55,7 +55,7 @@ def test_held_ports_fail_and_name_the_setting_to_change(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     out = " ".join(result.stdout.split())  # lines wrap at 80 columns
     assert "[fail] zmq port" in out and f"127.0.0.1:{zmq_port} is already in use by pid {os.getpid()}" in out
-    assert f"127.0.0.1:{p2p_port} is already in use" in out and "--set listen_port=<port>" in out
+    assert f"127.0.0.1:{p2p_port} is already in use" in out and "--listen-port N" in out
     assert result.stdout.splitlines()[-1].startswith("verdict: this node cannot serve")
     assert "[skip] network" in out  # cli_env turns the peer network off
 
@@ -93,8 +93,10 @@ def test_an_unreachable_bootstrap_is_connection_refused(tmp_path: Path) -> None:
     assert doc.returncode == 1, doc.stdout + doc.stderr
     boot = _checks(json.loads(doc.stdout))["bootstrap"]
     assert [c["verdict"] for c in boot] == ["warn", "fail"]
-    assert boot[0]["data"] == {"addr": addr, "source": "flag", "error": f"connection refused at 127.0.0.1:{port}"}
-    assert boot[0]["detail"].startswith(f"connection refused at 127.0.0.1:{port} (address from the flag")
+    assert boot[0]["data"]["addr"] == addr and boot[0]["data"]["kind"] == "refused"
+    assert boot[0]["data"]["origin"] == "the --bootstrap flag"
+    assert boot[0]["detail"].startswith(f"connection refused at 127.0.0.1:{port}")
+    assert "(address from the --bootstrap flag" in boot[0]["detail"]
     assert "check the --bootstrap address" in boot[1]["fix"] and "no trainer could find it" in boot[1]["detail"]
 
 

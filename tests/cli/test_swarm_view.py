@@ -5,7 +5,7 @@ bootstrap from it, each hosts one expert of the 8-uid grid), then ``volunteer sw
 --bootstrap <first>`` as a subprocess: a throwaway client peer reads the grid from the DHT.
 It must list every uid of the grid, each hosted uid with the daemons that serve it, the uids
 nobody serves, and every volunteer. ``volunteer doctor`` against the same swarm completes
-the libp2p handshake and is found publicly reachable by dial-back (loopback). Errors: a
+the libp2p handshake, joins the DHT and is found publicly reachable by dial-back (loopback). Errors: a
 closed bootstrap port says "connection refused at 127.0.0.1:PORT" (exit 1); no peer to ask
 at all is bad input (exit 2).
 """
@@ -91,7 +91,8 @@ def test_swarm_view_of_three_volunteers(tmp_path: Path, volunteer_daemon: Daemon
                      env=cli_env(network=True), timeout=120)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
-    assert checks["libp2p"]["verdict"] == "ok"
+    assert checks["bootstrap"]["verdict"] == "ok" and checks["bootstrap"]["data"]["kind"] == "ok"  # handshake
+    assert "libp2p" not in checks  # joined the DHT through it
     assert checks["reachability"]["data"]["reachability"] == "public"  # dialled back on loopback
     assert checks["clock"]["verdict"] == "ok" and checks["clock"]["data"]["peers"] == 3
     # The first volunteer had nobody to dial it back at its start ("unknown"), so it may hold a
@@ -108,6 +109,7 @@ def test_swarm_errors_in_plain_words(tmp_path: Path) -> None:
         port = s.getsockname()[1]
         code, _out, err = _swarm("--bootstrap", f"/ip4/127.0.0.1/tcp/{port}/p2p/{PEER}",
                                 "--home", str(tmp_path / "none"))
-    assert code == 1 and f"connection refused at 127.0.0.1:{port} (from the flag)" in err, err
+    assert code == 1 and f"connection refused at 127.0.0.1:{port}" in err, err
+    assert "(address from the --bootstrap flag)" in err and err.startswith("error: cannot reach any peer")
     code, _out, err = _swarm("--home", str(tmp_path / "none"))  # demo has no bootstrap peer
     assert code == 2 and "--bootstrap" in err and err.startswith("error: no peer to ask"), err

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from volunteer.doctor.bootstrap import check_bootstrap, parse_target, probe_tcp
+from volunteer.doctor.bootstrap import check_bootstrap, probe
 from volunteer.doctor.local import check_disk, check_home
-from volunteer.doctor.ports import check_port, probe_port
+from volunteer.doctor.ports import check_port
 from volunteer.doctor.report import FAIL, OK, SKIP, WARN
 
 PEER = "12D3KooWJik9SDvQrdNggBWJZTXzTskZdQ2AKc63QrK74iMwMbEx"
@@ -73,18 +73,23 @@ def test_disk_against_the_shard_cache_cap(tmp_path: Path) -> None:
     assert huge.verdict == WARN and "shard_cache_bytes=" in huge.fix
 
 
+FIX = "pick another port: --set zmq_port=N"
+
+
 def test_a_held_port_fails_and_names_its_holder() -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        check = check_port("zmq port", "127.0.0.1", port, "ZeroMQ frontend", "zmq_port")
+        check = check_port("zmq port", "127.0.0.1", port, "ZeroMQ frontend", FIX)
         assert check.verdict == FAIL and f"127.0.0.1:{port} is already in use" in check.detail
-        assert f"pid {os.getpid()}" in check.detail and "--set zmq_port=" in check.fix
-        assert check_port("zmq port", "127.0.0.1", port, "ZeroMQ frontend", "zmq_port",
+        assert f"pid {os.getpid()}" in check.detail and check.fix == FIX
+        assert check_port("zmq port", "127.0.0.1", port, "ZeroMQ frontend", FIX,
                           frozenset({port})).verdict == OK  # this home's own daemon holds it
-    assert probe_port("127.0.0.1", port).error is None
-    assert check_port("p", "127.0.0.1", 0, "x", "zmq_port").verdict == OK
+        moved = check_port("libp2p port", "127.0.0.1", port, "libp2p listener", FIX, movable=True)
+        assert moved.verdict == WARN and "will listen on a new one" in moved.detail  # a kept port moves
+    assert check_port("zmq port", "127.0.0.1", port, "ZeroMQ frontend", FIX).verdict == OK
+    assert check_port("p", "127.0.0.1", 0, "x", FIX).verdict == OK
 
 
 def test_a_held_port_with_so_reuseport_still_counts_as_held() -> None:
@@ -93,18 +98,16 @@ def test_a_held_port_with_so_reuseport_still_counts_as_held() -> None:
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         held.bind(("127.0.0.1", 0))
         held.listen()
-        assert probe_port("127.0.0.1", held.getsockname()[1]).error is not None
+        assert check_port("p", "127.0.0.1", held.getsockname()[1], "x", FIX).verdict == FAIL
 
 
 def test_a_closed_bootstrap_port_is_connection_refused() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, never listening: connects are refused
-        target = parse_target(f"/ip4/127.0.0.1/tcp/{port}/p2p/{PEER}", "manifest")
-        result = probe_tcp(target, 2.0)
-    assert result.error == f"connection refused at 127.0.0.1:{port}"
-    checks = check_bootstrap([result])
+        results = probe([f"/ip4/127.0.0.1/tcp/{port}/p2p/{PEER}"], 2.0)
+    assert results[0].problem.startswith(f"connection refused at 127.0.0.1:{port}")
+    checks = check_bootstrap(results, lambda addr: "the manifest's network.bootstrap (demo)")
     assert [c.verdict for c in checks] == [WARN, FAIL] and "network.bootstrap" in checks[-1].fix
-    assert check_bootstrap([])[0].verdict == SKIP
-    with pytest.raises(ValueError, match="expected /ip4/HOST/tcp/PORT/p2p"):
-        parse_target("/ip4/127.0.0.1/tcp/1", "flag")
+    assert "(address from the manifest's network.bootstrap (demo)" in checks[0].detail
+    assert check_bootstrap([], str)[0].verdict == SKIP

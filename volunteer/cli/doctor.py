@@ -28,7 +28,8 @@ def doctor(
     bootstrap: list[str] = typer.Option([], "--bootstrap", metavar="MULTIADDR",
                                         help="A peer to probe (/ip4/../tcp/../p2p/ID), before the manifest's; "
                                              "repeatable."),
-    offline: bool = typer.Option(False, "--offline", help="Local checks and TCP probes only (no libp2p)."),
+    offline: bool = typer.Option(False, "--offline", help="Local checks and one dial of each bootstrap peer only (no reachability, "
+                                                            "relay, clock or hole-punch probe)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """Check that this machine can serve: Python/torch/CUDA and the device, the home (writable, private

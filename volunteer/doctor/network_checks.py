@@ -1,51 +1,28 @@
-"""Verdicts from the network probe: handshake, reachability, relay, clock, hole punch (pure).
+"""Verdicts from the network probe: reachability, relay, clock, hole punch (pure).
 
-``network_checks(result, targets, ttl)`` turns a ``network.ProbeResult`` into ``Check``s.
-What fails a node: no bootstrap peer completing the libp2p handshake (it would join no
-swarm), a node nobody can dial (private, and no relay took a reservation), or a clock so far
-off that peers drop its records. Unknown reachability, a failed hole punch and a small skew
+``network_checks(result, ttl)`` turns a ``network.ProbeResult`` into ``Check``s (the
+bootstrap peers themselves are judged before, by ``bootstrap.check_bootstrap``). What fails
+a node: joining through them failing after all, a node nobody can dial (private, and no
+relay took a reservation), or a clock so far off that peers drop its records. Unknown reachability, a failed hole punch and a small skew
 are warnings: the node serves, but worse than it could.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from volunteer.doctor.bootstrap import Target
 from volunteer.doctor.clock import check_clock, peer_skews
 from volunteer.doctor.network import ProbeResult
 from volunteer.doctor.report import Check, failed, ok, skipped, warn
 
 
-def network_checks(result: ProbeResult, targets: Sequence[Target], ttl: float) -> list[Check]:
-    """The checks for a probe that ran against ``targets`` (the TCP-reachable bootstrap peers)."""
-    if result.error is not None and not result.connected:
-        return [failed("libp2p", f"the network probe failed: {result.error}",
-                       "check listen_host and the bootstrap addresses; run with --json for details")]
-    out = [_handshake(result, targets)]
+def network_checks(result: ProbeResult, ttl: float) -> list[Check]:
+    """The checks for a probe that joined through the bootstrap peers that answered a dial."""
     if not result.connected:
-        return out
-    out.append(_reachability(result))
-    out.append(_relay(result))
-    out.append(check_clock(peer_skews(result.entries, result.read_at), ttl))
-    out.append(_holepunch(result))
-    return out
-
-
-def _handshake(result: ProbeResult, targets: Sequence[Target]) -> Check:
-    missing = [t for t in targets if t.peer_id not in result.connected]
-    if not result.connected:
-        why = result.bootstrap_error or "no answer"
-        return failed("libp2p", f"the bootstrap peers answer TCP but no libp2p handshake completed ({why})",
-                      "check the /p2p/<peer id> part of the bootstrap address (a restarted peer with a "
-                      "new home has a new id): copy it again from `volunteer status` on that peer",
-                      error=why)
-    if missing:
-        return warn("libp2p", f"joined through {len(result.connected)} peer(s); {len(missing)} answered TCP "
-                    f"but not the handshake (wrong peer id?): {missing[0].addr}",
-                    "fix or drop that bootstrap address", connected=result.connected)
-    return ok("libp2p", f"joined through {len(result.connected)} bootstrap peer(s) (libp2p handshake ok)",
-              connected=result.connected)
+        why = result.error or result.bootstrap_error or "no answer"
+        return [failed("libp2p", f"the bootstrap peers answered a dial, but joining the DHT through them "
+                       f"failed ({why})", "run the doctor again; if it persists, the bootstrap peers are "
+                       "overloaded or run another version", error=why)]
+    return [_reachability(result), _relay(result), check_clock(peer_skews(result.entries, result.read_at), ttl),
+            _holepunch(result)]
 
 
 def _reachability(result: ProbeResult) -> Check:

@@ -3,7 +3,7 @@
 ``swarm_targets(...)`` gathers the peers to join through: ``--bootstrap`` flags first, then
 the addresses of the daemon running on this home (asked read-only through the control API's
 ``status``: it is in the swarm already), then the manifest's bootstrap peers.
-``read_swarm(...)`` probes them by TCP (``bootstrap.probe_tcp``: a dead peer is reported as
+``read_swarm(...)`` dials each once (``bootstrap.probe``: a dead peer is reported as
 "connection refused at HOST:PORT", never a libp2p trace), joins the DHT through the ones
 that answer with a ``ClientNode`` (DHT client mode, ephemeral identity, no NAT traversal: it
 only reads), reads the grid's records (``census.read_grid``) and returns the summary
@@ -18,7 +18,6 @@ from typing import Any
 
 from volunteer.doctor import bootstrap as boot
 
-TCP_TIMEOUT_S = 3.0
 START_TIMEOUT_S = 30.0
 LOOKUP_TIMEOUT_S = 8.0
 
@@ -54,32 +53,34 @@ def daemon_addrs(snap: Mapping[str, Any] | None) -> list[str]:
     return [a for a in addrs[:16] if isinstance(a, str) and "/p2p/" in a and len(a) <= 512]
 
 
-def swarm_targets(flags: Sequence[str], daemon: Sequence[str], manifest: Sequence[str]) -> list[boot.Target]:
-    out: dict[str, boot.Target] = {}
-    for source, addrs in (("flag", flags), ("daemon", daemon), ("manifest", manifest)):
+FROM_DAEMON = "the daemon running on this home"
+FROM_MANIFEST = "the manifest's network.bootstrap"
+
+
+def swarm_targets(flags: Sequence[str], daemon: Sequence[str], manifest: Sequence[str]) -> dict[str, str]:
+    """address -> where it came from: the flags first, then the daemon's, then the manifest's."""
+    from volunteer.daemon.network import FROM_FLAG
+
+    out: dict[str, str] = {}
+    for origin, addrs in ((FROM_FLAG, flags), (FROM_DAEMON, daemon), (FROM_MANIFEST, manifest)):
         for addr in addrs:
-            if addr in out:
-                continue
-            try:
-                out[addr] = boot.parse_target(addr, source)
-            except ValueError:
-                continue
-    return list(out.values())
+            out.setdefault(addr, origin)
+    return out
 
 
-def read_swarm(experiment: str, prefix: str, dims: Sequence[int], targets: Sequence[boot.Target],
+def read_swarm(experiment: str, prefix: str, dims: Sequence[int], targets: Mapping[str, str],
                listen_host: str, lookup_timeout: float = LOOKUP_TIMEOUT_S) -> dict[str, Any]:
-    """Join through ``targets`` and summarise the grid (see module docstring)."""
+    """Join through ``targets`` (address -> origin) and summarise the grid (module docstring)."""
     if not targets:
         raise NoBootstrapError("no peer to ask: the manifest names no bootstrap peer and no daemon runs on "
                                "this home; pass --bootstrap <address of a running volunteer> "
                                "(`volunteer status` on it prints its address)")
-    results = [boot.probe_tcp(t, TCP_TIMEOUT_S) for t in targets]
-    live = [r.target.addr for r in results if r.error is None]
+    results = boot.probe(list(targets)[:boot.MAX_ADDRS])
+    live = [r.addr for r in results if r.ok]
     if not live:
-        why = "; ".join(f"{r.error} (from the {r.target.source})" for r in results[:4])
+        why = "; ".join(f"{r.problem} (address from {targets.get(r.addr, '?')})" for r in results[:4])
         raise SwarmUnreachableError(f"cannot reach any peer of the swarm: {why}")
-    from volunteer.client.node import ClientNode  # libp2p loads only when there is a peer to ask
+    from volunteer.client.node import ClientNode  # libp2p's host loads only when a peer answered
     from volunteer.doctor.census import read_grid
     from volunteer.doctor.swarm_summary import summarise
 
@@ -89,10 +90,8 @@ def read_swarm(experiment: str, prefix: str, dims: Sequence[int], targets: Seque
     client.start(timeout=START_TIMEOUT_S)
     try:
         if not client.connected_peers():
-            state = client.node.bootstrap_state
-            raise SwarmUnreachableError("the peers answer TCP but no libp2p handshake completed "
-                                        f"({state.last_error or 'no answer'}): check the /p2p/<peer id> "
-                                        "part of the address")
+            raise SwarmUnreachableError("the peers answered a dial, but joining the DHT through them failed "
+                                        f"({client.node.bootstrap_state.last_error or 'no answer'})")
         census = client.call(read_grid, client.registry, prefix, list(dims), lookup_timeout)
     finally:
         client.stop()

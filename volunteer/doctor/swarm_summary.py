@@ -14,15 +14,17 @@ prints and ``volunteer.status.swarm_table`` renders):
 
 Every number comes from signed records, which proves only who wrote it: the record reader
 already bounded each field (``record_fields``: load in [0, 1], versions <= 2^53, at most 16
-addresses), and here replicas are one per peer per uid (``SwarmView.others``: the freshest),
-so a peer cannot inflate a uid's replica count by announcing it twice.
+addresses), and here replicas are one per peer per uid (its freshest entry, the rule of
+``daemon.swarm_view.SwarmView.others``), so a peer cannot inflate a uid's replica count by
+announcing it twice. (``SwarmView`` itself is not imported: its module pulls in torch through
+the shard download code, 3 s of a command that needs none of it.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from volunteer.daemon.swarm_view import SwarmView
 from volunteer.doctor.census import Census
 from volunteer.net.records import ServerEntry
 
@@ -43,9 +45,18 @@ def reach_class(entry: ServerEntry) -> str:
     return PRIVATE if entry.reachability == PRIVATE else UNKNOWN
 
 
+def freshest_per_peer(entries: Iterable[ServerEntry]) -> list[ServerEntry]:
+    """One entry per peer, its freshest (highest seq, then expiry), as ``SwarmView.others``."""
+    best: dict[str, ServerEntry] = {}
+    for e in entries:
+        old = best.get(e.peer_id)
+        if old is None or e.freshness() > old.freshness():
+            best[e.peer_id] = e
+    return list(best.values())
+
+
 def summarise(census: Census, experiment: str) -> dict[str, Any]:
     """The JSON-ready view of ``census`` (see module docstring)."""
-    view = SwarmView(census.entries, me="")
     latest: dict[str, ServerEntry] = {}
     listed: dict[str, int] = {}
     uids: list[dict[str, Any]] = []
@@ -53,7 +64,7 @@ def summarise(census: Census, experiment: str) -> dict[str, Any]:
     for uid in census.uids:
         child = uid.rsplit(".", 1)[1]
         rows = []
-        for e in sorted(view.others(uid), key=lambda e: e.peer_id):
+        for e in sorted(freshest_per_peer(census.entries.get(uid, ())), key=lambda e: e.peer_id):
             info = e.shard(child)
             rows.append({"peer_id": e.peer_id, "version": info.version if info else None,
                          "load": e.load, "state": e.state})
