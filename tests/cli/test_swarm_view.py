@@ -77,10 +77,13 @@ def test_swarm_view_of_three_volunteers(tmp_path: Path, volunteer_daemon: Daemon
         for r in u["replicas"]:
             assert isinstance(r["version"], int) and r["version"] >= 0 and 0.0 <= r["load"] <= 1.0
 
-    code, text, err = _swarm("--bootstrap", boot)  # the table, at 80 columns when piped
-    assert code == 0, text + err
+    # The table, at 80 columns when piped; no experiment named, no --bootstrap: the daemon
+    # running on --home says which experiment it joined and where the swarm is.
+    table = run_cli("swarm", "--home", str(first.home), env=cli_env(network=True), timeout=90)
+    assert table.returncode == 0, table.stdout + table.stderr
+    text = table.stdout
     assert max(len(line) for line in text.splitlines()) <= 80
-    assert "3 volunteer(s)" in text and f"unserved ({len(view['unserved'])}):" in text
+    assert "swarm demo: 3 volunteer(s)" in text and f"unserved ({len(view['unserved'])}):" in text
     flat = " ".join(text.split())
     for uid in GRID:
         assert uid in flat, uid

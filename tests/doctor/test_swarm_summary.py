@@ -90,7 +90,7 @@ def test_table_fits_80_columns_and_names_unserved_uids() -> None:
     Console(file=out, width=80, no_color=True, force_terminal=False).print(render_swarm(summary))
     text = out.getvalue()
     assert max(len(line) for line in text.splitlines()) <= 80
-    assert "3 volunteer(s) (public 1, relayed 1, private 0, unknown 1)" in text
+    assert "3 volunteer(s) (public 1, relayed 1, private 0, unknown 1)\ngrid: 8 uids, 2 served, 6 unserved" in text
     assert "demo.ffn.0.1" in text and "unserved (6): demo.ffn.0.2" in text
     for peer in (A, B, C):
         assert peer[:4] + "…" + peer[-6:] in text

@@ -76,9 +76,13 @@ def swarm(
 
 
 def _daemon_manifest(snap: object) -> str | None:
+    """What the running daemon joined: its manifest's path, or the shipped name
+    (the loader shows shipped ones as ``demo (shipped: volunteer/configs/demo.yaml)``)."""
     exp = snap.get("experiment") if isinstance(snap, dict) else None
     source = exp.get("source") if isinstance(exp, dict) else None
-    return source if isinstance(source, str) and source else None
+    if not isinstance(source, str) or not source:
+        return None
+    return source.split(" (shipped: ", 1)[0]
 
 
 def _same_experiment(snap: object, name: str) -> bool:

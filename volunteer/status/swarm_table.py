@@ -1,7 +1,7 @@
 """``volunteer swarm``'s tables: the swarm summary laid out for an 80-column terminal (rich).
 
 ``render_swarm(summary)`` takes the dict of ``volunteer.doctor.swarm_summary.summarise`` and
-returns a rich ``Group``: one headline (volunteers and their reachability mix, uids served
+returns a rich ``Group``: a two-line headline (volunteers and their reachability mix, uids served
 and unserved, replicas), a volunteers table (peer, reach, state, load, free slots, uids), an
 experts table (uid, replicas, versions, highest load, who serves it) and the uids nobody
 serves. Peer ids are abbreviated to ``12D3…last6`` (the full ids are in ``--json``); long
@@ -35,12 +35,12 @@ def _load(value: Any) -> str:
 
 
 def headline(summary: dict[str, Any]) -> str:
-    """One line: who is there and how much of the grid they serve."""
+    """Two lines: who is there, and how much of the grid they serve."""
     t = summary.get("totals", {})
     mix = summary.get("reachability", {})
     mix_text = ", ".join(f"{k} {mix.get(k, 0)}" for k in ("public", "relayed", "private", "unknown"))
-    return (f"swarm {summary.get('experiment', '?')}: {t.get('volunteers', 0)} volunteer(s) ({mix_text}); "
-            f"{t.get('uids', 0)} uids: {t.get('served', 0)} served, {t.get('unserved', 0)} unserved; "
+    return (f"swarm {summary.get('experiment', '?')}: {t.get('volunteers', 0)} volunteer(s) ({mix_text})\n"
+            f"grid: {t.get('uids', 0)} uids, {t.get('served', 0)} served, {t.get('unserved', 0)} unserved; "
             f"{t.get('replicas', 0)} replica(s)")
 
 
