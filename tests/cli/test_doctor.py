@@ -105,3 +105,12 @@ def test_bad_input_exits_2(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "error: --bootstrap" in bad.stderr and "/p2p/<peer id>" in bad.stderr
     missing = run_cli("doctor", "no-such-experiment", "--home", str(tmp_path / "h"))
     assert missing.returncode == 2 and missing.stderr.startswith("error:")
+
+
+def test_help_explains_doctor_and_swarm() -> None:
+    top = run_cli("--help").stdout
+    assert "doctor" in top and "swarm" in top
+    doctor = run_cli("doctor", "--help").stdout
+    assert "--home" in doctor and "--json" in doctor and "--bootstrap" in doctor and "Exit code 0" in doctor
+    swarm = run_cli("swarm", "--help").stdout
+    assert "--home" in swarm and "--json" in swarm and "--bootstrap" in swarm and "nobody serves" in swarm

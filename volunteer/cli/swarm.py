@@ -24,11 +24,9 @@ def swarm(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
     timeout: float = typer.Option(8.0, "--timeout", min=0.5, max=120.0, help="Deadline of each DHT lookup (s)."),
 ) -> None:
-    """Show the swarm as the DHT shows it: volunteers and their reachability mix (public / relayed /
-    private / unknown), each expert uid's replicas with version and load, the uids nobody serves, totals.
+    """Show the swarm as the DHT shows it: volunteers and their reachability mix (public / relayed / private / unknown), each expert uid's replicas with version and load, the uids nobody serves, totals.
 
-    Works from any machine: it joins the DHT as a throwaway client peer (no identity kept, nothing
-    announced) through --bootstrap, the daemon running on --home, or the manifest's bootstrap peers.
+    Works from any machine: it joins the DHT as a throwaway client peer (no identity kept, nothing announced) through --bootstrap, the daemon running on --home, or the manifest's bootstrap peers. Exit code 1 when no peer answers, 2 for bad input.
     """
     from volunteer.daemon.home import resolve_home
     from volunteer.daemon.network import check_bootstrap_addrs

@@ -1,8 +1,11 @@
 """The doctor's network probe: a throwaway libp2p peer asks the swarm about this machine.
 
-``probe_network(plan)`` runs one trio program (``trio.run``) with a fresh ephemeral identity
-(never the home's: the probe must not collide with a running daemon's peer id) and answers,
-each step under its own deadline:
+``probe_network(plan)`` runs one trio program (``trio.run``) with an identity of its own, never
+the node's (the probe must not collide with a running daemon's peer id): kept in
+``<home>/cache/doctor-identity/`` when the home exists, so repeated runs reuse one relay
+reservation (a relay keeps a reservation for its TTL, an hour, after the peer left: fresh
+identities would each take a slot), else ephemeral. It answers, each step under its own
+deadline:
 
 1. which bootstrap peers complete the libp2p handshake (a TCP answer with a failing
    handshake usually means a wrong ``/p2p/<peer id>`` in the address);
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from volunteer.net.records import ServerEntry
@@ -48,6 +52,7 @@ class ProbePlan:
     grid_prefix: str
     grid_dims: tuple[int, ...]
     census_timeout: float = 8.0
+    identity_dir: Path | None = None  # where the probe's own key is kept (None: ephemeral)
 
 
 @dataclass
@@ -115,6 +120,11 @@ async def _probe(plan: ProbePlan, result: ProbeResult) -> None:
     from volunteer.net.registry import ExpertRegistry
 
     key = create_new_key_pair()
+    if plan.identity_dir is not None:
+        from volunteer.net.host import load_or_create_identity
+
+        with contextlib.suppress(Exception):  # unwritable or odd: an ephemeral key will do
+            key = load_or_create_identity(plan.identity_dir)
     node = SwarmNode(key, NodeConfig(listen_addrs=(_listen_addr(plan),),
                                      bootstrap=plan.bootstrap, dht_server=False,
                                      connect_timeout=CONNECT_TIMEOUT_S))

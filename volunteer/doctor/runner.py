@@ -116,6 +116,7 @@ def run_doctor(experiment: str | None, home: Path, flag_bootstrap: Sequence[str]
     plan = ProbePlan(experiment=manifest.experiment.name if manifest else "", bootstrap=live,
                      relays=tuple(net.relays), listen_host=settings.listen_host, listen_port=port,
                      grid_prefix=manifest.grid.prefix if manifest else "",
-                     grid_dims=tuple(manifest.grid.dims) if manifest else ())
+                     grid_dims=tuple(manifest.grid.dims) if manifest else (),
+                     identity_dir=node.cache_dir / "doctor-identity" if node.cache_dir.is_dir() else None)
     report.add(*network_checks(probe_network(plan), DEFAULT_TTL))
     return report
