@@ -132,8 +132,6 @@ def test_dead_bootstrap_peers_are_explained_with_their_origin(lonely_daemon: tup
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="needs volunteer/daemon/ready_log.py to log network.announce_line "
-                                       "(the lead applies it; then drop this mark)")
 def test_no_announced_claim_while_connected_to_no_peer(lonely_daemon: tuple[DaemonProc, dict[str, str]]) -> None:
     log = _ready_log(lonely_daemon[0])
     assert "experts announced" not in log

@@ -142,3 +142,14 @@ def test_manifest_check_says_whether_the_kind_is_installed(tmp_path: Path, plugi
     assert f"scaled hidden_dim=8 options={{\"factor\": 3.0}} (not installed here: pip install {DIST})" in check(
         cli_env())
     assert "(installed here)" in check(cli_env(PYTHONPATH=str(plugin_dir)))
+
+
+def test_join_without_the_kind_exits_2_naming_the_package(tmp_path: Path) -> None:
+    """A real `volunteer join` of a manifest whose kind is not installed: one line, exit 2, no daemon."""
+    out = subprocess.run([sys.executable, "-m", "volunteer", "join", str(_manifest(tmp_path)),
+                          "--home", str(tmp_path / "home"), "--set", "network_enabled=false"],
+                         env=cli_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode == 2, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"pip install {DIST}" in lines[0], out.stderr
+    assert not (tmp_path / "home" / "run").exists() or not any((tmp_path / "home" / "run").iterdir())

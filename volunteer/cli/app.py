@@ -15,10 +15,10 @@ from volunteer.cli.doctor import doctor
 from volunteer.cli.info import info
 from volunteer.cli.join import join
 from volunteer.cli.leave import leave
+from volunteer.cli.logs import logs
 from volunteer.cli.manifest_cmd import manifest_app
 from volunteer.cli.pause import pause, resume
 from volunteer.cli.receipt import receipt
-from volunteer.cli.logs import logs
 from volunteer.cli.service import service_app
 from volunteer.cli.settings_cmd import settings
 from volunteer.cli.status import status

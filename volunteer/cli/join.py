@@ -28,7 +28,7 @@ def shipped_experiments() -> list[str]:
 
     try:
         return sorted(p.name[:-5] for p in resources.files("volunteer.configs").iterdir()
-                      if p.name.endswith(".yaml"))
+                      if p.name.endswith(".yaml") and not p.name.startswith("example-"))
     except (ModuleNotFoundError, OSError):
         return []
 
@@ -192,13 +192,10 @@ def _build_supervisor(node: Any, manifest: Any, settings: Any, live: Any) -> Any
     log.debug("footprint: %d torch.optim wrappers kept from importing torch._dynamo", keep_dynamo_unloaded())
     from volunteer.daemon.hardware import choose_devices, configure_device, detect_hardware
     from volunteer.daemon.supervisor import Supervisor
-    from volunteer.experts.registry import available_experts, build_expert
+    from volunteer.experts.registry import build_expert, require_expert_kind
     from volunteer.manifest import ManifestError
 
-    kinds = available_experts()
-    if manifest.expert.kind not in kinds:
-        raise ManifestError(manifest.source, "expert.kind",
-                            f"expected one of {', '.join(kinds)}, got {manifest.expert.kind!r}")
+    require_expert_kind(manifest.expert.kind, manifest.expert.package, manifest.source)
     try:
         build_expert(manifest.expert.kind, manifest.expert.hidden_dim, **manifest.expert.options)
     except ValueError as exc:

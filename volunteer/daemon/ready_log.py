@@ -7,6 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from volunteer import __version__
+from volunteer.daemon.network import announce_line
 
 if TYPE_CHECKING:
     from volunteer.daemon.supervisor import Supervisor
@@ -41,12 +42,13 @@ def _log_network(sup: Supervisor) -> None:
     net = sup.network
     full = list(net.multiaddrs)
     boot = list(sup.manifest.network.bootstrap)
-    log.info("peer id %s; experts announced in the DHT of experiment %s (network ready in %.1fs)",
-             net.peer_id, sup.manifest.experiment.name, sup.network_ready_s or 0.0)
+    snap = net.snapshot()
+    level, line = announce_line(net.peer_id, sup.manifest.experiment.name, sup.network_ready_s or 0.0, snap)
+    log.log(level, "%s", line)  # claims "announced" only when a peer is connected (or in a new swarm)
     for addr in full:
         log.info("  listening on %s", addr)
     if boot:
-        peers = int(net.snapshot().get("connected_peers", 0) or 0)
+        peers = int(snap.get("connected_peers", 0) or 0)
         if peers:
             log.info("joined the swarm through %d bootstrap peer(s): connected to %d peer(s)", len(boot), peers)
         else:

@@ -36,6 +36,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from volunteer.net.dht_routing import closest_peers, sessions_of
 from volunteer.net.dht_store import make_dht
+from volunteer.net.dialing import describe_dial_error
 from volunteer.net.host import (
     DEFAULT_LISTEN,
     build_host,
@@ -121,7 +122,8 @@ class SwarmNode:
                     await self.dht.add_peer(info.peer_id)
                 ok.append(info.peer_id.to_base58())
             except Exception as e:
-                errors.append(f"{info.peer_id.to_base58()[:12]}: {type(e).__name__}: {e}")
+                errors.append(describe_dial_error(e, info.addrs, info.peer_id.to_base58(),
+                                                  self.config.connect_timeout))
 
         async with trio.open_nursery() as nursery:
             for info in self.bootstrap_peers:
