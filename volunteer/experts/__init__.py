@@ -4,7 +4,9 @@ assignment and the cached throughput self-benchmark.
 Files:
 
 - ``zoo.py``: expert modules: ``ffn`` (FeedForwardExpert), ``transformer``, ``nop``.
-- ``registry.py``: ``build_expert(kind, hidden_dim, **options)``, ``available_experts()``.
+- ``registry.py``: ``build_expert(kind, hidden_dim, **options)``, ``available_experts()``; plug-in
+  kinds from installed packages' ``volunteer.experts`` entry points (never a module a manifest
+  names), and ``require_expert_kind`` naming the package a node lacks.
 - ``backend.py``: ``OptimizerSpec`` and ``ExpertBackend`` (forward, cached-graph backward,
   optimizer step, ``updates_applied``, state dicts).
 - ``checkpoint.py``, ``selfbench.py``: see their docstrings.

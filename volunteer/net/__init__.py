@@ -14,7 +14,11 @@ Files (one concept each):
   ``side_state``: our state for py-libp2p objects in a weak side table.
 - ``host.py``: TCP + Noise + yamux host construction (set explicitly), the persistent
   Ed25519 identity (``<home>/identity.key``, 0600), multiaddr helpers, log quieting.
-- ``listen_error.py``: ``ListenError``: why the host could not listen (probe bind).
+- ``listen_error.py``: ``ListenError``: why the host could not listen (probe bind);
+  ``port_holder_error`` / ``shared_port_error`` name the process holding a port (SO_REUSEPORT
+  sharers included).
+- ``rate_limit.py``: ``TokenBucket`` and ``Traffic`` (bandwidth caps + byte meter for expert and
+  shard traffic), ``parse_bytes`` / ``format_bytes``.
 - ``node.py``: ``SwarmNode``: host + KadDHT + bootstrap with retry/backoff that re-runs
   by itself when the node has lost every peer; DHT server/client switch at run time.
 - ``records.py``: signed registry entries (``ServerEntry``), DHT keys, merge rules (pure).
@@ -52,7 +56,9 @@ Files (one concept each):
   only when reachable, announces relay-only addresses when private.
 - ``service_snapshot.py``: the service's status snapshot (JSON-serialisable, loop-owned
   state read in the network thread).
-- ``dialing.py``: ``dial``: reach a peer by its record's addresses (direct, else relayed).
+- ``dialing.py``: ``dial``: reach a peer by its record's addresses (direct, else relayed); why
+  a dial failed in plain words (``describe_dial_error``) and ``probe_bootstrap`` (a throwaway
+  host's dial, for the daemon's start and ``volunteer doctor``).
 - ``shard_rpc.py``: the shard protocol (header, chunk, adopt): ``ShardServer``, ``ShardClient``.
 - ``shard_download.py``: ``download_shard``: one shard from every holder at once, verified
   chunk by chunk, resumable; ``DownloadProgress``.

@@ -25,6 +25,8 @@ Files:
   served by our own ZMTP server on an IO thread of its own.
 - ``zmtp_server.py``: ``ZmtpServer`` (accept, epoll IO, every buffered byte reserved against
   ``max_queued_bytes``, caps on frames, connections and unsent replies, deadlines).
+- ``zmtp_shaping.py``: ``ZmtpShaping``, the bandwidth caps of ZMTP connections (reads/writes
+  held back by loop timers, never a sleep).
 - ``zmtp_conn.py``: one connection's ZMTP 3.0 parsing (greeting, READY, frames), bounds
   checked at each frame header before anything is allocated.
 """
