@@ -130,7 +130,8 @@ def test_test_seam_reads_the_named_file(tmp_path) -> None:
 
 
 def test_live_line_starts_with_the_pause_reason() -> None:
-    from volunteer.daemon.snapshot import live_line_text, pause_text
+    from volunteer.daemon.rules import pause_text
+    from volunteer.daemon.snapshot import live_line_text
 
     snap = {"state": "serving", "experts": {"e.0": {}}, "totals": {}, "node": {"uptime_s": 5},
             "health": {"level": "idle", "why": "paused: on battery"},
@@ -138,6 +139,7 @@ def test_live_line_starts_with_the_pause_reason() -> None:
     line = live_line_text(snap)
     assert line.startswith("paused: on battery | [serving] 1 experts") and line.count("on battery") == 1
     assert pause_text({"reason": "paused by you until 14:05"}) == "paused by you until 14:05"
+    assert pause_text({"reason": "until 18:00 by schedule"}) == "paused: until 18:00 by schedule"
     snap["pause"] = {"paused": False, "reason": None, "until": None}
     snap["health"] = {"level": "ok", "why": None}
     assert live_line_text(snap).startswith("[serving]")

@@ -78,12 +78,13 @@ def _print(state: dict[str, Any], as_json: bool) -> None:
 
 
 def describe(state: dict[str, Any]) -> str:
-    """One line: "paused by you until 14:05 (resumes in 2h00m)", "paused: on battery (rule
-    pause_on_battery)", "running: taking new work"."""
+    """One line: "paused by you until 14:05 (resumes in 2h00m, at 14:05)", "paused: on
+    battery; set by the setting pause_on_battery (...)", "running: taking new work"."""
     if not state.get("paused"):
         return "running: taking new work"
-    reason = str(state.get("reason") or "paused")
-    text = reason if reason.startswith("paused") else f"paused: {reason}"
+    from volunteer.daemon.rules import pause_text
+
+    text = pause_text(state)
     until = state.get("until")
     if isinstance(until, (int, float)) and not isinstance(until, bool):
         left = max(0, int(until - time.time()))

@@ -228,6 +228,18 @@ def evaluate(now: float, idle_source: Source, battery_source: Source, cpu_source
     return RUNNING
 
 
+def pause_text(pause: Mapping[str, Any]) -> str:
+    """A pause in one phrase: "paused: on battery", "paused: until 18:00 by schedule",
+    "paused by you until 14:05" (the reason as it is when it already says "paused"; the
+    same rule as ``volunteer status``'s ``status.pause_view``)."""
+    reason = str(pause.get("reason") or "").strip()
+    if not reason:
+        return "paused"
+    if reason.startswith("paused"):
+        return reason
+    return f"paused: {reason}"
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None

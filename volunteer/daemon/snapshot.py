@@ -56,6 +56,7 @@ from volunteer import __version__
 from volunteer.daemon.hardware import live_usage
 from volunteer.daemon.health import assess, totals
 from volunteer.daemon.network import network_problem
+from volunteer.daemon.rules import pause_text
 from volunteer.status.shards_view import download_line
 
 if TYPE_CHECKING:
@@ -144,12 +145,6 @@ def _section(sup: Supervisor, attr: str, method: str) -> dict[str, Any] | None:
         return getattr(part, method)()
     except Exception as exc:  # the dashboard must render whatever one section does
         return {"error": f"{type(exc).__name__}: {exc}"}
-
-
-def pause_text(pause: dict[str, Any]) -> str:
-    """"paused: on battery" ("paused by you until 14:05" as it is: no "paused: paused")."""
-    reason = str(pause.get("reason") or "paused")
-    return reason if reason.startswith("paused") else f"paused: {reason}"
 
 
 def _replicas(sup: Supervisor) -> dict[str, Any] | None:
