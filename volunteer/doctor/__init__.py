@@ -7,11 +7,12 @@ Files:
   (``can_serve``, ``as_json``), ``render_text`` (width-aware lines, the fix never cut).
 - ``local.py``: Python / torch / CUDA and the device (``check_software``), the home
   (``check_home``: writable, owned, private, identity key), free disk (``check_disk``).
-- ``ports.py``: ``probe_port`` (a bind without SO_REUSEPORT), ``port_holder`` (pid via
-  psutil), ``check_port``.
-- ``bootstrap.py``: ``parse_target`` / ``probe_tcp`` ("connection refused at HOST:PORT"),
-  ``check_bootstrap`` (each address and where it came from).
-- ``network.py``: ``probe_network(ProbePlan)``: a throwaway libp2p peer (handshake, dial-back
+- ``ports.py``: ``check_port`` over the network layer's probe bind
+  (``net.listen_error.port_holder_error``: no SO_REUSEPORT, the holder's pid).
+- ``bootstrap.py``: ``probe`` (``net.dialing.probe_bootstraps``: TCP, then the libp2p
+  handshake; "connection refused at HOST:PORT", "wrong peer id") and ``check_bootstrap``
+  (each address and where it came from).
+- ``network.py``: ``probe_network(ProbePlan)``: a libp2p peer of the doctor's own (dial-back
   reachability, relay reservation, grid records, hole punch), each step under a deadline.
 - ``network_checks.py``: the verdicts of the probe; ``clock.py``: clock skew from the signed
   record timestamps (pure).
