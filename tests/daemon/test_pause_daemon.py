@@ -119,7 +119,7 @@ def test_pause_and_resume_with_a_trainer_running(tmp_path: Path, volunteer_daemo
     assert snap["pause"]["paused"] is False
     after = snap["contribution"]
     assert after["samples"] == saved["samples"] and after["updates"] == saved["updates"]
-    assert after["since"] == before["since"] and after["uptime_s"] >= saved["uptime_s"]
+    assert after["since"] == before["since"] and after["uptime_s"] >= saved["uptime_s"] - 0.1  # shown to 0.1 s
 
 
 def _monday(hour: int) -> float:
