@@ -34,7 +34,7 @@ def doctor(
 ) -> None:
     """Check that this machine can serve: Python/torch/CUDA and the device, the home (writable, private identity key) and free disk, free ports, the bootstrap peers (each dialled: TCP, then the libp2p handshake), reachability by dial-back, a relay, clock skew against peers, and a hole punch when a peer offers one.
 
-    Each line says what was found and, when it is not ok, what to do. Exit code 0: the node can serve (warnings allowed); 1: a check failed; 2: bad manifest, settings or flags. Offline it takes seconds; with reachable peers at most about a minute (every step has its own deadline).
+    Each line says what was found and, when it is not ok, what to do. Exit code 0: the node can serve (warnings allowed); 1: a check failed; 2: bad manifest, settings or flags. Offline it takes seconds; with reachable peers usually 10-30 s, at most about 90 s (every step has its own deadline).
     """
     from volunteer.daemon.home import resolve_home
     from volunteer.doctor.report import render_text

@@ -35,6 +35,8 @@ from volunteer.net.records import ServerEntry
 CONNECT_TIMEOUT_S = 5.0
 CHECK_TIMEOUT_S = 6.0
 RELAY_TIMEOUT_S = 6.0
+RELAY_BUDGET_S = 12.0  # all relay candidates together
+RELAYED_DIAL_TIMEOUT_S = 8.0
 PUNCH_TIMEOUT_S = 15.0  # a punch lands in ~1 s, now and then ~10 s (8 s missed 1 of 2 in the NAT lab)
 MAX_RELAY_TRIES = 3
 MAX_ERROR_CHARS = 200
@@ -151,7 +153,8 @@ async def _probe(plan: ProbePlan, result: ProbeResult) -> None:
         result.observed_ip = nat.observed_ip
         result.public_addrs = list(nat.public_addrs)
         result.dialback_errors = [f"{a.server[:12]}: {a.error}"[:MAX_ERROR_CHARS] for a in nat.answers if a.error]
-        await _relay(nat, node.host, plan, result)
+        with trio.move_on_after(RELAY_BUDGET_S):
+            await _relay(nat, node.host, plan, result)
         if plan.grid_dims:
             from volunteer.doctor.census import read_grid
 
@@ -225,8 +228,8 @@ async def _holepunch(nat: Any, host: Any, result: ProbeResult) -> None:
         from libp2p.peer.id import ID
 
         pid = ID.from_base58(entry.peer_id)
-        with trio.move_on_after(PUNCH_TIMEOUT_S * 2 + 2):
-            conn = await nat.connect(full_addrs(pid, entry.addrs), timeout=PUNCH_TIMEOUT_S,
+        with trio.move_on_after(RELAYED_DIAL_TIMEOUT_S + PUNCH_TIMEOUT_S + 2):
+            conn = await nat.connect(full_addrs(pid, entry.addrs), timeout=RELAYED_DIAL_TIMEOUT_S,
                                      direct_timeout=2.0, upgrade_timeout=PUNCH_TIMEOUT_S)
             if conn is None:
                 result.punch_error = "no direct or relayed route"
