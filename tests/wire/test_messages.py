@@ -168,6 +168,7 @@ def test_every_error_code_maps_to_its_class():
         "deadline_expired",
         "overloaded",
         "draining",
+        "paused",
         "internal",
         "timeout",
         "unreachable",

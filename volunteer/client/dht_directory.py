@@ -56,7 +56,18 @@ EMPTY_CACHE_TTL = 0.5
 
 
 class DhtDirectory:
-    """ExpertDirectory backed by a ``ClientNode`` (see module docstring)."""
+    """ExpertDirectory backed by a ``ClientNode`` (see module docstring).
+
+    ``client``: the trainer's ``ClientNode`` (its DHT lookups and libp2p transports).
+    ``cache_ttl``: seconds a prefix lookup is reused (3 s: one beam search and its dispatch
+    cost one round of lookups per dimension); lower it only when servers come and go faster
+    than that. ``prefer_zmq``: dial publicly reachable servers over ZeroMQ (faster; False
+    forces libp2p everywhere, e.g. behind a firewall that blocks outgoing ZeroMQ ports).
+    ``scores``: the ``ServerScores`` shared by every directory of one trainer (pass one to
+    share what was measured). ``admit``: the closed experiment's admission filter (records it
+    refuses are dropped). ``stats``: where dropped records are counted (default
+    ``records.STATS``). ``rng``: the random source of server choice (tests pass a seeded one).
+    """
 
     def __init__(self, client: ClientNode, cache_ttl: float = 3.0, prefer_zmq: bool = True, *,
                  scores: ServerScores | None = None, admit: Admit | None = None,
@@ -108,6 +119,7 @@ class DhtDirectory:
         return ok
 
     def children(self, prefixes: Sequence[str]) -> dict[str, list[int]]:
+        """For each prefix query, the next coordinates some *serving* server announces."""
         found = self._entries(list(prefixes))
         out: dict[str, list[int]] = {}
         for p in prefixes:
@@ -117,6 +129,7 @@ class DhtDirectory:
         return out
 
     def resolve(self, uids: Sequence[str]) -> dict[str, Transport]:
+        """A transport to the best-scored serving server of each uid (unserved uids left out)."""
         pairs = {}
         for uid in uids:
             try:
@@ -132,6 +145,8 @@ class DhtDirectory:
         return out
 
     def transport_for(self, entry: ServerEntry) -> Transport:
+        """The cached transport to ``entry``'s server: ZeroMQ with libp2p fallback when it is
+        public and ``prefer_zmq``, else libp2p; measured for ``scores``."""
         use_zmq = bool(self.prefer_zmq and entry.zmq and entry.reachability == "public")
         key = (entry.peer_id, entry.zmq if use_zmq else "libp2p")
         with self._lock:
@@ -165,6 +180,7 @@ class DhtDirectory:
                 del self._cache[query]
 
     def close(self) -> None:
+        """Close every transport this directory opened."""
         with self._lock:
             transports, self._transports = list(self._transports.values()), {}
         for t in transports:

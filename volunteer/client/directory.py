@@ -173,10 +173,12 @@ class StaticDirectory:
             return self._index
 
     def children(self, prefixes: Sequence[str]) -> dict[str, list[int]]:
+        """For each prefix query, the next coordinates of the fixed mapping's uids."""
         index = self._children_index()
         return {query: list(index.get(query, ())) for query in prefixes}
 
     def resolve(self, uids: Sequence[str]) -> dict[str, Transport]:
+        """A transport for each mapped uid among ``uids`` (unmapped ones left out)."""
         result: dict[str, Transport] = {}
         for uid in uids:
             target = self._mapping.get(uid)

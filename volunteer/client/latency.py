@@ -52,7 +52,9 @@ class LatencyTracker:
 
     ``percentile`` in (0, 1]; ``factor`` >= 1 multiplies it; ``floor`` is the shortest
     deadline ever given (seconds); ``window`` samples are kept per key, each for at most
-    ``max_age`` seconds; ``min_samples`` recent samples are needed before a deadline adapts.
+    ``max_age`` seconds; ``min_samples`` recent samples are needed before a deadline adapts;
+    ``max_keys`` bounds how many keys (servers) are tracked, the least recently used going
+    first; ``clock`` is the monotonic time source (tests pass a fake one).
     """
 
     def __init__(

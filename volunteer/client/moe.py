@@ -58,9 +58,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: error codes after which an expert is avoided for a while (it is leaving or gone)
-AVOID_CODES = frozenset({"draining", "unreachable", "unknown_expert", "timeout"})
+AVOID_CODES = frozenset({"draining", "paused", "unreachable", "unknown_expert", "timeout"})
 #: error codes after which the directory's cached lookups of the expert are stale
-INVALIDATE_CODES = frozenset({"draining", "unreachable", "unknown_expert"})
+INVALIDATE_CODES = frozenset({"draining", "paused", "unreachable", "unknown_expert"})
 
 ExpertFactory = Callable[[str, "Transport"], nn.Module]
 
@@ -238,6 +238,15 @@ class RemoteMixtureOfExperts(nn.Module):
             latency=self.latency,
         )
 
+    def _reroute(self, uid: str, expert: nn.Module, exc: BaseException) -> nn.Module | None:
+        """Another replica of ``uid`` after a "paused" refusal (``dispatch.REROUTE_CODES``):
+        the directory resolves it again (a ``DhtDirectory`` passes over the server that
+        refused); None when it offers no transport or the same one."""
+        transport = self.directory.resolve([uid]).get(uid)
+        if transport is None or transport is getattr(expert, "transport", None):
+            return None
+        return self._make_expert(uid, transport)
+
     def _on_failure(self, uid: str, exc: BaseException) -> None:
         if not isinstance(exc, RemoteError) or isinstance(exc, CutOffError):
             return
@@ -315,6 +324,7 @@ class RemoteMixtureOfExperts(nn.Module):
             backward_timeout=self.backward_timeout,
             timeout_after_k_min=self.timeout_after_k_min,
             on_failure=self._on_failure,
+            reroute=self._reroute,
         )
         self.last_report = plan.report
         outputs, mask = dispatch(plan, flat)
