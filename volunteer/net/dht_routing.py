@@ -6,7 +6,9 @@ like a live one that knows nobody) and can wait up to 30 s. ``closest_peers`` he
 from peers known to speak KAD, bounds each query, returns only peers that answered and
 drops the others from the routing table; the lookup itself is ``dht_rpc.run_lookup``,
 bounded in rounds, time and candidates (``LookupBounds``), so peers that keep answering
-with ever "closer" new peers cannot keep it going.
+with ever "closer" new peers cannot keep it going. Its body is ``table_lookup`` (routing
+table + any FIND_NODE function): the swarm simulator (``volunteer.sim``) runs that same code
+over a simulated transport.
 
 ``cached_closest_peers`` keeps each key's result, because the closest set of a key rarely
 changes and a full lookup asks about ``MAX_QUERY_PEERS`` peers: done for every key a node
@@ -31,6 +33,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import trio
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
@@ -71,33 +75,59 @@ async def closest_peers(dht: KadDHT, key_bytes: bytes, count: int = MAX_QUERY_PE
     returns only peers that answered, and drops peers that did not from the routing table,
     so dead peers and trainers (DHT clients) never slow announces and lookups down.
     """
-    local = dht.local_peer_id
-    rt = lp.routing_table(dht)
-    candidates: set[ID] = set(rt.find_local_closest_peers(key_bytes, count))
-    if len(candidates) < count:
-        store = dht.host.get_peerstore()
+    store = dht.host.get_peerstore()
+
+    def connected_kad_peers() -> list[ID]:
+        out: list[ID] = []
         for p in dht.host.get_connected_peers():
             try:
                 if str(KAD_PROTOCOL_ID) in (store.get_protocols(p) or []):
-                    candidates.add(p)
+                    out.append(p)
             except Exception:
                 continue
+        return out
 
-    stats = routing_stats(dht)
+    async def find(peer: ID) -> list[ID]:
+        return await find_node(sessions_of(dht), peer, key_bytes)
+
+    return await table_lookup(lp.routing_table(dht), dht.local_peer_id, key_bytes, find,
+                              count=count, query_timeout=query_timeout, bounds=bounds,
+                              fallback=connected_kad_peers, addrs_of=store.addrs,
+                              stats=routing_stats(dht))
+
+
+async def table_lookup(rt: Any, local: ID, key_bytes: bytes,
+                       find: Callable[[ID], Awaitable[list[ID]]], *,
+                       count: int = MAX_QUERY_PEERS, query_timeout: float = QUERY_TIMEOUT,
+                       bounds: LookupBounds = DEFAULT_LOOKUP_BOUNDS,
+                       fallback: Callable[[], Iterable[ID]] = tuple,
+                       addrs_of: Callable[[ID], Any] = lambda _p: [],
+                       stats: Counter | None = None) -> list[ID]:
+    """The body of ``closest_peers`` over any transport (the seam the swarm simulator uses).
+
+    ``rt`` is a py-libp2p ``RoutingTable`` (the start set: its ``count`` closest, then
+    ``fallback()`` when it holds fewer), ``find(peer)`` one FIND_NODE (raises when the peer
+    does not answer properly). Each query is bounded by ``query_timeout``; a peer that did
+    not answer leaves ``rt``, one that did is added to it (``addrs_of(peer)`` its addresses).
+    """
+    candidates: set[ID] = set(rt.find_local_closest_peers(key_bytes, count))
+    if len(candidates) < count:
+        candidates.update(fallback())
+    stats = stats if stats is not None else Counter()
 
     async def query(peer: ID) -> list[ID] | None:
         stats["find_node"] += 1
         got = None
         with trio.move_on_after(query_timeout):
             try:
-                got = await find_node(sessions_of(dht), peer, key_bytes)
+                got = await find(peer)
             except Exception as e:
                 log.debug("FIND_NODE to %s failed: %r", peer, e)
         if got is None:
             rt.remove_peer(peer)
             return None
         try:
-            await rt.add_peer(PeerInfo(peer, dht.host.get_peerstore().addrs(peer)))
+            await rt.add_peer(PeerInfo(peer, addrs_of(peer)))
         except Exception:
             pass
         return got
