@@ -1,0 +1,232 @@
+"""The DHT level of the swarm simulator: build a swarm of N volunteers, measure lookups.
+
+``measure_dht(SwarmSpec(peers=N, ...), seed)`` runs under a virtual clock
+(``clock.run_virtual``) and returns one row of figures:
+
+1. **Build.** Peers join one after another (``join_gap_s`` apart). The first ``bootstrap``
+   peers are public nodes that every manifest lists (they never leave). A joining peer does
+   what ``SwarmNode.bootstrap_once`` does: it adds the bootstrap peers to its routing table
+   and looks itself up (``table_lookup`` for its own id). A public peer then switches to
+   DHT server mode and looks itself up again (``SwarmNode.set_dht_server``): that second
+   lookup is what makes servers near it add it to their tables. NATed peers stay DHT clients.
+2. **Lookups, no churn.** ``lookups`` times: a random volunteer publishes a record (its lookup
+   of a registry-shaped key, then the record is held by the ``REPLICATION`` first peers it
+   found, as ``publish_value`` stores it), another random volunteer reads it (its lookup; it
+   asks its ``REPLICATION`` first peers, as ``lookup_value`` does). Success: one of those
+   holds the record. Recall: the share of the key's true ``MAX_QUERY_PEERS`` closest live
+   servers that the read lookup returned. Hops: rounds of requests (``run_lookup`` sends a
+   round's requests together); latency: virtual seconds of the read lookup.
+3. **Churn.** For ``churn_hours`` of virtual time, ``ChurnModel`` replaces peers (killed without
+   a goodbye, a newcomer joins as in 1), publishes happen at random instants and each is read
+   one heartbeat later (the oldest a holder set gets: publishers re-announce every heartbeat).
+   Holders that left meanwhile do not count. Also measured: how often the publisher's
+   ``CHECK_ASK`` first peers are all still there one heartbeat later (``cached_closest_peers``
+   checks them; a failed check costs a full lookup), which feeds ``upkeep.upkeep_per_minute``.
+
+Everything random comes from ``seed`` (driver choices from one ``random.Random``, in-task
+draws from ``clock.unit``) and the driver acts on one event at a time, so a seed gives the
+same figures on every run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import statistics
+from dataclasses import dataclass, field
+
+import trio
+from libp2p.peer.peerinfo import PeerInfo
+
+from volunteer.net import dht_routing, dht_store, records
+from volunteer.sim.churn import ChurnModel
+from volunteer.sim.clock import now, run_virtual
+from volunteer.sim.transport import LinkModel, LookupTrace, SimNetwork, SimPeer
+from volunteer.sim.upkeep import constants, example_keys, upkeep_per_minute
+
+
+@dataclass(frozen=True)
+class SwarmSpec:
+    """One simulated swarm and what to measure in it (see module docstring)."""
+
+    peers: int
+    lookups: int = 100
+    churn_lookups: int = 100
+    bootstrap: int = 4
+    join_gap_s: float = 1.0
+    churn: ChurnModel = field(default_factory=ChurnModel)
+    churn_hours: float = 1.0
+    links: LinkModel = field(default_factory=LinkModel)
+    experts_per_volunteer: int = 4
+    grid: tuple[int, int] = (64, 64)
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (nearest rank) of ``xs``; None when empty."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
+
+
+async def join(net: SimNetwork, peer: SimPeer, bootstraps: list[SimPeer]) -> None:
+    """``SwarmNode.bootstrap_once`` (+ ``set_dht_server`` for a public peer) in the simulator."""
+    for b in bootstraps:
+        if b.alive and b is not peer:
+            await peer.rt.add_peer(PeerInfo(b.peer_id, []))
+    await net.lookup(peer, peer.peer_id.to_bytes(), serial=net.next_serial())
+    if peer.public:
+        peer.server = True
+        await net.lookup(peer, peer.peer_id.to_bytes(), serial=net.next_serial())
+
+
+async def build(net: SimNetwork, spec: SwarmSpec) -> list[SimPeer]:
+    """Grow the swarm to ``spec.peers`` (step 1); return the bootstrap peers."""
+    bootstraps = []
+    for _ in range(min(spec.bootstrap, spec.peers)):
+        peer = net.new_peer(public=True)
+        peer.server = True
+        bootstraps.append(peer)
+    for b in bootstraps:
+        await join(net, b, bootstraps)
+    for _ in range(spec.peers - len(bootstraps)):
+        await trio.sleep(spec.join_gap_s)
+        await join(net, net.new_peer(), bootstraps)
+    return bootstraps
+
+
+def _key(tag: str, i: int) -> bytes:
+    """A registry-shaped DHT key (``records.dht_key``) for the i-th measured record."""
+    return records.dht_key("sim", f"{tag}{i}.").encode()
+
+
+async def _publish(net: SimNetwork, pub: SimPeer, key: bytes) -> tuple[set, list, LookupTrace]:
+    trace = await net.lookup(pub, key, serial=net.next_serial())
+    holders = trace.peers[: dht_store.REPLICATION]
+    return set(holders), holders, trace
+
+
+async def _read(net: SimNetwork, reader: SimPeer, key: bytes,
+                holders: set) -> tuple[bool, float, LookupTrace]:
+    trace = await net.lookup(reader, key, serial=net.next_serial())
+    live = {p for p in holders if net.peers[p].alive}
+    ok = bool(set(trace.peers[: dht_store.REPLICATION]) & live)
+    truth = net.true_closest(key, dht_routing.MAX_QUERY_PEERS)
+    recall = len(set(trace.peers) & set(truth)) / len(truth) if truth else 0.0
+    return ok, recall, trace
+
+
+async def static_lookups(net: SimNetwork, spec: SwarmSpec, rng: random.Random) -> dict:
+    """Step 2: publish + read pairs with no churn."""
+    ok: list[bool] = []
+    recall: list[float] = []
+    reads: list[LookupTrace] = []
+    for i in range(spec.lookups):
+        live = net.live()
+        holders, _order, _t = await _publish(net, rng.choice(live), _key("s", i))
+        good, rec, trace = await _read(net, rng.choice(live), _key("s", i), holders)
+        ok.append(good)
+        recall.append(rec)
+        reads.append(trace)
+    return {"ok": ok, "recall": recall, "reads": reads}
+
+
+async def churn_lookups(net: SimNetwork, spec: SwarmSpec, rng: random.Random,
+                        bootstraps: list[SimPeer]) -> dict:
+    """Step 3: replacements, publishes and reads one heartbeat later, in time order."""
+    hb = constants()["heartbeat_s"]
+    check_ask = int(constants()["check_ask"])
+    start, span = now(), spec.churn_hours * 3600.0
+    events: list[tuple[float, int, str, int]] = []
+    seq = 0
+    for t in spec.churn.events(spec.peers, start, span):
+        events.append((t, seq, "replace", 0))
+        seq += 1
+    for i in range(spec.churn_lookups):
+        events.append((start + rng.uniform(0, max(0.0, span - hb)), seq, "publish", i))
+        seq += 1
+    heapq.heapify(events)
+    pending: dict[int, tuple[set, list]] = {}
+    ok: list[bool] = []
+    recall: list[float] = []
+    checks_ok: list[bool] = []
+    reads: list[LookupTrace] = []
+    replaced = 0
+    keep = {b.index for b in bootstraps}
+    while events:
+        t, _s, kind, i = heapq.heappop(events)
+        if t > now():
+            await trio.sleep_until(t)
+        if kind == "replace":
+            victim = rng.choice([p for p in net.live() if p.index not in keep])
+            net.kill(victim)
+            await join(net, net.new_peer(), bootstraps)
+            replaced += 1
+        elif kind == "publish":
+            pending[i] = (await _publish(net, rng.choice(net.live()), _key("c", i)))[:2]
+            heapq.heappush(events, (now() + hb, seq, "read", i))
+            seq += 1
+        else:
+            holders, order = pending.pop(i)
+            checks_ok.append(all(net.peers[p].alive for p in order[:check_ask]))
+            good, rec, trace = await _read(net, rng.choice(net.live()), _key("c", i), holders)
+            ok.append(good)
+            recall.append(rec)
+            reads.append(trace)
+    return {"ok": ok, "recall": recall, "reads": reads, "checks_ok": checks_ok,
+            "replaced": replaced}
+
+
+def _mean(xs: list) -> float | None:
+    return statistics.fmean(xs) if xs else None
+
+
+async def _measure(spec: SwarmSpec, seed: int) -> dict:
+    rng = random.Random(seed)
+    net = SimNetwork(seed, spec.links)
+    bootstraps = await build(net, spec)
+    built_queries = net.stats.find_node
+    static = await static_lookups(net, spec, rng)
+    churn = await churn_lookups(net, spec, rng, bootstraps)
+    reads = static["reads"]
+    servers = len(net.live_servers())
+    lookup_queries = _mean([t.queries for t in reads + churn["reads"]]) or 0.0
+    loss_ok = (1.0 - spec.links.query_loss) ** int(constants()["check_ask"])
+    check_fail = 1.0 - (_mean([float(c) for c in churn["checks_ok"]]) or 1.0) * loss_ok
+    keys = _mean([example_keys(rng, spec.experts_per_volunteer, spec.grid) for _ in range(200)])
+    traffic = upkeep_per_minute(peers=spec.peers, servers=servers, keys_per_volunteer=keys or 0.0,
+                                lookup_queries_mean=lookup_queries, check_fail_p=check_fail)
+    tables = [p.rt.size() for p in net.live()]
+    row = {
+        "peers": spec.peers,
+        "dht_servers": servers,
+        "lookup_hops_p50": pct([t.rounds for t in reads], 50),
+        "lookup_hops_p99": pct([t.rounds for t in reads], 99),
+        "lookup_ms_p50": _ms(pct([t.seconds for t in reads], 50)),
+        "lookup_ms_p99": _ms(pct([t.seconds for t in reads], 99)),
+        "lookup_queries_mean": _mean([t.queries for t in reads]),
+        "lookup_timeouts_mean": _mean([t.timeouts for t in reads]),
+        "lookup_success": _mean([float(x) for x in static["ok"]]),
+        "lookup_recall": _mean(static["recall"]),
+        "lookup_success_churn": _mean([float(x) for x in churn["ok"]]),
+        "lookup_recall_churn": _mean(churn["recall"]),
+        "lookup_hops_p50_churn": pct([t.rounds for t in churn["reads"]], 50),
+        "lookup_ms_p50_churn": _ms(pct([t.seconds for t in churn["reads"]], 50)),
+        "lookup_ms_p99_churn": _ms(pct([t.seconds for t in churn["reads"]], 99)),
+        "churn_replaced": churn["replaced"],
+        "check_fail_p": check_fail,
+        "keys_per_volunteer": keys,
+        "routing_table_p50": pct([float(x) for x in tables], 50),
+        "build_find_node_per_join": built_queries / max(1, spec.peers),
+    }
+    row.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in traffic.items()})
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+def measure_dht(spec: SwarmSpec, seed: int) -> dict:
+    """Build the swarm and measure it (steps 1-3) under a virtual clock; one row of figures."""
+    return run_virtual(_measure, spec, seed)
