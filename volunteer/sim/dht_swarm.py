@@ -194,9 +194,11 @@ async def _measure(spec: SwarmSpec, seed: int) -> dict:
     loss_ok = (1.0 - spec.links.query_loss) ** int(constants()["check_ask"])
     check_fail = 1.0 - (_mean([float(c) for c in churn["checks_ok"]]) or 1.0) * loss_ok
     keys = _mean([example_keys(rng, spec.experts_per_volunteer, spec.grid) for _ in range(200)])
-    traffic = upkeep_per_minute(peers=spec.peers, servers=servers, keys_per_volunteer=keys or 0.0,
-                                lookup_queries_mean=lookup_queries, check_fail_p=check_fail)
     tables = [p.rt.size() for p in net.live()]
+    buckets = _mean([sum(1 for b in p.rt.buckets if b.size()) for p in net.live()]) or 0.0
+    traffic = upkeep_per_minute(peers=spec.peers, servers=servers, keys_per_volunteer=keys or 0.0,
+                                lookup_queries_mean=lookup_queries, check_fail_p=check_fail,
+                                buckets_mean=buckets)
     row = {
         "peers": spec.peers,
         "dht_servers": servers,
@@ -217,6 +219,7 @@ async def _measure(spec: SwarmSpec, seed: int) -> dict:
         "check_fail_p": check_fail,
         "keys_per_volunteer": keys,
         "routing_table_p50": pct([float(x) for x in tables], 50),
+        "routing_buckets_mean": buckets,
         "build_find_node_per_join": built_queries / max(1, spec.peers),
     }
     row.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in traffic.items()})

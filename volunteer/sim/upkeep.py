@@ -17,12 +17,19 @@ comes from ``registry.group_children`` of an assumed assignment (``example_keys`
 volunteer serving E experts of a 2-D grid announces the grid's root prefix and one row
 prefix per row it serves. The root prefix is announced by *every* volunteer: its
 ``REPLICATION`` holders each receive one PUT per volunteer per heartbeat.
+
+On top of that, py-libp2p's ``KadDHT`` (servers and clients alike) refreshes its routing
+table every ``ROUTING_TABLE_REFRESH_INTERVAL``: a lookup of its own id and one of a random key
+in each non-empty bucket (its own ``find_closest_peers_network``; counted here at the
+simulator's requests per lookup, an approximation).
 """
 
 from __future__ import annotations
 
 import math
 import random
+
+from libp2p.kad_dht import kad_dht
 
 from volunteer.net import dht_routing, dht_store
 from volunteer.net.config import NetworkConfig
@@ -47,13 +54,16 @@ def constants() -> dict[str, float]:
         "closest_ttl_s": dht_routing.CLOSEST_TTL,
         "check_ask": dht_routing.CHECK_ASK,
         "query_timeout_s": dht_routing.QUERY_TIMEOUT,
+        "table_refresh_s": float(kad_dht.ROUTING_TABLE_REFRESH_INTERVAL),
     }
 
 
 def upkeep_per_minute(*, peers: int, servers: int, keys_per_volunteer: float,
-                      lookup_queries_mean: float, check_fail_p: float) -> dict[str, float]:
+                      lookup_queries_mean: float, check_fail_p: float,
+                      buckets_mean: float) -> dict[str, float]:
     """Requests per minute: sent by one volunteer, received by one DHT server, received by
-    one holder of the grid's root key (see module docstring)."""
+    one holder of the grid's root key (see module docstring). ``buckets_mean``: non-empty
+    k-buckets per routing table (each costs a refresh lookup)."""
     c = constants()
     hb = c["heartbeat_s"]
     announces = 60.0 / hb
@@ -66,11 +76,13 @@ def upkeep_per_minute(*, peers: int, servers: int, keys_per_volunteer: float,
     find_node = keys_per_volunteer * announces * (checks * c["check_ask"]
                                                   + fulls * lookup_queries_mean)
     put = keys_per_volunteer * announces * c["replication"]
-    sent = find_node + put
+    refresh = (1.0 + buckets_mean) * 60.0 / c["table_refresh_s"] * lookup_queries_mean
+    sent = find_node + put + refresh
     return {
         "announces_per_min": announces,
         "find_node_per_volunteer_per_min": find_node,
         "put_per_volunteer_per_min": put,
+        "refresh_find_node_per_volunteer_per_min": refresh,
         "dht_msgs_per_volunteer_per_min": sent,
         "dht_msgs_per_server_per_min": sent * peers / max(1, servers),
         "root_key_puts_per_holder_per_min": peers * announces,
