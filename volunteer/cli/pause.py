@@ -21,6 +21,7 @@ from typing import Any, Optional
 import typer
 
 from volunteer.cli.console import EXIT_BAD_INPUT, domain_errors, fail
+from volunteer.status.fmt import duration
 
 HOME_OPTION = typer.Option(None, "--home", envvar="VOLUNTEER_HOME", show_envvar=True,
                            help="Node home of the daemon.")
@@ -78,7 +79,7 @@ def _print(state: dict[str, Any], as_json: bool) -> None:
 
 
 def describe(state: dict[str, Any]) -> str:
-    """One line: "paused by you until 14:05 (resumes in 2h00m, at 14:05)", "paused: on
+    """One line: "paused by you until 14:05 (resumes in 2h 00m, at 14:05)", "paused: on
     battery; set by the setting pause_on_battery (...)", "running: taking new work"."""
     if not state.get("paused"):
         return "running: taking new work"
@@ -88,7 +89,7 @@ def describe(state: dict[str, Any]) -> str:
     until = state.get("until")
     if isinstance(until, (int, float)) and not isinstance(until, bool):
         left = max(0, int(until - time.time()))
-        text += f" (resumes in {left // 3600}h{(left % 3600) // 60:02d}m, at {datetime.fromtimestamp(until):%H:%M})"
+        text += f" (resumes in {duration(left)}, at {datetime.fromtimestamp(until):%H:%M})"
     setting = RULE_SETTINGS.get(str(state.get("rule")))
     if setting:
         text += f"; set by the setting {setting} (see `volunteer settings`)"
@@ -96,4 +97,4 @@ def describe(state: dict[str, Any]) -> str:
 
 
 RULE_SETTINGS = {"schedule": "schedule", "battery": "pause_on_battery", "idle": "idle_minutes",
-                 "cpu": "other_cpu_limit_pct"}
+                 "cpu": "other_cpu_limit_pct", "transfer_cap": "daily_transfer_cap"}

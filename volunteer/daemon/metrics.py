@@ -56,8 +56,9 @@ HEALTH_LEVELS = ("ok", "idle", "degraded", "starting", "draining", "paused")
 SnapshotFn = Callable[[], dict[str, Any]]
 
 
-class MetricsError(Exception):
-    """The endpoint could not start; ``str(err)`` is one line naming the fix."""
+class MetricsError(OSError):
+    """The endpoint could not start; ``str(err)`` is one line naming the fix (an OSError, like
+    any other port the daemon cannot bind: ``join`` prints it and exits 1)."""
 
 
 def _num(value: Any) -> float | None:

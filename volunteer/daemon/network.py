@@ -53,6 +53,7 @@ from volunteer.daemon.settings import AUTO, BY_NAME, Settings, SettingsError
 from volunteer.manifest.admission import OPEN, AdmissionSpec
 from volunteer.manifest.schema import NetworkConfig as NetworkSection
 from volunteer.runtime.limits import ServingLimits
+from volunteer.status.fmt import duration
 
 if TYPE_CHECKING:  # the network modules (trio, libp2p) load only when the network starts
     from volunteer.net.config import NetworkConfig
@@ -317,7 +318,7 @@ def announce_line(peer_id: str, experiment: str, ready_s: float,
     if peers or snap.get("new_swarm"):
         where = "the DHT" if peers else "this node's DHT (a new swarm)"
         return logging.INFO, f"{head}; experts announced in {where} of experiment {experiment} " \
-                             f"(network ready in {ready_s:.1f}s)"
+                             f"(network ready in {duration(ready_s)})"
     return logging.WARNING, (f"{head}; connected to no peer, so the experts are not announced in the DHT of "
                              f"experiment {experiment} yet (announced once a bootstrap peer answers)")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -96,8 +96,10 @@ class PauseController:
     """
 
     def __init__(self, rules: RuleSettings, sources: RuleSources, apply: Callable[[bool], None],
-                 rules_every_s: float = RULES_EVERY_S, announcer: Announcer | None = None) -> None:
+                 rules_every_s: float = RULES_EVERY_S, announcer: Announcer | None = None,
+                 limits: Sequence[Callable[[], Mapping[str, Any]]] = ()) -> None:
         self.rules = rules
+        self._limits = tuple(limits)  # e.g. the daily transfer cap: {"paused", "reason", "until", "rule"}
         self.announcer = announcer
         self.sources = sources
         self._apply = apply
@@ -153,6 +155,11 @@ class PauseController:
             until = self._manual_until
             reason = "paused by you" + (f" until {datetime.fromtimestamp(until):%H:%M}" if until else "")
             return PauseDecision(True, reason, until, "manual")
+        for limit in self._limits:
+            state = limit()
+            if state.get("paused"):
+                return PauseDecision(True, str(state.get("reason") or "a limit is reached"), state.get("until"),
+                                     str(state.get("rule") or "limit"))
         return self._rule
 
     def _update(self) -> PauseDecision:
@@ -212,4 +219,6 @@ def node_pause(sup: Any) -> PauseController:
         if sup.network is not None and sup.shards is not None:
             announcer.kick()
 
-    return PauseController(rules, sources_from_env(), apply, announcer=announcer)
+    quota = getattr(sup, "quota", None)
+    return PauseController(rules, sources_from_env(), apply, announcer=announcer,
+                           limits=[quota.limit_state] if quota is not None else [])

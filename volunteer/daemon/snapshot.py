@@ -57,6 +57,7 @@ from volunteer.daemon.hardware import live_usage
 from volunteer.daemon.health import assess, totals
 from volunteer.daemon.network import network_problem
 from volunteer.daemon.rules import pause_text
+from volunteer.status.fmt import duration
 from volunteer.status.shards_view import download_line
 
 if TYPE_CHECKING:
@@ -133,7 +134,19 @@ def build_snapshot(sup: Supervisor, stats: dict[str, dict[str, Any]], include_us
         "health": {"level": level, "why": why},
         "pause": pause,
         "contribution": _section(sup, "contribution", "section"),
+        "transfer": _transfer(sup),
     }
+
+
+def _transfer(sup: Supervisor) -> dict[str, Any] | None:
+    """Bandwidth caps and today's transfer against the daily cap (None when neither is set)."""
+    quota, traffic = getattr(sup, "quota", None), getattr(sup, "traffic", None)
+    if quota is None and traffic is None:
+        return None
+    out: dict[str, Any] = dict(traffic.describe()) if traffic is not None else {}
+    if quota is not None:
+        out.update(quota.usage())
+    return out
 
 
 def _section(sup: Supervisor, attr: str, method: str) -> dict[str, Any] | None:
@@ -167,7 +180,7 @@ def live_line_text(snap: dict[str, Any]) -> str:
     line = (f"{pause_text(pause)} | " if pause.get("paused") else "")
     line += (f"[{snap.get('state')}] {len(snap.get('experts') or {})} experts | "
             f"{float(t.get('requests_per_s', 0) or 0):.1f} req/s | {float(t.get('samples_per_s', 0) or 0):.0f} samples/s"
-            f" | {updates} updates | up {int((snap.get('node') or {}).get('uptime_s', 0))}s")
+            f" | {updates} updates | up {duration((snap.get('node') or {}).get('uptime_s'))}")
     net = snap.get("network")
     if isinstance(net, dict) and "connected_peers" in net:
         line += f" | {int(net.get('connected_peers') or 0)} peers"
@@ -176,4 +189,4 @@ def live_line_text(snap: dict[str, Any]) -> str:
     downloading = download_line(snap)
     if downloading:
         line += f" | {downloading}"
-    return line[:200]
+    return line  # LiveLine fits it to the terminal's width

@@ -20,7 +20,7 @@ leave once one is requested (control ``leave`` op, SIGTERM/SIGINT):
 5. the network service (records withdrawn), frontend, runtime and control API stop,
    ``control.json`` is removed.
 
-The peer network (``volunteer.daemon.network``) starts in ``_start_network`` right after the
+The peer network (``volunteer.daemon.network``) starts in ``node_network.join_network`` right after the
 runtime and frontend serve, and before ``control.json`` is published, so "ready" means
 "announced in the DHT". A network that cannot start is a one-line ``NetworkStartError``
 (the ``join`` command exits 1); ``network_enabled=false`` skips it (ZeroMQ only). Each tick
@@ -62,15 +62,19 @@ from volunteer.daemon.health import HealthTracker
 from volunteer.daemon.home import NodeHome
 from volunteer.daemon.leave_report import LeaveReport
 from volunteer.daemon.logs import LiveLine
-from volunteer.daemon.network import network_load, start_network
+from volunteer.daemon.network import network_load
 from volunteer.daemon.node_id import load_node_id
-from volunteer.daemon.pause import PausedNetwork, node_pause
+from volunteer.daemon.node_network import join_network, stop_network
+from volunteer.daemon.pause import node_pause
 from volunteer.daemon.ready_log import log_ready
 from volunteer.daemon.settings import Settings
 from volunteer.daemon.shards import ShardManager
 from volunteer.daemon.snapshot import build_snapshot, live_line_text
+from volunteer.daemon.transfer_quota import TransferQuota
 from volunteer.experts.checkpoint import CheckpointStore
 from volunteer.manifest import Manifest
+from volunteer.net.rate_limit import Traffic
+from volunteer.status.fmt import duration
 
 log = logging.getLogger(__name__)
 TICK_S = 0.5
@@ -116,6 +120,13 @@ class Supervisor:
         self._leave_done = threading.Event()
         self.leave_report: LeaveReport | None = None
         self._next_checkpoint = 0.0
+        # Bandwidth caps and the daily transfer cap (None: unlimited, no shaping on the hot path);
+        # the quota is also a pause rule ("daily transfer cap of 5.0 GB reached").
+        self.quota = (TransferQuota.for_home(home.root, settings.daily_transfer_cap)
+                      if settings.daily_transfer_cap else None)
+        self.traffic = Traffic.build(settings.max_upload_rate, settings.max_download_rate,
+                                     meter=self.quota.add if self.quota is not None else None)
+        self.metrics: Any = None  # MetricsServer when metrics_enabled
         self.pause = node_pause(self)  # SettingsError for a bad schedule
         self.contribution = ContributionLedger(home.root, manifest.experiment.name)
         self._last_tick = time.monotonic()
@@ -171,14 +182,16 @@ class Supervisor:
         self.runtime = Runtime({}, m.serving)  # the manifest's serving section is ServingLimits
         self.runtime.start()
         self.frontend = ZmqFrontend(self.runtime, bind=f"tcp://{s.zmq_host}:{s.zmq_port}",
-                                    alloc=frame_alloc_for(self.device))  # lists are GPUs only
+                                    alloc=frame_alloc_for(self.device),  # lists are GPUs only
+                                    traffic=self.traffic)
         self.frontend.start()
         self.endpoint = _advertised_endpoint(self.frontend.endpoint, s.advertise_host)
         self.pause.tick()  # a rule that applies at start: paused before the first announce
         # Joins the network first: which experts to host depends on what the swarm serves.
         self.shards = ShardManager(self, make_backend)
-        self._start_network()
+        join_network(self)  # NetworkStartError (one line) when it cannot start
         self.shards.start()
+        self._start_metrics()
         from volunteer.daemon.replicas import start_replicas
 
         self.replicas = start_replicas(self)  # elastic averaging with the other holders of each uid
@@ -193,36 +206,14 @@ class Supervisor:
             "endpoint": self.endpoint, "experiment": m.experiment.name, "started_at": self.started_at,
         })
 
-    def _start_network(self) -> None:
-        """Join the peer network and announce the hosted experts (``volunteer.daemon.network``).
-
-        Runs once the runtime serves, so the first request routed here through the DHT can be
-        answered. Raises ``NetworkStartError`` (one line) when it cannot; the caller exits.
-        """
-        self.network = None
-        if not self.settings.network_enabled:
-            log.info("peer network disabled (network_enabled=false): serving over ZeroMQ only")
+    def _start_metrics(self) -> None:
+        """The optional Prometheus endpoint over ``snapshot()`` (``metrics_enabled``); a taken
+        port is a one-line ``MetricsError`` (an OSError: ``join`` prints it and exits 1)."""
+        if not self.settings.metrics_enabled:
             return
-        m, s = self.manifest, self.settings
-        started = time.monotonic()
-        from volunteer.net.shard_rpc import ShardServer
+        from volunteer.daemon.metrics import MetricsServer  # lazy: prometheus_client only when used
 
-        assert self.shards is not None
-        self.shard_server = ShardServer(self.shards.cache, adopt=self.shards.adopt)
-        # The same ServingLimits object the runtime (and its ZeroMQ frontend) enforces: the
-        # libp2p RPC server refuses exactly what the ZeroMQ frontend refuses.
-        self.network = start_network(self.home.root, m.experiment.name, m.network, self.runtime.submit,
-                                     self.endpoint, s.listen_host, [], self.network_load(),
-                                     shard_server=self.shard_server, limits=self.runtime.limits,
-                                     admission=m.admission)
-        # Shards also travel over ZeroMQ: served from the runtime's socket, fetched from
-        # publicly reachable holders over plain TCP (chunks are verified whatever the path).
-        from volunteer.client.zmq_transport import ZmqTransport
-
-        self.runtime.side = (self.shard_server.accepts, self.shard_server.submit)
-        self.network.shards.set_direct_transport(ZmqTransport)
-        self.network = PausedNetwork(self.network, lambda: self.pause.paused)  # records say "paused"
-        self.network_ready_s = time.monotonic() - started
+        self.metrics = MetricsServer(self.snapshot, self.settings.metrics_host, self.settings.metrics_port).start()
 
     def network_load(self) -> float:
         return network_load(self._expert_stats(), self.manifest.serving.max_queue_size)
@@ -233,16 +224,6 @@ class Supervisor:
                 self.replicas.stop(5.0)
             except Exception:
                 log.exception("stopping replica averaging failed")
-
-    def _stop_network(self) -> None:
-        if self.network is not None:
-            if self.network.shards is not None:
-                self.network.shards.close()  # pooled direct transports
-            try:
-                self.network.stop()
-            except Exception:
-                log.exception("stopping the network service failed")
-            self.network = None
 
     def place(self) -> str:
         """The device a new expert goes to: the one holding the fewest live experts (a
@@ -341,7 +322,7 @@ class Supervisor:
         self._hand_off(report, deadline)
         late = time.monotonic() - deadline
         if late > 0 and not report.problems:
-            report.problems.append(f"leave took {late:.1f}s longer than the {timeout:g}s deadline")
+            report.problems.append(f"leave took {duration(late)} longer than the {duration(timeout)} deadline")
         self._shutdown()
         self.contribution.save()
         report.duration_s = time.monotonic() - start
@@ -368,8 +349,13 @@ class Supervisor:
         """Stop every component that was started, in reverse order; never raises."""
         self.state = "stopped"
         self.pause.close()
+        if self.metrics is not None:
+            self.metrics.stop()
+        if self.quota is not None:
+            self.quota.close()
         self._stop_replicas()
-        self._stop_network()
+        stop_network(self.network)
+        self.network = None
         if self.shard_server is not None:
             self.shard_server.close()
         for name, component in (("frontend", self.frontend), ("runtime", self.runtime)):
