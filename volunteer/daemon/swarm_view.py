@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from volunteer.experts.assignment import Holder, PeerSlots
+from volunteer.net.record_fields import freshest_per_peer
 from volunteer.net.records import ServerEntry, parent_pair
 from volunteer.net.shard_download import Source
 
@@ -49,14 +50,7 @@ class SwarmView:
 
     def others(self, uid: str) -> list[ServerEntry]:
         """Entries of other peers listing ``uid``, one per peer (the freshest)."""
-        best: dict[str, ServerEntry] = {}
-        for e in self.entries.get(uid, ()):
-            if e.peer_id == self.me:
-                continue
-            old = best.get(e.peer_id)
-            if old is None or e.freshness() > old.freshness():
-                best[e.peer_id] = e
-        return list(best.values())
+        return freshest_per_peer(self.entries.get(uid, ()), skip=self.me)
 
     def holders(self) -> dict[str, list[Holder]]:
         out: dict[str, list[Holder]] = {}

@@ -14,18 +14,17 @@ prints and ``volunteer.status.swarm_table`` renders):
 
 Every number comes from signed records, which proves only who wrote it: the record reader
 already bounded each field (``record_fields``: load in [0, 1], versions <= 2^53, at most 16
-addresses), and here replicas are one per peer per uid (its freshest entry, the rule of
-``daemon.swarm_view.SwarmView.others``), so a peer cannot inflate a uid's replica count by
-announcing it twice. (``SwarmView`` itself is not imported: its module pulls in torch through
-the shard download code, 3 s of a command that needs none of it.)
+addresses), and here replicas are one per peer per uid (``record_fields.freshest_per_peer``, the rule
+``daemon.swarm_view.SwarmView.others`` applies too), so a peer cannot inflate a uid's replica
+count by announcing it twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from volunteer.doctor.census import Census
+from volunteer.net.record_fields import freshest_per_peer
 from volunteer.net.records import ServerEntry
 
 PUBLIC = "public"
@@ -43,16 +42,6 @@ def reach_class(entry: ServerEntry) -> str:
     if any("/p2p-circuit" in a for a in entry.addrs):
         return RELAYED
     return PRIVATE if entry.reachability == PRIVATE else UNKNOWN
-
-
-def freshest_per_peer(entries: Iterable[ServerEntry]) -> list[ServerEntry]:
-    """One entry per peer, its freshest (highest seq, then expiry), as ``SwarmView.others``."""
-    best: dict[str, ServerEntry] = {}
-    for e in entries:
-        old = best.get(e.peer_id)
-        if old is None or e.freshness() > old.freshness():
-            best[e.peer_id] = e
-    return list(best.values())
 
 
 def summarise(census: Census, experiment: str) -> dict[str, Any]:

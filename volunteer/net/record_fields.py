@@ -17,6 +17,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,19 @@ class ServerEntry:
 
     def freshness(self) -> tuple[int, float]:
         return (self.seq, self.expires)
+
+
+def freshest_per_peer(entries: Iterable[ServerEntry], skip: str | None = None) -> list[ServerEntry]:
+    """One entry per peer (its freshest: highest seq, then expiry), leaving out peer ``skip``:
+    a peer counts once however many of its entries a lookup returns."""
+    best: dict[str, ServerEntry] = {}
+    for e in entries:
+        if e.peer_id == skip:
+            continue
+        old = best.get(e.peer_id)
+        if old is None or e.freshness() > old.freshness():
+            best[e.peer_id] = e
+    return list(best.values())
 
 
 class RecordError(ValueError):
