@@ -45,6 +45,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"  # no OpenMP busy-waiting next to the network threads
+say "preflight: volunteer doctor demo --offline"
+"${VOLUNTEER[@]}" doctor demo --offline --home "$NODE_HOME" || say "the doctor found a problem (above); trying anyway"
 say "starting a volunteer: volunteer join demo --new-swarm --listen-host 127.0.0.1 --home $NODE_HOME --num-experts 8"
 "${VOLUNTEER[@]}" join demo --new-swarm --listen-host 127.0.0.1 --home "$NODE_HOME" --num-experts 8 \
   2>"$WORK/join.log" &
@@ -94,6 +96,13 @@ wait "$TAIL_PID" 2>/dev/null || true
 TAIL_PID=""
 say "after training: volunteer status --once"
 "${VOLUNTEER[@]}" status --once --home "$NODE_HOME"
+if [ -n "$MULTIADDR" ]; then
+  say "the swarm as the DHT shows it: volunteer swarm --home $NODE_HOME"
+  "${VOLUNTEER[@]}" swarm --home "$NODE_HOME" || say "volunteer swarm failed (above)"
+fi
+say "your machine comes first: volunteer pause --for 10m, then volunteer resume"
+"${VOLUNTEER[@]}" pause --for 10m --home "$NODE_HOME"
+"${VOLUNTEER[@]}" resume --home "$NODE_HOME"
 
 say "leaving gracefully: volunteer leave"
 leave_rc=0
@@ -101,6 +110,8 @@ leave_rc=0
 wait "$DAEMON_PID" 2>/dev/null || true
 DAEMON_PID=""
 if [ "$trainer_rc" -ne 0 ]; then say "the trainer failed (exit $trainer_rc)"; exit "$trainer_rc"; fi
+say "this volunteer's lifetime contribution, signed by its key: volunteer receipt"
+"${VOLUNTEER[@]}" receipt --home "$NODE_HOME" || say "volunteer receipt failed (above)"
 if [ "$leave_rc" -ne 0 ]; then say "the leave was not clean (exit $leave_rc)"; exit "$leave_rc"; fi
 if [ "$KEEP_HOME" = 1 ]; then
   say "done: checkpoints kept in $NODE_HOME; run it again with DEMO_HOME=$NODE_HOME to resume them"

@@ -10,4 +10,12 @@ Files:
 - ``leave.py``: ``volunteer leave`` (graceful drain + checkpoint through the control API).
 - ``info.py``: ``volunteer info`` (hardware and device choice, ``--json``).
 - ``settings_cmd.py``: ``volunteer settings`` (every setting, its value and where it came from).
+- ``pause.py``: ``volunteer pause [--for]`` / ``volunteer resume``.
+- ``receipt.py``: ``volunteer receipt`` (signed lifetime contribution, ``--verify``).
+- ``service.py``: ``volunteer service install|uninstall|status`` (a systemd unit).
+- ``logs.py``: ``volunteer logs [-f] [-n N]``.
+- ``doctor.py``: ``volunteer doctor`` (preflight: a verdict and a fix per line, ``--json``).
+- ``swarm.py``: ``volunteer swarm`` (the swarm as the DHT shows it, ``--json``).
+- ``manifest_cmd.py``: ``volunteer manifest schema|check|example`` (the researcher's reference).
+- ``admission.py``: ``volunteer admission`` (owner keys and tokens of closed experiments).
 """

@@ -26,7 +26,7 @@ from volunteer.cli.swarm import swarm
 
 HELP = """volunteer: lend your GPU or CPU to train one large neural network with strangers.
 
-Start with `volunteer join demo` (a bundled experiment that needs no outside peer), watch it with `volunteer status`, stop it with `volunteer leave`. Each node keeps its identity, settings, checkpoints, logs and control socket in its home (--home or VOLUNTEER_HOME).
+Start with `volunteer join demo` (a bundled experiment that needs no outside peer), watch it with `volunteer status`, stop it with `volunteer leave`. Check a machine first with `volunteer doctor`, keep a node running with `volunteer service install`, give your machine back for a while with `volunteer pause`. Each node keeps its identity, settings, checkpoints, logs and control socket in its home (--home or VOLUNTEER_HOME).
 
 Exit codes: 0 ok, 1 failed or cut short, 2 bad manifest/settings/flags, 3 no daemon running, 4 a daemon already runs on that home, 130 forced exit.
 """

@@ -4,7 +4,22 @@ health snapshot, drain and leave.
 Files:
 
 - ``supervisor.py``: ``Supervisor``, one node's lifecycle (start, ready, serve, leave),
-  including when the peer network starts, announces, drains and stops.
+  including when the peer network starts, announces, drains and stops;
+  ``node_network.py``: joining (caps and the "paused" announce wrapper included) and stopping
+  the network; ``node_id.py``: the node's peer id from its home identity.
+- ``control_ops.py``: the control API's operations (status, ping, leave, checkpoint, pause,
+  resume).
+- ``pause.py``: ``PauseController`` (``volunteer pause``/``resume``, the resource rules and the
+  daily transfer cap, applied to the runtime's gate and the records); ``rules.py``: the pure
+  rule engine (schedule per weekday, battery, idle, other programs' CPU);
+  ``rule_sources.py``: what the machine reports (idle time, battery, CPU) and the named test
+  seam.
+- ``contribution.py``: ``ContributionLedger``, lifetime totals per experiment in
+  ``<home>/contribution.json``; ``receipt.py``: those totals signed by the node's key
+  (``make_receipt``/``verify_receipt``).
+- ``transfer_quota.py``: ``TransferQuota``, the daily transfer cap kept in
+  ``<home>/transfer.json``; ``metrics.py``: ``MetricsServer``, the optional Prometheus
+  endpoint over the snapshot; ``service_unit.py``: the systemd unit and systemctl calls.
 - ``network.py``: the daemon's side of the peer network: ``--bootstrap``/``--new-swarm``
   applied to the manifest, ``start_network`` (one-line ``NetworkStartError``), the load the
   DHT records carry, and the "why" line when the network is unwell.

@@ -19,6 +19,8 @@ Files:
 - ``stats.py``: ``ExpertStats`` (counts, rates, batch histogram, latency percentiles, errors,
   bytes in and out).
 - ``loop.py``: ``ServingLoop``, an epoll loop thread (one computes, one does the ZMTP IO).
+- ``pause_gate.py``: ``PauseGate``: while the volunteer pauses, new work gets the typed
+  "paused" reply (admitted work finishes).
 - ``request_budget.py``: ``RequestBudget``, ``max_queued_bytes`` with its typed refusals.
 - ``runtime.py``: ``Runtime`` (submit, batching scheduler, drain/stop, ``exclusive()``, stats).
 - ``zmq_frontend.py``: ``ZmqFrontend``, the ZeroMQ ROUTER endpoint on TCP (port 0 allowed),
