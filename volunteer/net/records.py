@@ -25,7 +25,9 @@ validators of every field in ``record_fields.py``):
   experiment, and bounded in length whatever the uids look like. A DHT value is msgpack
   ``{"v": 1, "e": [entry, ...]}`` with at most one entry per peer (the highest seq);
   DHT servers merge values instead of replacing them (see ``merge_values``), so several
-  servers can announce under one key without overwriting each other.
+  servers can announce under one key without overwriting each other. Each entry is also
+  filed under one shard key of its prefix, so a prefix lists more servers than one key holds
+  (``key_shards.py``).
 - A *withdrawal* (tombstone) is an entry with no children. It expires no earlier than the
   last entry its peer announced under that key, and carries a higher seq, so replaying the
   older entry loses to it for as long as that entry could be alive. Readers ignore
@@ -57,6 +59,7 @@ import msgpack
 from libp2p.crypto.keys import PrivateKey
 from libp2p.peer.id import ID
 
+from volunteer.net import key_shards
 from volunteer.net import record_fields as f
 from volunteer.net.record_fields import (  # noqa: F401  (re-exported: the public names of records)
     MAX_ADDRS,
@@ -229,14 +232,16 @@ def verify_entry(blob: bytes, *, key: str | None = None, now: float | None = Non
                  allow_expired: bool = False, max_ttl: float = MAX_TTL) -> ServerEntry:
     """Decode and verify one entry; raise a RecordError subclass when it must be rejected.
 
-    ``key``: the DHT key the entry was found under (checked against experiment + prefix).
+    ``key``: the DHT key the entry was found under: the prefix's base key or the writer's
+    own shard key of it (``key_shards``), checked against experiment + prefix + peer id.
     ``max_ttl``: the experiment's TTL; an entry expiring later than that (plus the tolerated
     clock skew) from now is refused.
     """
     if not isinstance(blob, bytes) or len(blob) > MAX_ENTRY_BYTES:
         raise f.malformed("bad_entry", "entry must be bytes of bounded size")
     entry = _verified_entry(blob)
-    if key is not None and dht_key(entry.experiment, entry.prefix) != key:
+    if key is not None and key not in key_shards.allowed_keys(
+            dht_key(entry.experiment, entry.prefix), entry.experiment, entry.prefix, entry.peer_id):
         raise WrongKeyError(f"entry for {entry.experiment!r}/{entry.prefix!r} under wrong key")
     now = time.time() if now is None else now
     if entry.expires > now + max_ttl + f.CLOCK_SKEW:

@@ -14,6 +14,10 @@ where drops are counted. Every lookup takes an optional ``admit`` filter that re
 policy's. ``admission_token`` (opaque bytes, from the experiment owner) goes into every
 entry this node signs, so admitting readers and DHT servers keep them.
 
+Each entry goes to the prefix's base key and to this node's shard key of it; a lookup reads
+the base key, and all shard keys of a prefix whose base key is full (``key_shards.py``: a
+hot prefix lists up to ``(1 + KEY_SHARDS) x max_entries`` servers instead of one key's cap).
+
 ``children`` / ``servers`` are the two lookups a DMoE client needs; the caching, the
 choice of the best server and the transports live in ``dht_directory.py``.
 """
@@ -30,13 +34,18 @@ import trio
 from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.kad_dht import KadDHT
 
-from volunteer.net import dht_store, records
+from volunteer.net import dht_store, key_shards, records
 from volunteer.net.records import ServerEntry, ShardInfo
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 60.0
 HOLDER_LOOKUPS_AT_ONCE = 16
+MAX_SHARDED_PREFIXES = 4096  # prefixes remembered as full (read with their shards at once)
+
+
+def _fresher(a: tuple[ServerEntry, bytes], b: tuple[ServerEntry, bytes]) -> bool:
+    return a[0].freshness() > b[0].freshness()
 
 
 @dataclass
@@ -86,6 +95,7 @@ class ExpertRegistry:
         self._expiry: dict[str, float] = {}  # prefix -> latest expiry announced there
         self.records_announced = 0
         self.shards_left_out: dict[str, int] = {}  # prefix -> shards that did not fit its entry
+        self._sharded: set[str] = set()  # prefixes whose base key was full at the last lookup
 
     def _next_seq(self) -> int:
         self._seq = max(self._seq + 1, time.time_ns())
@@ -166,14 +176,17 @@ class ExpertRegistry:
         report = report if report is not None else AnnounceReport()
         report.stored.update({prefix: 0 for prefix, _blob in jobs})
 
-        async def publish(prefix: str, blob: bytes) -> None:
-            key = records.dht_key(self.experiment, prefix)
-            report.stored[prefix] = await dht_store.publish_value(
+        async def publish(prefix: str, key: str, blob: bytes) -> None:
+            report.stored[prefix] += await dht_store.publish_value(
                 self.dht, key, records.encode_value([blob]))
 
         async with trio.open_nursery() as nursery:
             for prefix, blob in jobs:
-                nursery.start_soon(publish, prefix, blob)
+                # The base key (what readers of every version read) and this node's shard key
+                # of the prefix (what lists it once the base key is full: see ``key_shards``).
+                for key in (records.dht_key(self.experiment, prefix),
+                            key_shards.writer_shard_key(self.experiment, prefix, self.peer_id)):
+                    nursery.start_soon(publish, prefix, key, blob)
         self._announced = set(groups)
         self.records_announced += len(jobs)
         return report
@@ -181,11 +194,40 @@ class ExpertRegistry:
     async def lookup(self, prefix: str, admit: records.Admit | None = None) -> list[ServerEntry]:
         """Live verified entries under a prefix query (withdrawals and expired ones dropped).
 
-        ``admit`` (optional) replaces the policy's admission filter for this lookup.
+        Reads the prefix's base key; when that is full, every shard key of it too (one
+        concurrent round, ``1 + KEY_SHARDS`` lookups; a prefix seen full is read that way at
+        once next time), and uses the union (``key_shards.combine``). ``admit`` (optional)
+        replaces the policy's admission filter for this lookup.
         """
-        key = records.dht_key(self.experiment, prefix)
-        found = await dht_store.lookup_value(self.dht, key, policy=self.policy, admit=admit)
-        return [e for e, _b in found.values() if not e.withdrawn and e.prefix == prefix]
+        base_key = records.dht_key(self.experiment, prefix)
+        keys = [base_key]
+        if prefix in self._sharded:
+            keys += key_shards.shard_keys(self.experiment, prefix)
+        found = await self._lookup_keys(keys, admit)
+        cap = self.policy.max_entries
+        if len(keys) == 1 and key_shards.is_full(len(found[base_key]), cap):
+            keys = key_shards.shard_keys(self.experiment, prefix)
+            found.update(await self._lookup_keys(keys, admit))
+        if key_shards.is_full(len(found[base_key]), cap):
+            if len(self._sharded) < MAX_SHARDED_PREFIXES:
+                self._sharded.add(prefix)
+        else:
+            self._sharded.discard(prefix)
+        merged = key_shards.combine(found[base_key], [v for k, v in found.items() if k != base_key],
+                                    cap, fresher=_fresher)
+        return [e for e, _b in merged.values() if not e.withdrawn and e.prefix == prefix]
+
+    async def _lookup_keys(self, keys: Sequence[str], admit: records.Admit | None,
+                           ) -> dict[str, dict[str, tuple[ServerEntry, bytes]]]:
+        out: dict[str, dict[str, tuple[ServerEntry, bytes]]] = {}
+
+        async def one(key: str) -> None:
+            out[key] = await dht_store.lookup_value(self.dht, key, policy=self.policy, admit=admit)
+
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(one, key)
+        return out
 
     async def children(self, prefixes: Sequence[str],
                        admit: records.Admit | None = None) -> dict[str, list[int]]:
