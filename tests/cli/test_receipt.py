@@ -33,6 +33,12 @@ def test_receipt_signs_and_verifies_and_tampering_fails(tmp_path: Path) -> None:
     assert {k: payload[k] for k in ("experiment", "samples", "updates", "bytes_served", "uptime_s")} == {
         "experiment": "demo", "samples": 2000, "updates": 2, "bytes_served": 8192, "uptime_s": 3600.0}
     assert payload["since"] == 1_700_000_000.0 and payload["peer_id"].startswith("12D3")
+    # signed by the key the node's network runs with (NetworkService: <home>/identity), no other
+    from volunteer.daemon.home import NodeHome
+    from volunteer.net.host import load_or_create_identity, peer_id_of
+
+    assert payload["peer_id"] == peer_id_of(load_or_create_identity(NodeHome(home).identity_dir)).to_base58()
+    assert not (home / "identity.key").exists()
 
     good = tmp_path / "receipt.json"
     good.write_text(out.stdout)

@@ -1,6 +1,6 @@
 """``volunteer receipt``: this node's lifetime contribution to an experiment, signed.
 
-Reads the home only (``<home>/contribution.json`` and ``<home>/identity.key``), so it works
+Reads the home only (``<home>/contribution.json`` and the node's identity ``<home>/identity/identity.key``), so it works
 whether or not the daemon runs. The receipt is JSON signed with the node's key (its libp2p
 identity; see ``volunteer.daemon.receipt``); an experiment collects them and checks each
 with ``volunteer receipt --verify FILE`` or ``volunteer.daemon.receipt.verify_receipt``.

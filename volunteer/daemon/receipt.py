@@ -2,7 +2,7 @@
 
 ``make_receipt(home, experiment)`` reads the totals the home keeps
 (``volunteer.daemon.contribution``; no daemon needed) and signs them with the node's
-libp2p identity (``<home>/identity.key``, Ed25519: the key behind its peer id, the one its
+libp2p identity (``NodeHome.identity_dir``: ``<home>/identity/identity.key``, Ed25519: the key behind its peer id, the one its
 DHT records are signed with), so an experiment can tally what each volunteer gave and
 know which peer claims it. The document is JSON::
 
@@ -55,11 +55,12 @@ def make_receipt(home: Path, experiment: str | None = None, now: float | None = 
 
     Raises ``ContributionError`` without totals, ``IdentityError`` for a bad identity file.
     """
+    from volunteer.daemon.home import NodeHome
     from volunteer.net.host import load_or_create_identity, peer_id_of
 
     home = Path(home)
     totals = load_totals(home, experiment)
-    keys = load_or_create_identity(home)
+    keys = load_or_create_identity(NodeHome(home).identity_dir)  # the key the node's network uses
     node_id = ""
     try:
         node_id = (home / "node_id").read_text(encoding="ascii", errors="replace").strip()[:64]

@@ -13,7 +13,7 @@ Files (one concept each):
   each raising ``Libp2pInternalsError`` when gone;
   ``side_state``: our state for py-libp2p objects in a weak side table.
 - ``host.py``: TCP + Noise + yamux host construction (set explicitly), the persistent
-  Ed25519 identity (``<home>/identity.key``, 0600), multiaddr helpers, log quieting.
+  Ed25519 identity (``identity.key`` in the folder given: ``<home>/identity/`` for a node, 0600), multiaddr helpers, log quieting.
 - ``listen_error.py``: ``ListenError``: why the host could not listen (probe bind);
   ``port_holder_error`` / ``shared_port_error`` name the process holding a port (SO_REUSEPORT
   sharers included).

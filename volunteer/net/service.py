@@ -123,7 +123,7 @@ class NetworkService:
         self.zmq_endpoint = zmq_endpoint
         self.listen_host = cfg.listen_host or default_listen_host()
         self.listen_port = cfg.listen_port
-        self.key_pair = load_or_create_identity(self.home / "identity")
+        self.key_pair = load_or_create_identity(self.home / "identity")  # NodeHome.identity_dir
         self._peer_id = peer_id_of(self.key_pair).to_base58()
         self.admission = AdmissionPolicy.from_spec(admission, experiment)
         self.admission_token = None if self.admission.open else load_token(self.home, experiment)
