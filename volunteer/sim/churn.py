@@ -29,10 +29,10 @@ class ChurnModel:
     def events(self, peers: int, start: float, duration_s: float) -> Iterator[float]:
         """Virtual instants of the replacements within ``[start, start + duration_s)``."""
         step = self.interval_s(peers)
-        t = start + step / 2
-        while t < start + duration_s:
-            yield t
-            t += step
+        k = 0
+        while (k + 0.5) * step < duration_s:  # offsets from ``start``: no rounding drift
+            yield start + (k + 0.5) * step
+            k += 1
 
     def leave_probability(self, seconds: float) -> float:
         """Chance that one given peer is replaced within ``seconds``."""

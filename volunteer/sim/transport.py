@@ -218,7 +218,7 @@ class SimNetwork:
         return [self.by_index[i].peer_id for i in sorted(self._conns.get(peer.index, ()))
                 if self.by_index[i].server]
 
-    async def find_node(self, src: SimPeer, dst_id: ID, key: bytes, serial: int) -> list[ID]:
+    async def find_node(self, src: SimPeer, dst_id: ID, key: bytes, serial: object) -> list[ID]:
         """FIND_NODE from ``src`` to ``dst_id`` (see module docstring); never returns when
         the request is lost or the peer is gone or not a DHT server."""
         self.stats.find_node += 1
@@ -247,13 +247,15 @@ class SimNetwork:
         answer = self.closest(key, dst.rt.get_peer_ids(), BUCKET_SIZE)
         return [p for p in answer if p != src.peer_id]
 
-    async def lookup(self, src: SimPeer, key: bytes, *, serial: int,
+    async def lookup(self, src: SimPeer, key: bytes, *, serial: object,
                      count: int = MAX_QUERY_PEERS,
                      bounds: LookupBounds = DEFAULT_LOOKUP_BOUNDS) -> LookupTrace:
         """The product's lookup (``table_lookup``) from ``src`` for ``key`` over this network.
 
         ``serial`` names the lookup in the loss draws (the same seed and serial give the same
-        losses whatever order tasks ran in). Rounds are counted as the distinct virtual times
+        losses whatever order tasks ran in): an int from ``next_serial`` for lookups made one
+        after another, a name of what the lookup is (e.g. ``("join", index, 0)``) for
+        concurrent ones. Rounds are counted as the distinct virtual times
         at which requests started (``run_lookup`` starts a round's requests together).
         """
         starts: list[float] = []
