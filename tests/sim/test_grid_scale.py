@@ -97,6 +97,18 @@ def test_a_small_grid_is_covered_at_once_and_nobody_moves_after():
     assert res.cover_empty_grid_min <= res.replicate_grid_min
     assert res.moves_after_cover == 0
     assert res.recover_after_leave_min is not None and res.moves_after_recover == 0
+    # after 1 of 6 leaves, 10 slots still fit 2 replicas of 4 uids: restored, then quiet
+    assert res.rereplicate_after_leave_min is not None
+
+
+def test_dropped_uids_are_withdrawn_so_views_match_what_is_hosted():
+    reg = SimRegistry("sim", sharded=True, signed=False, seed=1)
+    w = SimWriter.make(random.Random(1), signed=False)
+    reg.announce(w, ["sim.ffn.0.1", "sim.ffn.1.2"], now=0.0)
+    reg.announce(w, ["sim.ffn.0.1"], now=1.0)
+    held = reg.holders(["sim.ffn.0.1", "sim.ffn.1.2"], now=2.0)
+    assert [e.peer_id for e in held["sim.ffn.0.1"]] == [w.peer_id]
+    assert held["sim.ffn.1.2"] == []
 
 
 def test_coverage_is_reproducible_from_the_seed():

@@ -9,15 +9,18 @@ applies adds and drops. A uid that somebody else already serves takes ``acquire_
 download before it is announced (the worker is busy meanwhile: no re-plan); a uid nobody
 serves starts from its deterministic init and is announced at once.
 
-Timeline: ``volunteers`` join at ``join_per_min``; when every uid is served by a live
-volunteer (hosted and announced) the grid is covered (``cover_empty_grid_min``); once all
-have joined and every uid has its target of replicas (``replication`` where the slots
-allow it, else 1) the grid is replicated (``replicate_grid_min``); after ``settle_s`` more,
-``leave_fraction`` of them vanish at once without goodbye (their records live out their
-TTL); then the time until every uid is back at the target the remaining slots allow
-(``recover_after_leave_min``). Moves are adds plus drops made by re-plans (not the first
-choice at join); ``moves_after_cover`` counts those in the settle window after the grid was
-replicated and ``moves_after_recover`` those after the recovery (0 means no thrash). Views are read once per ``tick_s`` and shared by the volunteers
+Timeline: ``volunteers`` join at ``join_per_min``. ``cover_empty_grid_min``: when every uid
+is first served by a live volunteer (hosted and announced). ``replicate_grid_min``: when,
+all having joined, every uid first has its target of replicas (``replication`` where the
+slots allow it, else 1; None if not before the leave). ``settle_s`` after the grid is covered
+and everyone joined, ``leave_fraction`` of the volunteers vanish at once without goodbye
+(their records live out their TTL); the run goes on for ``after_s``.
+``recover_after_leave_min``: until every uid is served again; ``rereplicate_after_leave_min``:
+until every uid is back at the target the remaining slots allow (None if not within
+``after_s``). Moves are adds plus drops made by re-plans (not the first choice at join):
+``rebalance_moves`` after the leave; ``moves_after_cover`` in the second half of the settle
+window and ``moves_after_recover`` in the last ``settle_s / 2`` of the run (0: no thrash).
+Views are read once per ``tick_s`` and shared by the volunteers
 that plan in that tick (a read takes that long to change anyway).
 """
 
@@ -49,6 +52,7 @@ class CoverageResult:
     cover_empty_grid_min: float | None
     replicate_grid_min: float | None
     recover_after_leave_min: float | None
+    rereplicate_after_leave_min: float | None
     rebalance_moves: int
     moves_after_cover: int
     moves_after_recover: int
@@ -62,25 +66,24 @@ class CoverageResult:
 def measure_coverage(volunteers: int, grid: Sequence[str], seed: int, *, capacity: int = 4,
                      replication: int = 2, rebalance_interval_s: float = 60.0,
                      join_per_min: float | None = None, acquire_s: float = 30.0,
-                     leave_fraction: float = 0.2, settle_s: float = 600.0, tick_s: float = 5.0,
-                     limit_s: float = 4 * 3600.0, sharded: bool = True) -> CoverageResult:
-    """Run the timeline of the module docstring; None for a phase that did not finish."""
+                     leave_fraction: float = 0.2, settle_s: float = 600.0,
+                     after_s: float = 1800.0, tick_s: float = 5.0,
+                     sharded: bool = True) -> CoverageResult:
+    """Run the timeline of the module docstring (virtual time; reproducible from ``seed``)."""
+    if volunteers < 1 or capacity < 1 or not grid:
+        raise ValueError("need at least one volunteer, one slot each and a grid")
     rng = random.Random(seed)
     grid = list(grid)
     reg = SimRegistry("sim", sharded=sharded, signed=False, seed=seed)
     rate = join_per_min or max(1.0, volunteers / 5)
     vols = [_Volunteer(SimWriter.make(rng, signed=False)) for _ in range(volunteers)]
-    events: list[tuple[float, int, str]] = []  # (time, volunteer index, "join" | "plan" | "announce")
+    events: list[tuple[float, int, str]] = []  # (time, volunteer, "join" | "plan" | "announce")
     for i in range(volunteers):
         heapq.heappush(events, (i * 60.0 / rate, i, "join"))
+    last_join = (volunteers - 1) * 60.0 / rate
     pending: dict[int, list[str]] = {}
-    moves = {"all": 0}
-    t, view_at, view = 0.0, -1.0, {}
-    covered_at: float | None = None
-    stable_at: float | None = None
-    joined = False
-    killed_at: float | None = None
-    recovered_at: float | None = None
+    view_at, view = -1.0, {}
+    marks: dict[str, float] = {}  # covered, replicated, kill, recovered, rereplicated, end
     moves_at: list[tuple[float, int]] = []
 
     def read_view(now: float) -> dict[str, list[Holder]]:
@@ -99,21 +102,21 @@ def measure_coverage(volunteers: int, grid: Sequence[str], seed: int, *, capacit
         slots = capacity * sum(v.alive for v in vols)
         return replication if slots >= replication * len(grid) else 1
 
+    def others(u: str, me: str, holders: dict[str, list[Holder]]) -> bool:
+        return any(h.peer_id != me for h in holders.get(u, ()))
+
     def plan(i: int, now: float, first: bool) -> None:
         v = vols[i]
         holders = read_view(now)
-        sole = sum(1 for u in v.hosted if not [h for h in holders.get(u, ()) if h.peer_id != v.writer.peer_id])
-        plan_ = plan_assignment(grid, max(capacity, sole), v.writer.peer_id, holders,
-                                hosted=v.hosted, replication=replication)
-        if not first:
-            n = len(plan_.add) + len(plan_.drop)
-            moves["all"] += n
-            if n:
-                moves_at.append((now, n))
-        keep = [u for u in v.hosted if u not in plan_.drop]
-        fresh = [u for u in plan_.add if not [h for h in holders.get(u, ()) if h.peer_id != v.writer.peer_id]]
-        download = [u for u in plan_.add if u not in fresh]
-        v.hosted = keep + fresh
+        me = v.writer.peer_id
+        sole = sum(1 for u in v.hosted if not others(u, me, holders))
+        p = plan_assignment(grid, max(capacity, sole), me, holders, hosted=v.hosted,
+                            replication=replication)
+        if not first and (p.add or p.drop):
+            moves_at.append((now, len(p.add) + len(p.drop)))
+        fresh = [u for u in p.add if not others(u, me, holders)]
+        download = [u for u in p.add if u not in fresh]
+        v.hosted = [u for u in v.hosted if u not in p.drop] + fresh
         reg.announce(v.writer, v.hosted, now, free=max(0, capacity - len(v.hosted)))
         if download:
             pending[i] = download
@@ -121,54 +124,56 @@ def measure_coverage(volunteers: int, grid: Sequence[str], seed: int, *, capacit
             heapq.heappush(events, (v.busy_until, i, "announce"))
         heapq.heappush(events, (max(now + rebalance_interval_s, v.busy_until), i, "plan"))
 
-    while events and t < limit_s:
+    def mark(name: str, now: float) -> None:
+        marks.setdefault(name, now)
+
+    while events:
         t, i, kind = heapq.heappop(events)
-        v = vols[i]
-        if not v.alive:
-            continue
-        if kind == "join":
-            plan(i, t, first=True)
-        elif kind == "announce":
-            v.hosted += pending.pop(i, [])
-            reg.announce(v.writer, v.hosted, t, free=max(0, capacity - len(v.hosted)))
-        elif kind == "plan" and t >= v.busy_until:
-            plan(i, t, first=False)
-        if covered_at is None and covered():
-            covered_at = t
-        if stable_at is None and i == volunteers - 1 and kind == "join":
-            joined = True
-        if stable_at is None and joined and covered(target()):
-            stable_at = t
-            heapq.heappush(events, (t + settle_s, -1, "kill"))
-        if killed_at is not None and recovered_at is None and covered(target()):
-            recovered_at = t
-            heapq.heappush(events, (t + settle_s, -1, "end"))
-        while events and events[0][1] == -1:
-            t_k, _, what = heapq.heappop(events)
-            if what == "end":
-                events.clear()
-                break
-            killed_at = t_k
+        if "kill" not in marks and "covered" in marks and t >= last_join \
+                and t >= marks["covered"] + settle_s and t >= last_join + settle_s:
+            marks["kill"] = t
             for j in rng.sample(range(volunteers), int(volunteers * leave_fraction)):
                 vols[j].alive = False
-                reg.kill(vols[j].writer.peer_id, t_k)
+                reg.kill(vols[j].writer.peer_id, t)
+        if "kill" in marks and t >= marks["kill"] + after_s:
+            marks["end"] = t
+            break
+        v = vols[i]
+        if v.alive:
+            if kind == "join":
+                plan(i, t, first=True)
+            elif kind == "announce":
+                v.hosted += pending.pop(i, [])
+                reg.announce(v.writer, v.hosted, t, free=max(0, capacity - len(v.hosted)))
+            elif kind == "plan" and t >= v.busy_until:
+                plan(i, t, first=False)
+        if "kill" not in marks:
+            if covered():
+                mark("covered", t)
+            if t >= last_join and covered(target()):
+                mark("replicated", t)
+        else:
+            if covered():
+                mark("recovered", t)
             if covered(target()):
-                recovered_at = t_k
-                heapq.heappush(events, (t_k + settle_s, -1, "end"))
+                mark("rereplicated", t)
 
-    def moves_between(a: float | None, b: float | None) -> int:
-        if a is None:
-            return 0
-        return sum(n for at, n in moves_at if a <= at < (b if b is not None else float("inf")))
+    def minutes(name: str, since: float = 0.0) -> float | None:
+        return None if name not in marks else (marks[name] - since) / 60.0
 
+    def moves_between(a: float, b: float) -> int:
+        return sum(n for at, n in moves_at if a <= at < b)
+
+    kill = marks.get("kill", float("inf"))
+    end = marks.get("end", float("inf"))
     return CoverageResult(
-        cover_empty_grid_min=None if covered_at is None else covered_at / 60.0,
-        recover_after_leave_min=(None if recovered_at is None or killed_at is None
-                                 else (recovered_at - killed_at) / 60.0),
-        rebalance_moves=moves_between(killed_at, None),
-        replicate_grid_min=None if stable_at is None else stable_at / 60.0,
-        moves_after_cover=moves_between(stable_at, killed_at),
-        moves_after_recover=moves_between(recovered_at, None),
+        cover_empty_grid_min=minutes("covered"),
+        replicate_grid_min=minutes("replicated"),
+        recover_after_leave_min=minutes("recovered", kill) if "kill" in marks else None,
+        rereplicate_after_leave_min=minutes("rereplicated", kill) if "kill" in marks else None,
+        rebalance_moves=moves_between(kill, end),
+        moves_after_cover=moves_between(kill - settle_s / 2, kill),
+        moves_after_recover=moves_between(end - settle_s / 2, end),
         volunteers=volunteers,
         grid_uids=len(grid),
     )

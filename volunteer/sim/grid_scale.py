@@ -16,8 +16,10 @@ of ``ExpertRegistry.lookup``) with ``peers`` volunteers serving one grid, each h
     ``beam_ms_per_step`` (with ``lookup_ms`` per DHT lookup), and how many distinct servers
     one trainer's choices reached (``beam_servers_chosen``);
 (c) expert assignment (``coverage``, current layout only: it matters where keys are not
-    full) on at most the preset's ``cover_peers`` volunteers: ``cover_empty_grid_min``,
-    ``recover_after_20pct_leave_min``, ``rebalance_moves``, ``moves_after_cover``.
+    full) on at most the preset's ``cover_peers`` volunteers and its ``cover_grid``:
+    ``cover_empty_grid_min``, ``replicate_grid_min``, ``recover_after_20pct_leave_min``,
+    ``rereplicate_after_20pct_leave_min``, ``rebalance_moves``, ``moves_after_cover``,
+    ``moves_after_recover`` (see ``coverage``).
 
 Which uids a volunteer hosts in (a) and (b): the product's offline choice
 (``assignment.choose_experts``, a hash of (peer id, uid)), which is what ``plan_assignment``
@@ -64,7 +66,7 @@ class GridPreset:
 PRESETS = {
     "smoke": GridPreset(grid=(8, 8), beam_steps=2, batch=4, cover_grid=(4, 4), cover_peers=16),
     "default": GridPreset(grid=(32, 32), cover_grid=(16, 16), cover_peers=200),
-    "full": GridPreset(grid=(32, 32), beam_steps=5, cover_grid=(32, 32), cover_peers=600),
+    "full": GridPreset(grid=(32, 32), beam_steps=5, cover_grid=(16, 32), cover_peers=400),
 }
 
 
@@ -168,6 +170,7 @@ def measure_grid(peers: int, seed: int, preset: str = "smoke", *, lookup_ms: flo
             "cover_empty_grid_min": cov.cover_empty_grid_min,
             "replicate_grid_min": cov.replicate_grid_min,
             "recover_after_20pct_leave_min": cov.recover_after_leave_min,
+            "rereplicate_after_20pct_leave_min": cov.rereplicate_after_leave_min,
             "rebalance_moves": cov.rebalance_moves,
             "moves_after_cover": cov.moves_after_cover,
             "moves_after_recover": cov.moves_after_recover,

@@ -47,6 +47,7 @@ class SimWriter:
     key_pair: KeyPair | None = None
     seq: int = 0
     reachability: str = "public"
+    announced: set[str] = field(default_factory=set)  # prefixes its last announce filed
 
     @classmethod
     def make(cls, rng: random.Random, signed: bool, reachability: str = "public") -> SimWriter:
@@ -100,7 +101,11 @@ class SimRegistry:
         """File ``writer``'s entries for ``uids`` (one per prefix query); returns how many
         (key, entry) PUTs were stored (the others were refused, counted in ``stats``)."""
         stored = 0
-        for prefix, children in group_children(uids).items():
+        groups = group_children(uids)
+        # prefixes no longer served get a withdrawal (no children), as ExpertRegistry sends
+        jobs = list(groups.items()) + [(p, []) for p in sorted(writer.announced - set(groups))]
+        writer.announced = set(groups)
+        for prefix, children in jobs:
             infos = tuple(ShardInfo(records.parent_pair(u)[1], v, r)
                           for u, (v, r) in sorted((shards or {}).items())
                           if u in uids and records.parent_pair(u)[0] == prefix)
@@ -108,7 +113,7 @@ class SimRegistry:
             entry = ServerEntry(
                 experiment=self.experiment, prefix=prefix, peer_id=writer.peer_id,
                 seq=writer.seq, expires=now + self.ttl if self.signed else NEVER,
-                children=tuple(children), state=state, load=load,
+                children=tuple(children), state=state if children else "draining", load=load,
                 addrs=("/ip4/10.0.0.1/tcp/4001",), zmq=None, reachability=writer.reachability,
                 shards=infos, free=free)
             blob = b""
