@@ -6,7 +6,9 @@ reads a ``SimRegistry`` by ``ExpertRegistry.lookup``'s rule. Each step is *cold*
 directory's cache is dropped first, so a step pays what a trainer pays once per cache period
 (3 s by default). A step's latency is the sum, over the directory's batched lookups, of the
 sequential rounds of the slowest prefix in the batch times ``lookup_ms`` (one DHT lookup's
-latency: the script passes the DHT level's measured p50 for the same swarm size).
+latency: the script passes the DHT level's measured p50 for the same swarm size), and its
+bytes are those of the signed entries the keys held, times ``dht_store.REPLICATION`` (a reader
+asks that many DHT servers, each answering with the whole value).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from volunteer.client.beam_search import beam_search
 from volunteer.client.dht_directory import DhtDirectory
+from volunteer.net.dht_store import REPLICATION
 from volunteer.net.records import ServerEntry
 from volunteer.sim.sim_registry import ReadCost, SimRegistry
 
@@ -32,6 +35,7 @@ class SimClient:
     now: float = 0.0
     keys: int = 0
     rounds: int = 0
+    entry_bytes: int = 0
     known_full: set[str] = field(default_factory=set)
 
     def lookup(self, prefixes: Sequence[str]) -> dict[str, list[ServerEntry]]:
@@ -41,6 +45,7 @@ class SimClient:
             cost = ReadCost()
             out[p] = self.registry.lookup(p, self.now, cost, self.known_full)
             self.keys += cost.keys
+            self.entry_bytes += cost.entry_bytes
             worst = max(worst, cost.rounds)
         self.rounds += worst
         return out
@@ -81,5 +86,7 @@ def beam_cost(registry: SimRegistry, grid: Sequence[int], uid_prefix: str, *, st
         "beam_rounds_per_step": client.rounds / steps,
         "beam_ms_per_step": client.rounds / steps * lookup_ms,
         "beam_servers_chosen": len(chosen),
+        # every lookup asks REPLICATION DHT servers, each answering with the whole value
+        "beam_kib_per_step": client.entry_bytes * REPLICATION / steps / 1024,
     }
 

@@ -62,10 +62,12 @@ class SimWriter:
 
 @dataclass
 class ReadCost:
-    """What one reader's lookups cost: keys read and sequential rounds."""
+    """What one reader's lookups cost: keys read, sequential rounds, and the bytes of the
+    entries the keys held (one replica's answer; a reader asks ``REPLICATION`` of them)."""
 
     keys: int = 0
     rounds: int = 0
+    entry_bytes: int = 0
 
 
 @dataclass
@@ -178,6 +180,7 @@ class SimRegistry:
         if cost is not None:
             cost.keys += keys
             cost.rounds += rounds
+            cost.entry_bytes += sum(len(b) for found in (base, *reads) for _e, b in found.values())
         merged = key_shards.combine(base, reads, self.max_entries,
                                     fresher=lambda a, b: a[0].freshness() > b[0].freshness())
         return [e for e, _b in merged.values() if not e.withdrawn and e.prefix == prefix]
