@@ -18,7 +18,7 @@ in seconds to minutes. For each swarm size N it reports (one JSON row per N):
 Every figure comes from ``--seed``: the same seed gives the same rows.
 
     python scripts/simulate_swarm.py --preset smoke|default|full [--json PATH] [--plots DIR]
-        [--seed N] [--peers 100,1000]
+        [--seed N] [--peers 100,1000] [--levels dht,grid]
 
 Presets: smoke (N=100, seconds, for CI), default (N=100 and 1,000, about a minute),
 full (N=100, 1,000 and 10,000, several minutes). Plots (PNG, matplotlib): hops, latency
@@ -91,13 +91,16 @@ def assumptions(preset: str) -> dict[str, Any]:
     }
 
 
-def run(preset: str, seed: int, peers: tuple[int, ...]) -> dict[str, Any]:
-    """All rows of a preset (see module docstring)."""
+def run(preset: str, seed: int, peers: tuple[int, ...],
+        levels: tuple[str, ...] = ("dht", "grid")) -> dict[str, Any]:
+    """All rows of a preset (see module docstring); ``levels`` picks the levels to run."""
     measure_grid, relay_plan, level_two = _level_two()
+    if "grid" not in levels:
+        measure_grid, relay_plan, level_two = None, None, f"{NOT_MEASURED} (--levels)"
     rows = []
     for n in peers:
         t0 = time.perf_counter()
-        row = measure_dht(spec_for(preset, n), seed)
+        row = measure_dht(spec_for(preset, n), seed) if "dht" in levels else {"peers": n}
         row["dht_wall_s"] = round(time.perf_counter() - t0, 1)
         extra: dict[str, Any] = {}
         if measure_grid is not None:
@@ -122,7 +125,8 @@ def _fmt(v: Any) -> str:
 
 def _line(row: dict[str, Any]) -> str:
     keys = ("peers", "dht_servers", "lookup_hops_p50", "lookup_hops_p99", "lookup_ms_p50",
-            "lookup_ms_p99", "lookup_success", "lookup_success_churn", "lookup_ms_p50_churn",
+            "lookup_ms_p99", "lookup_ms_p50_warm", "lookup_success", "lookup_success_churn",
+            "lookup_ms_p50_churn",
             "dht_msgs_per_volunteer_per_min", "dht_msgs_per_server_per_min",
             "discoverable_servers_fraction", "dht_wall_s")
     return "  ".join(f"{k}={_fmt(row.get(k))}" for k in keys)
@@ -142,6 +146,7 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         "lookup_hops.png": ("lookup hops (rounds)", ["lookup_hops_p50", "lookup_hops_p99",
                                                      "lookup_hops_p50_churn"]),
         "lookup_latency.png": ("lookup latency (ms)", ["lookup_ms_p50", "lookup_ms_p99",
+                                                       "lookup_ms_p50_warm",
                                                        "lookup_ms_p50_churn",
                                                        "lookup_ms_p99_churn"]),
         "lookup_success.png": ("fraction", ["lookup_success", "lookup_success_churn",
@@ -176,13 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the seed of every random choice")
     ap.add_argument("--peers", default=None,
                     help="comma-separated swarm sizes instead of the preset's, e.g. 100,300")
+    ap.add_argument("--levels", default="dht,grid",
+                    help="comma-separated levels to run: dht (lookups, churn, DHT traffic), "
+                         "grid (registry, assignment, beam search, relays)")
     args = ap.parse_args(argv)
+    levels = tuple(x.strip() for x in args.levels.split(",") if x.strip())
+    if not levels or set(levels) - {"dht", "grid"}:
+        ap.error("--levels: a comma-separated subset of dht,grid")
     peers = (tuple(int(x) for x in args.peers.split(",")) if args.peers
              else PRESETS[args.preset]["peers"])
     if any(n < 2 for n in peers):
         ap.error("--peers: each size must be at least 2")
     t0 = time.perf_counter()
-    report = run(args.preset, args.seed, peers)
+    report = run(args.preset, args.seed, peers, levels)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     if report["level_two"] != "measured":
         print(f"registry/relay level: {report['level_two']}")

@@ -15,7 +15,9 @@
    asks its ``REPLICATION`` first peers, as ``lookup_value`` does). Success: one of those
    holds the record. Recall: the share of the key's true ``MAX_QUERY_PEERS`` closest live
    servers that the read lookup returned. Hops: rounds of requests (``run_lookup`` sends a
-   round's requests together); latency: virtual seconds of the read lookup.
+   round's requests together); latency: virtual seconds of the read lookup (cold: it pays
+   the connections it opens), and of the same lookup repeated at once (``_warm``: its
+   connections are open).
 3. **Churn.** For ``churn_hours`` of virtual time, ``ChurnModel`` replaces peers (killed without
    a goodbye, a newcomer joins as in 1), publishes happen at random instants and each is read
    one heartbeat later (the oldest a holder set gets: publishers re-announce every heartbeat).
@@ -121,14 +123,18 @@ async def static_lookups(net: SimNetwork, spec: SwarmSpec, rng: random.Random) -
     ok: list[bool] = []
     recall: list[float] = []
     reads: list[LookupTrace] = []
+    warm: list[LookupTrace] = []
     for i in range(spec.lookups):
         live = net.live()
         holders, _order, _t = await _publish(net, rng.choice(live), _key("s", i), ("spub", i))
-        good, rec, trace = await _read(net, rng.choice(live), _key("s", i), holders, ("sread", i))
+        reader = rng.choice(live)
+        good, rec, trace = await _read(net, reader, _key("s", i), holders, ("sread", i))
         ok.append(good)
         recall.append(rec)
         reads.append(trace)
-    return {"ok": ok, "recall": recall, "reads": reads}
+        # the same read again: its connections are open now (what a repeated lookup costs)
+        warm.append(await net.lookup(reader, _key("s", i), serial=("swarm", i)))
+    return {"ok": ok, "recall": recall, "reads": reads, "warm": warm}
 
 
 async def churn_lookups(net: SimNetwork, spec: SwarmSpec, rng: random.Random,
@@ -210,6 +216,8 @@ async def _measure(spec: SwarmSpec, seed: int) -> dict:
         "lookup_hops_p99": pct([t.rounds for t in reads], 99),
         "lookup_ms_p50": _ms(pct([t.seconds for t in reads], 50)),
         "lookup_ms_p99": _ms(pct([t.seconds for t in reads], 99)),
+        "lookup_ms_p50_warm": _ms(pct([t.seconds for t in static["warm"]], 50)),
+        "lookup_ms_p99_warm": _ms(pct([t.seconds for t in static["warm"]], 99)),
         "lookup_queries_mean": _mean([t.queries for t in reads]),
         "lookup_timeouts_mean": _mean([t.timeouts for t in reads]),
         "lookup_success": _mean([float(x) for x in static["ok"]]),
