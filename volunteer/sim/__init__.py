@@ -13,5 +13,11 @@ the client.
   upkeep constants (heartbeat, ``REPLICATION``, ``CHECK_ASK``, ``CLOSEST_FRESH_S``, ...).
 - ``dht_swarm.py``: ``SwarmSpec``, ``measure_dht``: build a swarm, measure hops, latency,
   success and recall with and without churn.
-- ``grid_scale.py`` / ``relays.py`` (registry, assignment, beam search and relay level).
+- ``sim_registry.py``: the product's record code (signing, validation, capped merge, prefix
+  index) over in-memory DHT keys.
+- ``grid_scale.py``: ``measure_grid``: thousands of volunteers serving one grid
+  (discoverability under capped keys, old vs sharded layout), with ``beam_cost.py`` (beam
+  search per trainer step) and ``coverage.py`` (assignment: cover, re-cover after a mass
+  leave, moves).
+- ``relays.py``: ``relay_plan``: relays needed for the wild NAT mix and what each carries.
 """

@@ -227,6 +227,7 @@ async def _measure(spec: SwarmSpec, seed: int) -> dict:
         "lookup_hops_p50_churn": pct([t.rounds for t in churn["reads"]], 50),
         "lookup_ms_p50_churn": _ms(pct([t.seconds for t in churn["reads"]], 50)),
         "lookup_ms_p99_churn": _ms(pct([t.seconds for t in churn["reads"]], 99)),
+        "lookup_timeouts_mean_churn": _mean([t.timeouts for t in churn["reads"]]),
         "churn_replaced": churn["replaced"],
         "check_fail_p": check_fail,
         "keys_per_volunteer": keys,
