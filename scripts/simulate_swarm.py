@@ -43,6 +43,7 @@ from volunteer.sim.churn import ChurnModel  # noqa: E402
 from volunteer.sim.dht_swarm import SwarmSpec, measure_dht  # noqa: E402
 from volunteer.sim.transport import LinkModel  # noqa: E402
 from volunteer.sim.upkeep import constants  # noqa: E402
+from volunteer.sim.wire_sizes import message_bytes  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(peers=(100,), lookups=20, churn_lookups=20, churn_hours=0.25),
@@ -86,6 +87,7 @@ def assumptions(preset: str) -> dict[str, Any]:
         "lookups": spec.lookups,
         "churn_lookups": spec.churn_lookups,
         "product_constants": constants(),
+        "message_bytes": message_bytes(),
         "peer_ids": "Ed25519-shaped identity multihashes without keys (ids serve only distance)",
         "dht_servers": "public peers only (NATed volunteers are DHT clients)",
     }

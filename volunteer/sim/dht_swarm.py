@@ -44,6 +44,7 @@ from volunteer.sim.churn import ChurnModel
 from volunteer.sim.clock import now, run_virtual, unit
 from volunteer.sim.transport import LinkModel, LookupTrace, SimNetwork, SimPeer
 from volunteer.sim.upkeep import constants, example_keys, upkeep_per_minute
+from volunteer.sim.wire_sizes import message_bytes
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ async def _measure(spec: SwarmSpec, seed: int) -> dict:
     buckets = _mean([sum(1 for b in p.rt.buckets if b.size()) for p in net.live()]) or 0.0
     traffic = upkeep_per_minute(peers=spec.peers, servers=servers, keys_per_volunteer=keys or 0.0,
                                 lookup_queries_mean=lookup_queries, check_fail_p=check_fail,
-                                buckets_mean=buckets)
+                                buckets_mean=buckets, sizes=message_bytes())
     row = {
         "peers": spec.peers,
         "dht_servers": servers,

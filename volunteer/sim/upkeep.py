@@ -60,10 +60,13 @@ def constants() -> dict[str, float]:
 
 def upkeep_per_minute(*, peers: int, servers: int, keys_per_volunteer: float,
                       lookup_queries_mean: float, check_fail_p: float,
-                      buckets_mean: float) -> dict[str, float]:
+                      buckets_mean: float,
+                      sizes: dict[str, int] | None = None) -> dict[str, float]:
     """Requests per minute: sent by one volunteer, received by one DHT server, received by
     one holder of the grid's root key (see module docstring). ``buckets_mean``: non-empty
-    k-buckets per routing table (each costs a refresh lookup)."""
+    k-buckets per routing table (each costs a refresh lookup). ``sizes``
+    (``wire_sizes.message_bytes()``) adds kilobytes per minute, both directions: a FIND_NODE
+    is a request and a reply of ``BUCKET_SIZE`` peers, a PUT the entry and a key-sized ack."""
     c = constants()
     hb = c["heartbeat_s"]
     announces = 60.0 / hb
@@ -78,7 +81,14 @@ def upkeep_per_minute(*, peers: int, servers: int, keys_per_volunteer: float,
     put = keys_per_volunteer * announces * c["replication"]
     refresh = (1.0 + buckets_mean) * 60.0 / c["table_refresh_s"] * lookup_queries_mean
     sent = find_node + put + refresh
-    return {
+    out: dict[str, float] = {}
+    if sizes is not None:
+        fn_bytes = sizes["find_node_request"] + sizes["find_node_reply"]
+        put_bytes = sizes["put_value"] + sizes["find_node_request"]
+        kb = ((find_node + refresh) * fn_bytes + put * put_bytes) / 1000.0
+        out = {"dht_kb_per_volunteer_per_min": kb,
+               "dht_kb_per_server_per_min": kb * peers / max(1, servers)}
+    return out | {
         "announces_per_min": announces,
         "find_node_per_volunteer_per_min": find_node,
         "put_per_volunteer_per_min": put,
