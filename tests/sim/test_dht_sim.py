@@ -8,6 +8,8 @@ killed without a goodbye must cost the asker a timeout and leave its table; the 
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 import pytest
 from libp2p.peer.peerinfo import PeerInfo
@@ -86,3 +88,11 @@ def test_same_seed_same_figures_other_seed_other_figures():
     assert one["peers"] == 60 and one["dht_servers"] >= SMALL.bootstrap
     assert 0.0 <= one["lookup_success"] <= 1.0 and one["lookup_hops_p50"] >= 1
     assert one["churn_replaced"] == len(list(SMALL.churn.events(60, 0.0, 900.0)))
+
+
+def test_the_product_never_imports_the_simulator():
+    pkg = Path(__file__).resolve().parents[2] / "volunteer"
+    pattern = re.compile(r"^\s*(from|import)\s+volunteer\.sim\b", re.M)
+    offenders = [str(p.relative_to(pkg)) for p in pkg.rglob("*.py")
+                 if "sim" not in p.relative_to(pkg).parts[:1] and pattern.search(p.read_text())]
+    assert offenders == []

@@ -11,6 +11,7 @@ the client.
 - ``churn.py``: ``ChurnModel`` (replacements per hour, kills without goodbye).
 - ``upkeep.py``: DHT requests per volunteer / per server per minute from the product's
   upkeep constants (heartbeat, ``REPLICATION``, ``CHECK_ASK``, ``CLOSEST_FRESH_S``, ...).
+- ``wire_sizes.py``: bytes of those messages, built with the real encoders.
 - ``dht_swarm.py``: ``SwarmSpec``, ``measure_dht``: build a swarm, measure hops, latency,
   success and recall with and without churn.
 - ``sim_registry.py``: the product's record code (signing, validation, capped merge, prefix
