@@ -111,9 +111,27 @@ def test_lookup_of_a_full_prefix_lists_the_servers_the_base_key_refused(kp, monk
     found = trio.run(reg.lookup, "g.0.")
     assert sorted(e.peer_id for e in found) == sorted(pids)
     assert reads[0] == base and sorted(reads[1:]) == sorted(key_shards.shard_keys("exp", "g.0."))
-    reads.clear()  # a prefix seen full is read with its shards at once (one round)
+    reads.clear()  # a prefix seen full is read by its shard keys alone (one round)
     assert len(trio.run(reg.lookup, "g.0.")) == n
-    assert len(reads) == 1 + key_shards.KEY_SHARDS
+    assert sorted(reads) == sorted(key_shards.shard_keys("exp", "g.0."))
+
+
+def test_a_prefix_that_shrank_is_read_by_its_base_key_again(kp, monkeypatch):
+    cap = 8
+    pids = [f"12D3KooWpeer{i:03d}" for i in range(40)]
+    base = records.dht_key("exp", "g.0.")
+    held: dict[str, list[ServerEntry]] = {base: [entry(p) for p in pids[:cap]]}
+    for p in pids:
+        held.setdefault(key_shards.writer_shard_key("exp", "g.0.", p), []).append(entry(p))
+    reg, reads = _registry_over(monkeypatch, kp, held, cap)
+    assert len(trio.run(reg.lookup, "g.0.")) == 40
+    held.clear()
+    held[base] = [entry(p) for p in pids[:3]]  # most servers left; the shards are empty
+    for p in pids[:3]:
+        held.setdefault(key_shards.writer_shard_key("exp", "g.0.", p), []).append(entry(p))
+    reads.clear()
+    assert sorted(e.peer_id for e in trio.run(reg.lookup, "g.0.")) == pids[:3]
+    assert reads[-1] == base
 
 
 def test_lookup_of_a_prefix_below_the_cap_reads_one_key(kp, monkeypatch):

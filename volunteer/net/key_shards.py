@@ -17,15 +17,21 @@ The layout (all pure functions; the DHT plumbing stays in ``registry.py``):
   calls it) and one signer cannot spread over other shards.
 - A reader reads the base key. Only when it comes back nearly full (``is_full``: at least
   ``FULL_FRACTION`` of the per-key cap) does it read every shard key of the prefix too and
-  use the union (``combine``). So a small swarm costs one lookup per prefix, exactly as
-  before; a big one costs ``1 + KEY_SHARDS`` lookups per prefix (a bound), and every server
-  is listed: a prefix holds up to ``(1 + KEY_SHARDS) x max_entries`` distinct servers.
-  Every reader reads every shard, so no server is seen by more trainers than another.
+  use the union (``combine``); it remembers the prefix as full and next time reads its
+  shard keys alone (``union``), going back to the base key when they hold less than a full
+  key. So a small swarm costs one lookup per prefix, exactly as before; a big one costs
+  ``KEY_SHARDS`` lookups per prefix (a bound), and every server is listed: a prefix holds
+  up to ``KEY_SHARDS x max_entries`` distinct servers. Every reader reads every shard, so
+  no server is seen by more trainers than another. The price: a reader of a big prefix
+  receives every server's entry (bytes grow with the servers of the prefix, as they did up
+  to the cap before); ``volunteer.sim.grid_scale`` measures it.
 - Backward compatibility: old readers read the base key only (they see what they saw
   before); old writers write the base key only, and a new reader keeps the base key's
-  entries in the union, so they stay listed wherever they were. DHT servers running the
-  old code refuse entries filed under shard keys ("wrong_key"); a swarm that mixes versions
-  keeps working as the old layout did, and lists everyone once its DHT servers are new.
+  entries in the union on the read that finds the key full (afterwards it reads the shards
+  alone, so in a big swarm that mixes versions old writers are listed by fewer reads). DHT
+  servers running the old code refuse entries filed under shard keys ("wrong_key"); a swarm
+  that mixes versions keeps working as the old layout did, and lists everyone once its DHT
+  servers are new.
 """
 
 from __future__ import annotations
@@ -79,6 +85,17 @@ def is_full(entries: int, max_entries: int) -> bool:
     return max_entries > 0 and entries >= max(1, int(max_entries * FULL_FRACTION))
 
 
+def union(reads: Sequence[Mapping[str, V]], fresher: object = None) -> dict[str, V]:
+    """One value per peer id over several key reads (``fresher`` as in ``combine``)."""
+    out: dict[str, V] = {}
+    for found in reads:
+        for pid, value in found.items():
+            old = out.get(pid)
+            if old is None or (callable(fresher) and fresher(value, old)):
+                out[pid] = value
+    return out
+
+
 def combine(base: Mapping[str, V], shard_reads: Sequence[Mapping[str, V]] | None,
             max_entries: int, fresher: object = None) -> dict[str, V]:
     """What a reader uses: the base key's entries, or, when that key is full and shards were
@@ -88,12 +105,6 @@ def combine(base: Mapping[str, V], shard_reads: Sequence[Mapping[str, V]] | None
     optional ``f(a, b) -> bool``, True when ``a`` should replace ``b`` for one peer (default:
     the first seen, base first, wins).
     """
-    out = dict(base)
     if not shard_reads or not is_full(len(base), max_entries):
-        return out
-    for found in shard_reads:
-        for pid, value in found.items():
-            old = out.get(pid)
-            if old is None or (callable(fresher) and fresher(value, old)):
-                out[pid] = value
-    return out
+        return dict(base)
+    return union([base, *shard_reads], fresher)

@@ -16,7 +16,7 @@ entry this node signs, so admitting readers and DHT servers keep them.
 
 Each entry goes to the prefix's base key and to this node's shard key of it; a lookup reads
 the base key, and all shard keys of a prefix whose base key is full (``key_shards.py``: a
-hot prefix lists up to ``(1 + KEY_SHARDS) x max_entries`` servers instead of one key's cap).
+hot prefix lists up to ``KEY_SHARDS x max_entries`` servers instead of one key's cap).
 
 ``children`` / ``servers`` are the two lookups a DMoE client needs; the caching, the
 choice of the best server and the transports live in ``dht_directory.py``.
@@ -46,6 +46,11 @@ MAX_SHARDED_PREFIXES = 4096  # prefixes remembered as full (read with their shar
 
 def _fresher(a: tuple[ServerEntry, bytes], b: tuple[ServerEntry, bytes]) -> bool:
     return a[0].freshness() > b[0].freshness()
+
+
+def _listed(found: Mapping[str, tuple[ServerEntry, bytes]], prefix: str) -> list[ServerEntry]:
+    """The entries a lookup returns: live servers of ``prefix`` (withdrawals left out)."""
+    return [e for e, _b in found.values() if not e.withdrawn and e.prefix == prefix]
 
 
 @dataclass
@@ -194,28 +199,28 @@ class ExpertRegistry:
     async def lookup(self, prefix: str, admit: records.Admit | None = None) -> list[ServerEntry]:
         """Live verified entries under a prefix query (withdrawals and expired ones dropped).
 
-        Reads the prefix's base key; when that is full, every shard key of it too (one
-        concurrent round, ``1 + KEY_SHARDS`` lookups; a prefix seen full is read that way at
-        once next time), and uses the union (``key_shards.combine``). ``admit`` (optional)
-        replaces the policy's admission filter for this lookup.
+        Reads the prefix's base key; when that is full, every shard key of it too (one more
+        concurrent round of ``KEY_SHARDS`` lookups) and uses the union
+        (``key_shards.combine``). A prefix seen full is read by its shard keys alone next
+        time (one round; every writer of the new layout is there), until they hold less
+        than a full key. ``admit`` (optional) replaces the policy's admission filter.
         """
-        base_key = records.dht_key(self.experiment, prefix)
-        keys = [base_key]
-        if prefix in self._sharded:
-            keys += key_shards.shard_keys(self.experiment, prefix)
-        found = await self._lookup_keys(keys, admit)
         cap = self.policy.max_entries
-        if len(keys) == 1 and key_shards.is_full(len(found[base_key]), cap):
-            keys = key_shards.shard_keys(self.experiment, prefix)
-            found.update(await self._lookup_keys(keys, admit))
-        if key_shards.is_full(len(found[base_key]), cap):
+        shards = key_shards.shard_keys(self.experiment, prefix)
+        if prefix in self._sharded:
+            found = await self._lookup_keys(shards, admit)
+            merged = key_shards.union(list(found.values()), fresher=_fresher)
+            if key_shards.is_full(len(merged), cap):
+                return _listed(merged, prefix)
+            self._sharded.discard(prefix)  # the swarm shrank: the base key lists everyone
+        base_key = records.dht_key(self.experiment, prefix)
+        base = (await self._lookup_keys([base_key], admit))[base_key]
+        reads: list[dict[str, tuple[ServerEntry, bytes]]] = []
+        if key_shards.is_full(len(base), cap):
+            reads = list((await self._lookup_keys(shards, admit)).values())
             if len(self._sharded) < MAX_SHARDED_PREFIXES:
                 self._sharded.add(prefix)
-        else:
-            self._sharded.discard(prefix)
-        merged = key_shards.combine(found[base_key], [v for k, v in found.items() if k != base_key],
-                                    cap, fresher=_fresher)
-        return [e for e, _b in merged.values() if not e.withdrawn and e.prefix == prefix]
+        return _listed(key_shards.combine(base, reads, cap, fresher=_fresher), prefix)
 
     async def _lookup_keys(self, keys: Sequence[str], admit: records.Admit | None,
                            ) -> dict[str, dict[str, tuple[ServerEntry, bytes]]]:

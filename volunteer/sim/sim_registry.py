@@ -13,8 +13,9 @@ the product's own code:
   placement, TTL) and merges it with ``records.merge_entries`` under the per-key cap
   (``max_entries``; held entries win, newcomers are refused "key_full");
 - a reader applies ``ExpertRegistry.lookup``'s rule (``lookup``): the base key, then every
-  shard key when the base is full, combined by ``key_shards.combine``; it reports how many
-  keys it read and in how many sequential rounds.
+  shard key when the base is full, combined by ``key_shards.combine``; a prefix it knows
+  full by its shard keys alone; it reports how many keys it read, in how many sequential
+  rounds, and the bytes of the entries they held.
 
 ``signed=False`` skips signing and validation (entries carry no blob) for long runs that
 re-announce thousands of times (the assignment's coverage runs); merging, caps and reading
@@ -163,27 +164,34 @@ class SimRegistry:
     def lookup(self, prefix: str, now: float, cost: ReadCost | None = None,
                known_full: set[str] | None = None) -> list[ServerEntry]:
         """Live entries under ``prefix`` by ``ExpertRegistry.lookup``'s rule (see module
-        docstring); ``cost`` accumulates keys read and rounds, ``known_full`` is the reader's
-        memory of prefixes seen full (read with their shards in one round)."""
-        base_key = records.dht_key(self.experiment, prefix)
-        base = self.read_key(base_key, now)
-        keys, rounds = 1, 1
-        reads: list[dict[str, tuple[ServerEntry, bytes]]] = []
-        full = key_shards.is_full(len(base), self.max_entries)
-        if self.sharded and (full or (known_full is not None and prefix in known_full)):
-            reads = [self.read_key(k, now) for k in key_shards.shard_keys(self.experiment, prefix)]
-            keys += len(reads)
-            if known_full is None or prefix not in known_full:
-                rounds += 1
-            if known_full is not None:
-                (known_full.add if full else known_full.discard)(prefix)
+        docstring); ``cost`` accumulates keys read, rounds and bytes; ``known_full`` is the
+        reader's memory of prefixes seen full (read by their shard keys alone, one round)."""
+        known = known_full if known_full is not None else set()
+        fresher = _fresher
+        shard_keys = key_shards.shard_keys(self.experiment, prefix)
+        if self.sharded and prefix in known:
+            reads = [self.read_key(k, now) for k in shard_keys]
+            merged = key_shards.union(reads, fresher)
+            self._charge(cost, len(reads), 1, reads)
+            if key_shards.is_full(len(merged), self.max_entries):
+                return _listed(merged, prefix)
+            known.discard(prefix)
+        base = self.read_key(records.dht_key(self.experiment, prefix), now)
+        self._charge(cost, 1, 1, [base])
+        reads = []
+        if self.sharded and key_shards.is_full(len(base), self.max_entries):
+            reads = [self.read_key(k, now) for k in shard_keys]
+            self._charge(cost, len(reads), 1, reads)
+            known.add(prefix)
+        return _listed(key_shards.combine(base, reads, self.max_entries, fresher), prefix)
+
+    @staticmethod
+    def _charge(cost: ReadCost | None, keys: int, rounds: int,
+                reads: Sequence[dict[str, tuple[ServerEntry, bytes]]]) -> None:
         if cost is not None:
             cost.keys += keys
             cost.rounds += rounds
-            cost.entry_bytes += sum(len(b) for found in (base, *reads) for _e, b in found.values())
-        merged = key_shards.combine(base, reads, self.max_entries,
-                                    fresher=lambda a, b: a[0].freshness() > b[0].freshness())
-        return [e for e, _b in merged.values() if not e.withdrawn and e.prefix == prefix]
+            cost.entry_bytes += sum(len(b) for found in reads for _e, b in found.values())
 
     def holders(self, uids: Sequence[str], now: float,
                 cost: ReadCost | None = None) -> dict[str, list[ServerEntry]]:
@@ -198,3 +206,11 @@ class SimRegistry:
             for uid, child in pairs:
                 out[uid] = [e for e in entries if child in e.children]
         return out
+
+
+def _fresher(a: tuple[ServerEntry, bytes], b: tuple[ServerEntry, bytes]) -> bool:
+    return a[0].freshness() > b[0].freshness()
+
+
+def _listed(found: dict[str, tuple[ServerEntry, bytes]], prefix: str) -> list[ServerEntry]:
+    return [e for e, _b in found.values() if not e.withdrawn and e.prefix == prefix]
