@@ -53,6 +53,7 @@ from volunteer.daemon.settings import AUTO, BY_NAME, Settings, SettingsError
 from volunteer.manifest.admission import OPEN, AdmissionSpec
 from volunteer.manifest.schema import NetworkConfig as NetworkSection
 from volunteer.runtime.limits import ServingLimits
+from volunteer.status.announce import announced_where
 from volunteer.status.fmt import duration
 
 if TYPE_CHECKING:  # the network modules (trio, libp2p) load only when the network starts
@@ -312,11 +313,9 @@ def announce_line(peer_id: str, experiment: str, ready_s: float,
                   snapshot: Mapping[str, Any] | None) -> tuple[int, str]:
     """(log level, line) saying whether the experts are announced in the DHT: only claimed
     when a peer is connected or the node starts a new swarm (nobody else to store them)."""
-    snap = snapshot or {}
-    peers = int(snap.get("connected_peers", 0) or 0)
     head = f"peer id {peer_id}"
-    if peers or snap.get("new_swarm"):
-        where = "the DHT" if peers else "this node's DHT (a new swarm)"
+    where = announced_where(snapshot)
+    if where:
         return logging.INFO, f"{head}; experts announced in {where} of experiment {experiment} " \
                              f"(network ready in {duration(ready_s)})"
     return logging.WARNING, (f"{head}; connected to no peer, so the experts are not announced in the DHT of "

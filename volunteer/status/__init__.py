@@ -9,6 +9,8 @@ Files:
   address count, reachability, relay, peers direct/relayed/hole-punched, DHT announce
   state), and ``copy_addresses(snapshot)``, the multiaddrs both views print whole on lines
   of their own (never in a cell, where they would wrap or be cut).
+- ``announce.py``: ``announced_where(net)``, the one rule for "experts announced in the DHT"
+  (a peer connected, or a new swarm's founder), used by the ``dht`` row and the daemon's log.
 - ``experts_table.py``: ``experts_table(rows, width)``, the hosted-experts table fitted to
   the terminal (drops low-value columns first, headers never cut, never stretched).
 - ``pause_view.py``: ``pause_text(snapshot)``, "paused: on battery" when the node is paused.

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from volunteer.status import fmt
+from volunteer.status.announce import NOT_ANNOUNCED, announced_where
 
 MAX_ADDRS_SHOWN = 4
 MAX_CIRCUITS_SHOWN = 2
@@ -112,11 +113,16 @@ def _peers(net: dict[str, Any]) -> str:
 
 
 def _dht(net: dict[str, Any]) -> str:
+    """The announce state; claims "announced" only by the rule the daemon's ready line uses."""
+    routing = f"routing table {_int(net.get('routing_table'))}"
+    if announced_where(net) is None:
+        return (f"{_int(net.get('announced_uids'))} expert(s) not announced ({NOT_ANNOUNCED}; "
+                f"announced once a bootstrap peer answers), {routing}")
     last = net.get("last_announce_ok")
     last_text = "ok" if last is True else ("failed" if last is False else "n/a")
     return (f"{_int(net.get('announced_uids'))} expert(s) announced as {net.get('state') or 'n/a'}, "
             f"{_int(net.get('records_announced'))} record(s) written, last announce {last_text}, "
-            f"{_int(net.get('heartbeats'))} heartbeat(s), routing table {_int(net.get('routing_table'))}")
+            f"{_int(net.get('heartbeats'))} heartbeat(s), {routing}")
 
 
 def _bootstrap(net: dict[str, Any]) -> str:
