@@ -4,6 +4,7 @@ trainers and other volunteers reach it, and how to check on it or leave."""
 from __future__ import annotations
 
 import logging
+import shlex
 from typing import TYPE_CHECKING
 
 from volunteer import __version__
@@ -45,8 +46,12 @@ def _log_network(sup: Supervisor) -> None:
     snap = net.snapshot()
     level, line = announce_line(net.peer_id, sup.manifest.experiment.name, sup.network_ready_s or 0.0, snap)
     log.log(level, "%s", line)  # claims "announced" only when a peer is connected (or in a new swarm)
-    for addr in full:
-        log.info("  listening on %s", addr)
+    announced = {a.split("/p2p/")[0] for a in getattr(net.config, "announce_addrs", ())}
+    for addr in full:  # with --announce, the host advertises those addresses, not its own
+        log.info("  %s %s", "announced as" if addr.split("/p2p/")[0] in announced else "listening on", addr)
+    if announced:
+        for addr in net.listen_addrs:
+            log.info("  listening on %s", addr)
     if boot:
         peers = int(snap.get("connected_peers", 0) or 0)
         if peers:
@@ -56,5 +61,13 @@ def _log_network(sup: Supervisor) -> None:
                         "node through the DHT until one does", len(boot))
     elif full:
         log.info("started a new swarm: other volunteers join it with `volunteer join %s --bootstrap %s`"
-                 " (or list it under network.bootstrap in their manifest)", sup.manifest.experiment.name,
+                 " (or list it under network.bootstrap in their manifest)", manifest_argument(sup.manifest.source),
                  full[0])
+
+
+def manifest_argument(source: str) -> str:
+    """What another volunteer passes to ``volunteer join`` for this manifest: the shipped name
+    (``source`` reads "demo (shipped: volunteer/configs/demo.yaml)") or the path as given,
+    quoted for a shell when it needs it."""
+    name, sep, _ = source.partition(" (shipped: ")
+    return name if sep else shlex.quote(source)
