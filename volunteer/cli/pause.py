@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from volunteer.cli.console import EXIT_BAD_INPUT, domain_errors, fail
-from volunteer.status.fmt import duration
+from volunteer.status.fmt import clock, duration
 
 HOME_OPTION = typer.Option(None, "--home", envvar="VOLUNTEER_HOME", show_envvar=True,
                            help="Node home of the daemon.")
@@ -78,9 +77,11 @@ def _print(state: dict[str, Any], as_json: bool) -> None:
     print(describe(state))
 
 
-def describe(state: dict[str, Any]) -> str:
-    """One line: "paused by you until 14:05 (resumes in 2h 00m, at 14:05)", "paused: on
-    battery; set by the setting pause_on_battery (...)", "running: taking new work"."""
+def describe(state: dict[str, Any], now: float | None = None) -> str:
+    """One line: "paused by you until Mon 14:05 (resumes in 1d 23h)", "paused: low battery
+    (resumes in 5m 00s, at 14:05)", "paused: on battery; set by the setting pause_on_battery
+    (...)", "running: taking new work". The time of the resume is said once: added only when
+    the reason does not already say it (with the weekday when it is not today)."""
     if not state.get("paused"):
         return "running: taking new work"
     from volunteer.daemon.rules import pause_text
@@ -88,8 +89,10 @@ def describe(state: dict[str, Any]) -> str:
     text = pause_text(state)
     until = state.get("until")
     if isinstance(until, (int, float)) and not isinstance(until, bool):
-        left = max(0, int(until - time.time()))
-        text += f" (resumes in {duration(left)}, at {datetime.fromtimestamp(until):%H:%M})"
+        now = time.time() if now is None else now
+        at = clock(until, now)
+        text += f" (resumes in {duration(max(0, int(until - now)))}"
+        text += ")" if at in text else f", at {at})"
     setting = RULE_SETTINGS.get(str(state.get("rule")))
     if setting:
         text += f"; set by the setting {setting} (see `volunteer settings`)"

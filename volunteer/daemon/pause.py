@@ -23,12 +23,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 from volunteer.daemon.rule_sources import RuleSources, sources_from_env
 from volunteer.daemon.rules import RUNNING, PauseDecision, RuleError, RuleSettings, evaluate
 from volunteer.daemon.settings import SettingsError
+from volunteer.status.fmt import clock
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class PauseController:
             log.info("the timed pause ended")
         if self._manual:
             until = self._manual_until
-            reason = "paused by you" + (f" until {datetime.fromtimestamp(until):%H:%M}" if until else "")
+            reason = "paused by you" + (f" until {clock(until, now)}" if until else "")
             return PauseDecision(True, reason, until, "manual")
         for limit in self._limits:
             state = limit()

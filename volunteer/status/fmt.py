@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 
@@ -41,6 +42,26 @@ def duration(value: Any) -> str:
     if s < 86400:
         return f"{s // 3600}h {(s % 3600) // 60:02d}m"
     return f"{s // 86400}d {(s % 86400) // 3600:02d}h"
+
+
+def clock(when: Any, now: Any = None) -> str:
+    """A local wall-clock time a user reads: ``14:05`` today, ``Mon 14:05`` within the coming
+    week, ``Mon 7 Dec 14:05`` further on (a pause of two days must not read like one ending
+    today). ``when`` and ``now`` are unix times (``now`` defaults to the current time)."""
+    t, n = num(when), num(now)
+    if t is None or t != t or t in (float("inf"), float("-inf")):
+        return "n/a"
+    try:
+        at = datetime.fromtimestamp(t)
+        today = datetime.now() if n is None else datetime.fromtimestamp(n)
+    except (OverflowError, OSError, ValueError):
+        return "n/a"
+    days = (at.date() - today.date()).days
+    if days == 0:
+        return f"{at:%H:%M}"
+    if 0 < days < 7:
+        return f"{at:%a %H:%M}"
+    return f"{at:%a} {at.day} {at:%b %H:%M}"
 
 
 def ago(value: Any) -> str:
