@@ -48,3 +48,13 @@ def test_today_or_tomorrow(hours: int) -> None:
     until = datetime.fromtimestamp(NOW) + timedelta(hours=hours)
     text = controller(NOW).pause(hours * 3600.0).reason
     assert text.endswith(f"{until:%H:%M}") and (f"{until:%a}" in text) == (hours == 30)
+
+
+def test_the_log_says_paused_once(caplog: pytest.LogCaptureFixture) -> None:
+    pc = controller(NOW)
+    with caplog.at_level(logging.INFO, logger="volunteer.daemon.pause"):
+        pc.pause()
+        pc.pause(3600.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["paused by you", "still paused by you until 06:06"]
+    assert not any("paused: paused" in line for line in lines)

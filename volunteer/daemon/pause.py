@@ -26,7 +26,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from volunteer.daemon.rule_sources import RuleSources, sources_from_env
-from volunteer.daemon.rules import RUNNING, PauseDecision, RuleError, RuleSettings, evaluate
+from volunteer.daemon.rules import (
+    RUNNING,
+    PauseDecision,
+    RuleError,
+    RuleSettings,
+    evaluate,
+    pause_text,
+)
 from volunteer.daemon.settings import SettingsError
 from volunteer.status.fmt import clock
 
@@ -169,10 +176,10 @@ class PauseController:
             if decision.paused != before.paused:
                 self._changed_at = self.sources.clock()
         if decision.paused != before.paused:
-            log.info("%s", f"paused: {decision.reason}" if decision.paused else "resumed: taking new work")
+            log.info("%s", pause_text(decision.as_dict()) if decision.paused else "resumed: taking new work")
             self._apply(decision.paused)
         elif decision.reason != before.reason and decision.paused:
-            log.info("still paused: %s", decision.reason)
+            log.info("still %s", pause_text(decision.as_dict()))
         return decision
 
     @property
