@@ -1,5 +1,5 @@
 """``volunteer --version`` / ``-V`` print the installed version and exit 0 before any command
-runs (through the real CLI); the ``version`` command stays."""
+runs (through the real CLI); the ``version`` command stays and prints the same line."""
 
 from __future__ import annotations
 
@@ -20,5 +20,5 @@ def test_version_flag_wins_over_a_command_and_the_command_stays() -> None:
     done = run_cli("--version", "status", "--home", "/nonexistent/never-created")
     assert done.returncode == 0 and done.stdout.strip() == f"volunteer {__version__}", done.stderr
     done = run_cli("version")
-    assert done.returncode == 0 and done.stdout.strip() == __version__
+    assert done.returncode == 0 and done.stdout.strip() == f"volunteer {__version__}"
     assert "--version" in run_cli("--help").stdout

@@ -68,10 +68,10 @@ def _root(
 
 @app.command()
 def version() -> None:
-    """Print the installed version."""
+    """Print the installed version ("volunteer X.Y.Z", as --version does)."""
     from volunteer import __version__
 
-    typer.echo(__version__)
+    typer.echo(f"volunteer {__version__}")
 
 
 def main() -> None:
