@@ -22,9 +22,7 @@ def status(
 ) -> None:
     """Show the running node: state, device, each hosted expert's load, network, and why it is idle or degraded.
 
-    On a terminal this is a live dashboard (Ctrl-C to quit) laid out for the terminal's width;
-    piped, it prints plain text once. The addresses other volunteers pass to --bootstrap are
-    printed whole, each on a line of its own.
+    On a terminal this is a live dashboard (Ctrl-C to quit) laid out for the terminal's width; piped, it prints plain text once. The addresses other volunteers pass to --bootstrap are printed whole, each on a line of its own.
     """
     from volunteer.daemon.control_client import call
     from volunteer.daemon.home import resolve_home
