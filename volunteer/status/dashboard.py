@@ -103,8 +103,8 @@ def _overview(snapshot: dict[str, Any], paused: str | None) -> Panel:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column(overflow="fold")
-    grid.add_row("experiment", Text(f"{exp.get('name', 'n/a')} v{exp.get('version', 'n/a')}  ")
-                 + Text(str(exp.get("source", "")), style="dim") + Text(fmt.wire_text(exp)))
+    grid.add_row("experiment", Text(f"{exp.get('name', 'n/a')} v{exp.get('version', 'n/a')} from ")
+                 + Text(fmt.source_text(exp.get("source")), style="dim") + Text(fmt.wire_text(exp)))
     grid.add_row("state", Text(state, style=STATE_STYLE.get(state, ""))
                  + Text(f"   up {fmt.duration(node.get('uptime_s'))}"))
     if paused:

@@ -104,6 +104,17 @@ def wire_text(experiment: dict[str, Any]) -> str:
     return f"   wire {c}" if isinstance(c, str) and c else ""
 
 
+def source_text(source: Any) -> str:
+    """Where the manifest came from, without nested parentheses: the loader's
+    ``demo (shipped: volunteer/configs/demo.yaml)`` reads ``shipped manifest demo
+    (volunteer/configs/demo.yaml)``, a path ``manifest PATH``; nothing gives ``n/a``."""
+    text = " ".join(str(source).split()) if isinstance(source, str) else ""
+    name, sep, rest = text.partition(" (shipped: ")
+    if sep and rest.endswith(")"):
+        return f"shipped manifest {name} ({rest[:-1]})"
+    return f"manifest {text}" if text else "n/a"
+
+
 def used_of(used: Any, total: Any) -> str:
     if num(used) is None:
         return "n/a"

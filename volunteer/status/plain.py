@@ -58,7 +58,7 @@ def render_plain(snapshot: dict[str, Any]) -> str:
     health, ckpt = fmt.section(snapshot, "health"), fmt.section(snapshot, "checkpoints")
     lines = [
         f"node        {node.get('home', 'n/a')} (pid {node.get('pid', 'n/a')}, volunteer {node.get('version', 'n/a')})",
-        f"experiment  {exp.get('name', 'n/a')} v{exp.get('version', 'n/a')} ({exp.get('source', 'n/a')})"
+        f"experiment  {exp.get('name', 'n/a')} v{exp.get('version', 'n/a')} from {fmt.source_text(exp.get('source'))}"
         + fmt.wire_text(exp),
         f"state       {snapshot.get('state', 'n/a')}   uptime {fmt.duration(node.get('uptime_s'))}"
         + (f"   {paused}" if (paused := pause_text(snapshot)) else ""),
