@@ -127,6 +127,6 @@ def test_a_second_daemon_on_a_held_fixed_port_fails_in_one_line(tmp_path: Path,
     assert second.wait_exit(120) != 0
     out = second.output()
     line = next((ln for ln in out.splitlines() if "cannot start:" in ln), "")
-    assert f"cannot listen on 127.0.0.1:{port} for the peer network" in line, out
-    assert "Address already in use" in line and "--listen-port" in line
+    assert f"the libp2p port 127.0.0.1:{port} is in use" in line, out
+    assert "pick another with --listen-port N" in line
     assert first.proc.poll() is None and libp2p_port(first) == port  # the first one serves on

@@ -166,6 +166,10 @@ def _join(experiment: str, home: Optional[Path], set_: list[str], bootstrap: lis
     sup = None
     try:
         live = setup_logging(settings.log_level, node.log_file, live=sys.stderr.isatty())
+        held = _held_port(settings, network)  # in a second, before torch and the experts load
+        if held:
+            log.error("cannot start: %s", held)
+            return EXIT_FAILED
         sup = _build_supervisor(node, manifest, settings, live)
         signals.attach(sup)
         try:
@@ -183,6 +187,27 @@ def _join(experiment: str, home: Optional[Path], set_: list[str], bootstrap: lis
             sup.close()
         node.release_lock()
         close_logging()
+
+
+def _held_port(settings: Any, network: Any) -> str | None:
+    """One line when the ZeroMQ or the fixed libp2p port is already taken, else None.
+
+    Probed before the slow part of the start (torch, experts), so a held port is reported at
+    once; the listens themselves check again (another program may take the port meanwhile).
+    A libp2p port left to any free port (0, or the one kept from the last run, which moves
+    when taken) is not probed here."""
+    from volunteer.net.listen_error import held_port_line, port_holder_error
+
+    if int(settings.zmq_port):
+        err = port_holder_error(settings.zmq_host, int(settings.zmq_port))
+        if err is not None:
+            return held_port_line(err, "ZeroMQ", "--port")
+    if settings.network_enabled and network.listen_port:
+        host = settings.listen_host or os.environ.get("VOLUNTEER_LISTEN_HOST", "").strip() or "0.0.0.0"
+        err = port_holder_error(host, int(network.listen_port))
+        if err is not None:
+            return held_port_line(err, "libp2p", "--listen-port", network.listen_port_origin)
+    return None
 
 
 def _build_supervisor(node: Any, manifest: Any, settings: Any, live: Any) -> Any:

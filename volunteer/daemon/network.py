@@ -348,23 +348,19 @@ def network_problem(snapshot: Mapping[str, Any] | None) -> str | None:
 def port_fix(origin: str) -> str:
     """How to choose another libp2p port, given where the taken one was set."""
     if origin.startswith("the manifest"):
-        return (f"the port is {origin}: override it on this machine with --listen-port N "
-                "(the setting listen_port; 0 = any free port)")
-    where = f" (set by {origin})" if origin else ""
-    return (f"stop what holds it, or pick another port{where} with --listen-port N "
-            "(the setting listen_port; 0 = any free port)")
+        return f"the port is set by {origin}: pick another on this machine with --listen-port N (0 = any free port)"
+    return "pick another with --listen-port N (0 = any free port) or stop what holds it"
 
 
 def _start_failure(exc: BaseException, port: int, listen_host: str, origin: str = "") -> str:
-    from volunteer.net.listen_error import ListenError
+    from volunteer.net.listen_error import ListenError, held_port_line
 
     exc = _leaf(exc)
     if isinstance(exc, ListenError):  # the probe names the address, the reason and the holder
-        held = f" by {exc.holder}" if exc.holder else ""
         if not exc.in_use:
             return (f"cannot listen on {exc.address} for the peer network ({exc.reason}); "
                     "set listen_host to an address of this machine (0.0.0.0: all, 127.0.0.1: loopback)")
-        return f"cannot listen on {exc.address} for the peer network ({exc.reason}{held}); {port_fix(origin)}"
+        return held_port_line(exc, "libp2p", "--listen-port", origin)
     text = _one_line(exc)
     if isinstance(exc, OSError) or "address already in use" in text.lower() or "errno 98" in text.lower():
         return f"cannot listen on {listen_host}:{port} for the peer network ({text}); {port_fix(origin)}"

@@ -148,3 +148,16 @@ def _describe(pid: int) -> str:
     except Exception:
         name = "?"
     return f"pid {pid} ({name})"
+
+
+def held_port_line(err: ListenError, what: str, flag: str, origin: str = "") -> str:
+    """One plain line for a port that cannot be listened on, e.g. "the libp2p port 31337 on
+    0.0.0.0 is in use by pid 123 (python); pick another with --listen-port N (0 = any free
+    port) or stop what holds it". ``origin`` names a manifest that fixed the port."""
+    if not err.in_use:
+        return (f"cannot listen on {err.address} for the {what} ({err.reason}); set the host to an "
+                "address of this machine (0.0.0.0: all, 127.0.0.1: loopback)")
+    held = f"in use by {err.holder}" if err.holder else "in use"
+    set_in = f" (set by {origin})" if origin.startswith("the manifest") else ""
+    return (f"the {what} port {err.address} is {held}{set_in}; pick another with {flag} N "
+            "(0 = any free port) or stop what holds it")
