@@ -87,7 +87,7 @@ def test_announce_line_claims_only_with_a_peer_or_in_a_new_swarm() -> None:
     assert level == logging.WARNING and "not announced" in line and "experts announced" not in line
     level, line = announce_line("12D3", "demo", 1.5, {"connected_peers": 2, "new_swarm": False})
     assert level == logging.INFO and "experts announced in the DHT" in line
-    assert "experts announced" in announce_line("12D3", "demo", 1.5, {"connected_peers": 0, "new_swarm": True})[1]
+    assert "experts recorded" in announce_line("12D3", "demo", 1.5, {"connected_peers": 0, "new_swarm": True})[1]
 
 
 # ------------------------------------------------------------------------- a real daemon

@@ -53,7 +53,7 @@ from volunteer.daemon.settings import AUTO, BY_NAME, Settings, SettingsError
 from volunteer.manifest.admission import OPEN, AdmissionSpec
 from volunteer.manifest.schema import NetworkConfig as NetworkSection
 from volunteer.runtime.limits import ServingLimits
-from volunteer.status.announce import announced_where
+from volunteer.status.announce import IN_A_NEW_SWARM, announced_where
 from volunteer.status.fmt import duration
 
 if TYPE_CHECKING:  # the network modules (trio, libp2p) load only when the network starts
@@ -315,9 +315,12 @@ def announce_line(peer_id: str, experiment: str, ready_s: float,
     when a peer is connected or the node starts a new swarm (nobody else to store them)."""
     head = f"peer id {peer_id}"
     where = announced_where(snapshot)
+    ready = f"(network ready in {duration(ready_s)})"
+    if where == IN_A_NEW_SWARM:  # no other peer holds the records yet: say so plainly
+        return logging.INFO, (f"{head}; experts recorded in this node's DHT of experiment {experiment} "
+                              f"(a new swarm: peers that join through it will find them) {ready}")
     if where:
-        return logging.INFO, f"{head}; experts announced in {where} of experiment {experiment} " \
-                             f"(network ready in {duration(ready_s)})"
+        return logging.INFO, f"{head}; experts announced in {where} of experiment {experiment} {ready}"
     return logging.WARNING, (f"{head}; connected to no peer, so the experts are not announced in the DHT of "
                              f"experiment {experiment} yet (announced once a bootstrap peer answers)")
 
