@@ -143,16 +143,17 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
 
     rows = report["rows"]
     n = [r["peers"] for r in rows]
+    churn = report["assumptions"]["churn"]["replace_per_hour"]
     out.mkdir(parents=True, exist_ok=True)
     figures = {
-        "lookup_hops.png": ("lookup hops (rounds)", ["lookup_hops_p50", "lookup_hops_p99",
-                                                     "lookup_hops_p50_churn"]),
-        "lookup_latency.png": ("lookup latency (ms)", ["lookup_ms_p50", "lookup_ms_p99",
-                                                       "lookup_ms_p50_warm",
-                                                       "lookup_ms_p50_churn",
-                                                       "lookup_ms_p99_churn"]),
-        "lookup_success.png": ("fraction", ["lookup_success", "lookup_success_churn",
-                                            "lookup_recall", "lookup_recall_churn"]),
+        "lookup_hops.png": ("lookup hops (rounds of requests)",
+                            ["lookup_hops_p50", "lookup_hops_p99", "lookup_hops_p50_churn"]),
+        "lookup_latency.png": ("lookup latency, ms (cold, warm, churn)",
+                               ["lookup_ms_p50", "lookup_ms_p99", "lookup_ms_p50_warm",
+                                "lookup_ms_p50_churn", "lookup_ms_p99_churn"]),
+        "lookup_success.png": (f"lookup success and recall (churn: {churn:.0%}/h replaced)",
+                               ["lookup_success", "lookup_success_churn", "lookup_recall",
+                                "lookup_recall_churn"]),
     }
     written = []
     for name, (ylabel, keys) in figures.items():
@@ -164,7 +165,8 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xscale("log")
         ax.set_xlabel("peers (N)")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel} vs N (seed {report['seed']}, preset {report['preset']})")
+        ax.set_title(f"{ylabel} vs N\n(seed {report['seed']}, preset {report['preset']})",
+                     fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
