@@ -21,7 +21,8 @@ on, so tests pass fakes and a fake clock; the real readers are in ``rule_sources
 manual pause (``volunteer pause``) is not a rule: the controller puts it first.
 
 ``parse_schedule`` and ``parse_duration`` validate strictly and raise ``RuleError`` with a
-one-line message that shows the expected format.
+one-line message that shows the expected format; ``schedule_problem`` is the same check as
+a problem text (the settings layer rejects a bad ``schedule`` with it, before anything runs).
 """
 
 from __future__ import annotations
@@ -113,40 +114,68 @@ def _minutes(hh: str, mm: str) -> int:
     return h * 60 + m
 
 
+def _windows(clean: str) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """The allowed minute ranges per weekday of a cleaned schedule; ValueError saying what
+    is wrong (the one definition of the format, used by ``parse_schedule`` and
+    ``schedule_problem``)."""
+    windows: list[list[tuple[int, int]]] = [[] for _ in DAYS]
+    for clause in clean.split(","):
+        words = clause.strip().split(" ")
+        if len(words) < 2:
+            raise ValueError(f"clause {clause.strip()!r} needs days and times")
+        days = _day_set(words[0])
+        times = words[1:]
+        if times == ["all", "day"]:
+            for d in days:
+                windows[d].append((0, MINUTES_PER_DAY))
+            continue
+        for span in times:
+            match = _TIME_RE.match(span)
+            if not match:
+                raise ValueError(f"bad time range {span!r}")
+            a, b = _minutes(*match.group(1, 2)), _minutes(*match.group(3, 4))
+            if a in (b, MINUTES_PER_DAY):
+                raise ValueError(f"empty time range {span!r}")
+            for d in days:
+                if a < b:
+                    windows[d].append((a, b))
+                else:  # past midnight: the rest of this day and the next morning
+                    windows[d].append((a, MINUTES_PER_DAY))
+                    if b:
+                        windows[(d + 1) % 7].append((0, b))
+    return tuple(tuple(sorted(w)) for w in windows)
+
+
+def _clean(text: str) -> str:
+    return " ".join(str(text).lower().split())
+
+
+_ALWAYS = ("", "always", "any", "all")
+
+
 def parse_schedule(text: str) -> Schedule | None:
     """Parse the ``schedule`` setting; empty (or "always") means no schedule (None)."""
-    clean = " ".join(str(text).lower().split())
-    if clean in ("", "always", "any", "all"):
+    clean = _clean(text)
+    if clean in _ALWAYS:
         return None
-    windows: list[list[tuple[int, int]]] = [[] for _ in DAYS]
     try:
-        for clause in clean.split(","):
-            words = clause.strip().split(" ")
-            if len(words) < 2:
-                raise ValueError(f"clause {clause.strip()!r} needs days and times")
-            days = _day_set(words[0])
-            times = words[1:]
-            if times == ["all", "day"]:
-                for d in days:
-                    windows[d].append((0, MINUTES_PER_DAY))
-                continue
-            for span in times:
-                match = _TIME_RE.match(span)
-                if not match:
-                    raise ValueError(f"bad time range {span!r}")
-                a, b = _minutes(*match.group(1, 2)), _minutes(*match.group(3, 4))
-                if a in (b, MINUTES_PER_DAY):
-                    raise ValueError(f"empty time range {span!r}")
-                for d in days:
-                    if a < b:
-                        windows[d].append((a, b))
-                    else:  # past midnight: the rest of this day and the next morning
-                        windows[d].append((a, MINUTES_PER_DAY))
-                        if b:
-                            windows[(d + 1) % 7].append((0, b))
+        windows = _windows(clean)
     except ValueError as exc:
         raise RuleError(f"schedule {text!r}: {exc}; expected {SCHEDULE_FORMAT}") from None
-    return Schedule(tuple(tuple(sorted(w)) for w in windows), clean)
+    return Schedule(windows, clean)
+
+
+def schedule_problem(text: str) -> str | None:
+    """None when ``parse_schedule`` accepts ``text``, else what is wrong and the expected
+    format in one line (the settings layer's check of ``schedule``)."""
+    clean = _clean(text)
+    if clean in _ALWAYS:
+        return None
+    try:
+        _windows(clean)
+    except ValueError as exc:
+        return f"{exc} in {text!r}; expected {SCHEDULE_FORMAT}"
+    return None
 
 
 def parse_duration(text: str) -> float:

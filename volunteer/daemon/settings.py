@@ -3,13 +3,16 @@
 ``SETTINGS`` is the one table of every setting (name, type, default, environment variable,
 help); the config file, the environment, ``--set NAME=VALUE`` and ``volunteer settings`` all
 derive from it. Values are validated with the same rules whatever layer they come from, and
-a bad value is a ``SettingsError`` naming the layer and the setting.
+a bad value is a ``SettingsError`` naming the layer and the setting. Beyond type and range, a
+row may carry a ``check`` (the one definition of a rule that lives elsewhere: the schedule's
+format from ``daemon.rules``, the multiaddrs from the manifest's validator), so
+``volunteer settings`` rejects what ``join`` would, before anything loads.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,9 @@ class Setting:
     hi: float | None = None
     choices: tuple[str, ...] | None = None
     auto: bool = False  # also accepts the word "auto" (resolved by whoever applies the setting)
+    # a further rule on the converted value (never called with "auto"): check(value, where)
+    # raises SettingsError naming ``where`` and this setting
+    check: Callable[[Any, str], None] | None = None
 
     @property
     def env(self) -> str:
@@ -54,6 +60,8 @@ class Setting:
         numeric = isinstance(out, (int, float)) and not isinstance(out, bool)
         if numeric and ((self.lo is not None and out < self.lo) or (self.hi is not None and out > self.hi)):
             raise SettingsError(f"{where}: {self.name}: expected {self._expected()}, got {value!r}")
+        if self.check is not None and out != AUTO:
+            self.check(out, where)
         return out
 
     def _convert(self, value: Any) -> Any:
@@ -90,7 +98,7 @@ class Setting:
         if self.choices is not None:
             return "one of " + ", ".join(self.choices)
         if self.type is bool:
-            return "true or false"
+            return "one of yes, no, auto" if self.auto else "true or false"
         name = {int: "an integer", float: "a number", str: "a string"}[self.type]
         if self.lo is not None and self.hi is not None:
             name = f"{name} in [{self.lo:g}, {self.hi:g}]"
@@ -107,7 +115,29 @@ class ByteSetting(Setting):
         return parse_bytes(value)
 
     def _expected(self) -> str:
-        return "a size in bytes such as 1500000, 500k, 1.5MB or 2MiB (0 = unlimited)"
+        from volunteer.net.rate_limit import format_bytes
+
+        text = "a size in bytes such as 1500000, 500k, 1.5MB or 2MiB"
+        if self.lo is not None and self.hi is not None and self.lo > 0:
+            return f"{text}, from {format_bytes(self.lo)} to {format_bytes(self.hi)}"
+        return f"{text} (0 = unlimited)"
+
+
+def _check_schedule(value: Any, where: str) -> None:
+    """The ``schedule`` setting parses (``daemon.rules``: the one definition of the format)."""
+    from volunteer.daemon.rules import schedule_problem
+
+    problem = schedule_problem(str(value))
+    if problem is not None:
+        raise SettingsError(f"{where}: schedule: {problem}")
+
+
+def _check_announce(value: Any, where: str) -> None:
+    """Every address of ``announce_addrs`` is a multiaddr (``daemon.network.announce_setting``:
+    the manifest's ``multiaddr_problem``, the same count limit)."""
+    from volunteer.daemon.network import announce_setting
+
+    announce_setting(str(value), where)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -125,7 +155,7 @@ SETTINGS: tuple[Setting, ...] = (
             "new at each start", 0, 65535, auto=True),
     Setting("announce_addrs", str, AUTO, "comma-separated multiaddrs to announce instead of the detected ones "
             "(e.g. /ip4/203.0.113.5/tcp/4001 for a forwarded port); auto = the manifest's "
-            "network.announce_addrs; empty = the detected addresses", auto=True),
+            "network.announce_addrs; empty = the detected addresses", auto=True, check=_check_announce),
     Setting("public", bool, AUTO, "serve the DHT and relay for others: yes (a public node), no (never), auto = "
             "the manifest's network.public (whose own auto decides by a dial-back check)", auto=True),
     Setting("checkpoint_interval_s", float, 300.0, "seconds between periodic checkpoints (a kill -9 loses at most this much)", 1, 86400),
@@ -135,12 +165,13 @@ SETTINGS: tuple[Setting, ...] = (
             "expert's serving step fastest in the self-benchmark (the fewest within 5%, cached per device and "
             "expert); without it (selfbench=false, GPU) logical CPUs - 1, at least 1", 1, 1024, auto=True),
     Setting("max_gpu_memory_fraction", float, 0.9, "largest share of the GPU's memory this node may use", 0.05, 1.0),
-    Setting("shard_cache_bytes", int, 4 * 2**30, "disk cap of the expert shard cache (downloads and the shards this "
-            "node hands out); least recently used shards go first", 64 * 2**20, 2**50),
+    ByteSetting("shard_cache_bytes", int, 4 * 2**30, "disk cap of the expert shard cache (downloads and the shards this "
+            "node hands out; units allowed: 4GB, 500MiB); least recently used shards go first", 64 * 2**20, 2**50),
     Setting("selfbench", bool, True, "measure expert throughput on first join (cached per device and expert)"),
     # resource rules (volunteer.daemon.rules): when they apply the node pauses (experts stay loaded)
     Setting("schedule", str, "", 'when this node may work, in local time, e.g. "mon-fri 18:00-08:00, sat-sun '
-            'all day" (days mon..sun, ranges, daily; HH:MM-HH:MM or "all day"); empty = any time'),
+            'all day" (days mon..sun, ranges, daily; HH:MM-HH:MM or "all day"); empty = any time',
+            check=_check_schedule),
     Setting("pause_on_battery", bool, True, "pause while the machine runs on battery (no battery: never)"),
     Setting("idle_minutes", float, 0.0, "run only after this many minutes without user input (terminals, input "
             "devices, X11 via xprintidle; where none is readable the rule cannot tell and never pauses); "
