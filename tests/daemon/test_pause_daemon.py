@@ -87,7 +87,7 @@ def test_pause_and_resume_with_a_trainer_running(tmp_path: Path, volunteer_daemo
         snap = status(home)
         assert snap["pause"] == {**snap["pause"], "paused": True, "reason": "paused by you", "until": None}
         assert snap["experts"][uid]["errors"].get("paused", 0) >= 3  # refused, counted, experts loaded
-        assert snap["health"]["why"] == "paused by you" and snap["state"] == "serving"
+        assert snap["health"] == {"level": "paused", "why": "paused by you"} and snap["state"] == "paused"
         ok_while_paused = trainer.count("ok")
         out = run_cli("resume", "--home", str(home))
         assert out.returncode == 0 and "running: taking new work" in out.stdout, out.stderr

@@ -10,6 +10,9 @@ the rules are unit-tested without a daemon:
   more than 10% of recent requests failed (naming the most common error code);
 - idle: no request for ``idle_after_s`` (and who is expected to send work);
 - ok otherwise.
+
+A paused node's health is "paused" with the pause's reason (set over ``assess``'s answer by
+``volunteer.daemon.snapshot.paused_view``, which also shows its state as "paused").
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ class SnapshotCollector(Collector):
         yield info
         state = snap.get("state")
         if isinstance(state, str):
-            yield StateSetMetricFamily(PREFIX + "state", "the daemon's lifecycle state",
+            yield StateSetMetricFamily(PREFIX + "state", "the node's state as status shows it (paused too)",
                                        {s: s == state for s in (*STATES, *((state,) if state not in STATES else ()))})
         level = (snap.get("health") or {}).get("level")
         if isinstance(level, str):

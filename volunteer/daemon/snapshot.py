@@ -5,7 +5,8 @@ Shape (all JSON; every section present, values may be null)::
     version       snapshot schema version (1)
     node          pid, home, node_id, version, started_at, uptime_s
     experiment    name, version, source, fingerprint, expert {kind, hidden_dim, options}, grid
-    state         starting | serving | draining | stopped
+    state         starting | serving | paused | draining | stopped (paused: serving, but taking no
+                  new work; the supervisor's own state stays "serving", see ``paused_view``)
     endpoint      where trainers reach the node (tcp://host:port)
     device        name, description, utilization_pct, memory_used_bytes, memory_total_bytes
     system        cpu_pct, cpu_count, ram_used_bytes, ram_total_bytes
@@ -33,8 +34,8 @@ Shape (all JSON; every section present, values may be null)::
                   exchanges_ok, exchanges_failed, failures {code: n}, inbound_ok,
                   inbound_refused {code: n}, last_exchange_at, last_exchange_age_s, last_peer};
                   null without a peer network or with ``averaging.replica_period_s: 0``
-    health        level (ok|idle|degraded|starting|draining), why (one line or null); while
-                  paused: idle, "paused: <reason>"
+    health        level (ok|idle|degraded|starting|draining|paused), why (one line or null);
+                  while paused: paused, "paused: <reason>" (``rules.pause_text``)
     pause         paused, reason (a human phrase: "paused by you until 14:05", "on battery",
                   "until 18:00 by schedule", "the machine is in use", "other programs use 85%
                   CPU"), until (epoch s or null), rule (manual|schedule|battery|idle|cpu),
@@ -103,8 +104,7 @@ def build_snapshot(sup: Supervisor, stats: dict[str, dict[str, Any]], include_us
         ck.last_error if ck is not None else None, sup.endpoint, network_problem=network_problem(network),
     )
     pause = _section(sup, "pause", "status")
-    if sup.state == "serving" and isinstance(pause, dict) and pause.get("paused"):
-        level, why = "idle", pause_text(pause)
+    state, level, why = paused_view(sup.state, level, why, pause)
     return {
         "version": SNAPSHOT_VERSION,
         "node": {
@@ -112,7 +112,7 @@ def build_snapshot(sup: Supervisor, stats: dict[str, dict[str, Any]], include_us
             "started_at": sup.started_at, "uptime_s": round(time.time() - sup.started_at, 1),
         },
         "experiment": m.summary(),
-        "state": sup.state,
+        "state": state,
         "endpoint": sup.endpoint,
         "device": device,
         "system": usage.get("system"),
@@ -136,6 +136,16 @@ def build_snapshot(sup: Supervisor, stats: dict[str, dict[str, Any]], include_us
         "contribution": _section(sup, "contribution", "section"),
         "transfer": _transfer(sup),
     }
+
+
+def paused_view(state: str, level: str, why: str | None, pause: Any) -> tuple[str, str, str | None]:
+    """The ``(state, health level, why)`` the status shows: a serving node that is paused shows
+    state "paused" and health "paused" with the reason ("paused: on battery"). Only this view
+    changes: the supervisor's own ``state`` stays "serving" (the control ops, ``leave`` and the
+    records' lifecycle go by it); starting / draining nodes show their own state."""
+    if state == "serving" and isinstance(pause, dict) and pause.get("paused") is True:
+        return "paused", "paused", pause_text(pause)
+    return state, level, why
 
 
 def _transfer(sup: Supervisor) -> dict[str, Any] | None:
@@ -178,7 +188,8 @@ def live_line_text(snap: dict[str, Any]) -> str:
     pause = snap.get("pause") if isinstance(snap.get("pause"), dict) else {}
     updates = sum(int(e.get("updates_applied", 0) or 0) for e in (snap.get("experts") or {}).values())
     line = (f"{pause_text(pause)} | " if pause.get("paused") else "")
-    line += (f"[{snap.get('state')}] {len(snap.get('experts') or {})} experts | "
+    state = "" if snap.get("state") == "paused" and pause.get("paused") else f"[{snap.get('state')}] "
+    line += (f"{state}{len(snap.get('experts') or {})} experts | "
             f"{float(t.get('requests_per_s', 0) or 0):.1f} req/s | {float(t.get('samples_per_s', 0) or 0):.0f} samples/s"
             f" | {updates} updates | up {duration((snap.get('node') or {}).get('uptime_s'))}")
     net = snap.get("network")

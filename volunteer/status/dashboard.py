@@ -33,7 +33,8 @@ from volunteer.status.shards_view import shard_rows
 
 MAX_WIDTH = 120
 STATE_STYLE = {"serving": "green", "starting": "yellow", "draining": "yellow", "stopped": "red", "paused": "yellow"}
-LEVEL_STYLE = {"ok": "green", "idle": "yellow", "starting": "yellow", "draining": "yellow", "degraded": "red"}
+LEVEL_STYLE = {"ok": "green", "idle": "yellow", "starting": "yellow", "draining": "yellow", "degraded": "red",
+               "paused": "yellow"}
 
 
 class Dashboard:
@@ -89,7 +90,7 @@ def _build(snapshot: dict[str, Any], experts: Table) -> Group:
                            title_align="left"))
     level = str(health.get("level", "n/a"))
     why = Text(f"health: {level}", style=LEVEL_STYLE.get(level, ""))
-    if health.get("why"):
+    if health.get("why") and not fmt.says_level(level, health["why"]):
         why.append(f"  {health['why']}")
     return Group(*parts, why)
 

@@ -130,6 +130,19 @@ def errors_text(errors: Any) -> str:
     return ", ".join(parts) if parts else "0"
 
 
+def says_level(level: Any, why: Any) -> bool:
+    """The "why" already names the level ("paused by you" for level "paused"): show it alone."""
+    return isinstance(level, str) and isinstance(why, str) and bool(level) and why.startswith(level)
+
+
+def health_text(health: dict[str, Any]) -> str:
+    """``idle: no trainer has sent work ...``; a why that starts with the level stands alone."""
+    level, why = health.get("level", "n/a"), health.get("why")
+    if not why:
+        return str(level)
+    return str(why) if says_level(level, why) else f"{level}: {why}"
+
+
 def section(snapshot: dict[str, Any], name: str) -> dict[str, Any]:
     value = snapshot.get(name)
     return value if isinstance(value, dict) else {}

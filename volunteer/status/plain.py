@@ -60,8 +60,7 @@ def render_plain(snapshot: dict[str, Any]) -> str:
         f"node        {node.get('home', 'n/a')} (pid {node.get('pid', 'n/a')}, volunteer {node.get('version', 'n/a')})",
         f"experiment  {exp.get('name', 'n/a')} v{exp.get('version', 'n/a')} from {fmt.source_text(exp.get('source'))}"
         + fmt.wire_text(exp),
-        f"state       {snapshot.get('state', 'n/a')}   uptime {fmt.duration(node.get('uptime_s'))}"
-        + (f"   {paused}" if (paused := pause_text(snapshot)) else ""),
+        f"state       {_state_text(snapshot)}   uptime {fmt.duration(node.get('uptime_s'))}",
         f"endpoint    {snapshot.get('endpoint') or 'n/a'}",
         f"device      {dev.get('description') or dev.get('name', 'n/a')}   util {fmt.pct(dev.get('utilization_pct'))}"
         f"   mem {fmt.used_of(dev.get('memory_used_bytes'), dev.get('memory_total_bytes'))}"
@@ -70,7 +69,7 @@ def render_plain(snapshot: dict[str, Any]) -> str:
         f"{fmt.used_of(system.get('ram_used_bytes'), system.get('ram_total_bytes'))}",
         f"checkpoints every {fmt.duration(ckpt.get('interval_s'))}, last {fmt.ago(ckpt.get('last_age_s'))}"
         + (f", error: {ckpt['last_error']}" if ckpt.get("last_error") else ""),
-        f"health      {health.get('level', 'n/a')}" + (f": {health['why']}" if health.get("why") else ""),
+        f"health      {fmt.health_text(health)}",
     ]
     lines += [f"{CONTRIBUTION_TITLE}: {line}" for line in contribution_lines(snapshot)]
     lines.append("")
@@ -99,6 +98,15 @@ def render_plain(snapshot: dict[str, Any]) -> str:
     if addresses:
         lines += ["", COPY_HEADING, *addresses]
     return "\n".join(lines)
+
+
+def _state_text(snapshot: dict[str, Any]) -> str:
+    """``serving``; while paused the pause's phrase (``paused: on battery (resumes in 2h 07m)``),
+    after the state when that is not already "paused" (an older daemon says "serving")."""
+    state, paused = str(snapshot.get("state", "n/a")), pause_text(snapshot)
+    if not paused:
+        return state
+    return paused if state == "paused" else f"{state}   {paused}"
 
 
 def _block(title: str, rows: list[tuple[str, str]]) -> list[str]:
