@@ -14,6 +14,8 @@ Files:
 - ``experts_table.py``: ``experts_table(rows, width)``, the hosted-experts table fitted to
   the terminal (drops low-value columns first, headers never cut, never stretched).
 - ``pause_view.py``: ``pause_text(snapshot)``, "paused: on battery" when the node is paused.
+- ``transfer_view.py``: ``transfer_text(snapshot)``, the bandwidth caps and today's transfer
+  against the daily cap ("up ≤ 2.0 MB/s, down unlimited; today 1.2 GB of 5.0 GB ...").
 - ``contribution_view.py``: ``contribution_lines(snapshot)``, lifetime totals per experiment.
 - ``shards_view.py``: ``shard_rows(snapshot)``, the shards section (hosted uids, where their
   weights came from, replicas, downloads with bars), and the live line's download text.

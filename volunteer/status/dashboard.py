@@ -30,6 +30,8 @@ from volunteer.status.pause_view import pause_text
 from volunteer.status.plain import expert_rows
 from volunteer.status.replicas_view import replica_rows
 from volunteer.status.shards_view import shard_rows
+from volunteer.status.transfer_view import LABEL as TRANSFER_LABEL
+from volunteer.status.transfer_view import transfer_text
 
 MAX_WIDTH = 120
 STATE_STYLE = {"serving": "green", "starting": "yellow", "draining": "yellow", "stopped": "red", "paused": "yellow"}
@@ -123,6 +125,8 @@ def _overview(snapshot: dict[str, Any], paused: str | None) -> Panel:
     if ckpt.get("last_error"):
         checkpoints.append(f"  {ckpt['last_error']}", style="red")
     grid.add_row("checkpoints", checkpoints)
+    if (transfer := transfer_text(snapshot)) is not None:
+        grid.add_row(TRANSFER_LABEL, Text(transfer))
     title = f"volunteer {node.get('version', '')} · {node.get('home', '')} · pid {node.get('pid', '?')}"
     return Panel(grid, title=Text(title), title_align="left")
 

@@ -18,6 +18,8 @@ from volunteer.status.network_view import COPY_HEADING, copy_addresses, network_
 from volunteer.status.pause_view import pause_text
 from volunteer.status.replicas_view import replica_rows
 from volunteer.status.shards_view import shard_rows
+from volunteer.status.transfer_view import LABEL as TRANSFER_LABEL
+from volunteer.status.transfer_view import transfer_text
 
 
 def expert_rows(snapshot: dict[str, Any]) -> list[dict[str, str]]:
@@ -71,6 +73,8 @@ def render_plain(snapshot: dict[str, Any]) -> str:
         + (f", error: {ckpt['last_error']}" if ckpt.get("last_error") else ""),
         f"health      {fmt.health_text(health)}",
     ]
+    if (transfer := transfer_text(snapshot)) is not None:
+        lines.insert(-1, f"{TRANSFER_LABEL:<11} {transfer}")
     lines += [f"{CONTRIBUTION_TITLE}: {line}" for line in contribution_lines(snapshot)]
     lines.append("")
     rows = expert_rows(snapshot)
