@@ -1,4 +1,5 @@
-"""Checks of this machine alone: Python / torch / CUDA and the device, the home, free disk.
+"""Checks of this machine alone: Python / torch / CUDA and the device, the expert kind the
+manifest names, the home, free disk.
 
 Each function returns ``Check`` objects (``volunteer.doctor.report``) and never raises for a
 problem it was written to find: a device that does not exist, a home that is a file or not
@@ -64,6 +65,27 @@ def check_software(device_setting: str) -> list[Check]:
     else:
         out.append(ok("device", text, **data))
     return out
+
+
+def check_expert_kind(kind: str, package: str | None, source: str) -> Check:
+    """Can this machine host the manifest's ``expert.kind``? The check ``join`` runs
+    (``experts.registry.require_expert_kind``, metadata only): its message's problem is the
+    detail, its advice the fix, which is the install command for this interpreter when the
+    manifest names the package (``expert.package``)."""
+    from volunteer.experts.registry import available_experts, kind_provider, require_expert_kind
+    from volunteer.manifest.errors import ManifestError
+
+    try:
+        require_expert_kind(kind, package, source)
+    except ManifestError as exc:  # "<what is wrong>; <what to do> (installed kinds: ...)"
+        problem, _, todo = exc.problem.partition("; ")
+        command = f"{sys.executable} -m pip install {package}"
+        fix = command if package and "not installed" in problem else todo or exc.problem
+        return failed("expert kind", f"{problem} (manifest {source})", fix, kind=kind, package=package,
+                      installed=available_experts())
+    provider = kind_provider(kind)
+    return ok("expert kind", f"{kind!r} is " + (f"installed (from {provider})" if provider else "built in"),
+              kind=kind, package=provider)
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -1,6 +1,6 @@
 """``run_doctor``: every check in order, each under its own time bound, into one ``Report``.
 
-Order: software and device, home, disk, ports (cheap, local), then the bootstrap peers
+Order: software and device, the manifest's expert kind (installed here?), home, disk, ports (cheap, local), then the bootstrap peers
 (``bootstrap.py``: a TCP connect and a libp2p handshake each), then, only when one of them
 answered, the libp2p probe (``network.py``: dial-back reachability, relay, clock skew, hole
 punch). With no bootstrap peer (a new swarm) or none answering, the network part is skipped,
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from volunteer.doctor import bootstrap as boot
-from volunteer.doctor.local import check_disk, check_home, check_software
+from volunteer.doctor.local import check_disk, check_expert_kind, check_home, check_software
 from volunteer.doctor.ports import check_port
 from volunteer.doctor.report import Report, skipped
 
@@ -84,6 +84,8 @@ def run_doctor(experiment: str | None, home: Path, flag_bootstrap: Sequence[str]
                             manifest.source if manifest else "")
     report = Report(manifest.experiment.name if manifest else "(none)", str(home))
     report.add(*check_software(settings.device))
+    if manifest is not None:
+        report.add(check_expert_kind(manifest.expert.kind, manifest.expert.package, manifest.source))
     report.add(*check_home(home))
     report.add(check_disk(home, int(settings.shard_cache_bytes)))
 
