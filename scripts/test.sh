@@ -27,3 +27,5 @@ for exp in scripts/experiments/*.py; do
   echo "-- $exp --preset smoke"
   python "$exp" --preset smoke --out "$RESULTS"
 done
+echo "== swarm simulator smoke preset"
+python scripts/simulate_swarm.py --preset smoke --json "$RESULTS/simulate_swarm_smoke.json"
