@@ -73,7 +73,7 @@ def test_disk_against_the_shard_cache_cap(tmp_path: Path) -> None:
     assert huge.verdict == WARN and "shard_cache_bytes=" in huge.fix
 
 
-FIX = "pick another port: --set zmq_port=N"
+FIX = "pick another port: join --port N"
 
 
 def test_a_held_port_fails_and_names_its_holder() -> None:

@@ -41,11 +41,14 @@ def fix_for(origin: str) -> str:
 
 def check_bootstrap(results: Sequence[Any], origin_of: Callable[[str], str]) -> list[Check]:
     """One check per address, then the verdict: no peer answering fails the node (it would
-    join no swarm, and no trainer could find it)."""
+    join no swarm, and no trainer could find it). Each fix is said once: when none answered,
+    under the failing verdict only; else under the first dead address it applies to."""
     if not results:
         return [skipped("bootstrap", "no bootstrap peer configured: this node would start a new swarm "
                         "(others join it with --bootstrap <its address>)")]
+    none_answered = not any(r.ok for r in results)
     out: list[Check] = []
+    fixes: list[str] = []
     for r in results:
         origin = origin_of(r.addr)
         data = {"addr": r.addr, "origin": origin, "kind": r.kind}
@@ -53,10 +56,14 @@ def check_bootstrap(results: Sequence[Any], origin_of: Callable[[str], str]) -> 
             rtt = f" in {r.rtt_s * 1000:.0f} ms" if r.rtt_s is not None else ""
             out.append(ok("bootstrap", f"{r.addr} answered (libp2p handshake{rtt}; address from {origin})",
                           rtt_s=r.rtt_s, **data))
-        else:
-            out.append(warn("bootstrap", f"{r.problem} (address from {origin}: {r.addr})", fix_for(origin),
-                            error=r.problem, **data))
-    if not any(r.ok for r in results):
+            continue
+        fix = fix_for(origin)
+        first = fix not in fixes
+        if first:
+            fixes.append(fix)
+        out.append(warn("bootstrap", f"{r.problem} (address from {origin}: {r.addr})",
+                        fix if first and not none_answered else "", error=r.problem, **data))
+    if none_answered:
         out.append(failed("bootstrap", f"none of the {len(results)} bootstrap peer(s) answered: this node would "
-                          "join no swarm, and no trainer could find it", fix_for(origin_of(results[0].addr))))
+                          "join no swarm, and no trainer could find it", "; ".join(fixes)))
     return out

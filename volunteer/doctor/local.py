@@ -52,8 +52,8 @@ def check_software(device_setting: str) -> list[Check]:
     try:
         devices = choose_devices(device_setting, hw)
     except DeviceError as exc:
-        out.append(failed("device", str(exc), "set device to one that exists: "
-                          "volunteer settings / --set device=auto"))
+        out.append(failed("device", str(exc), "pick a device that exists: join --device auto (the "
+                          "setting device; `volunteer settings` shows where it is set)"))
         return out
     text = " + ".join(describe_device(d, hw) for d in devices)
     data: dict[str, Any] = {"devices": devices, "setting": device_setting}

@@ -36,8 +36,9 @@ def _reachability(result: ProbeResult) -> Check:
     if result.reachability == "private":
         return warn("reachability", f"behind NAT or firewall: peers see you{seen} but cannot dial "
                     f"TCP port {ports} back",
-                    f"forward TCP port {ports} to this machine and set announce_addrs to "
-                    f"/ip4/{result.observed_ip or '<public ip>'}/tcp/<port> (or rely on a relay, below)", **data)
+                    f"forward TCP port {ports} to this machine and join with --announce "
+                    f"/ip4/{result.observed_ip or '<public ip>'}/tcp/<port> (the setting announce_addrs; "
+                    "or rely on a relay, below)", **data)
     why = "; ".join(result.dialback_errors) or "no bootstrap peer answered the dial-back request"
     return warn("reachability", f"unknown: {why}",
                 "the bootstrap peers may run an older version; reachability is re-checked by the daemon",

@@ -91,7 +91,8 @@ def run_doctor(experiment: str | None, home: Path, flag_bootstrap: Sequence[str]
 
     mine = own_ports(daemon_snapshot(home))
     report.add(check_port("zmq port", settings.zmq_host, int(settings.zmq_port), "ZeroMQ frontend",
-                          "stop what holds it, or pick another port: --set zmq_port=N (0 = any free port)", mine))
+                          "stop what holds it, or pick another port: join --port N (the setting zmq_port; "
+                          "0 = any free port)", mine))
     listen_port, movable = net.listen_port, False
     if not listen_port and net.keep_port and home.is_dir():
         listen_port, movable = node.kept_listen_port() or 0, True
