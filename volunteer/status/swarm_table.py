@@ -45,7 +45,7 @@ def headline(summary: dict[str, Any]) -> str:
 
 
 def volunteers_table(summary: dict[str, Any], max_rows: int = MAX_ROWS) -> Table:
-    table = Table(title="volunteers", title_justify="left", expand=False, pad_edge=False)
+    table = Table(title="volunteers", title_justify="left", expand=False)
     for name, justify in (("peer", "left"), ("reach", "left"), ("state", "left"), ("load", "right"),
                           ("free", "right"), ("uids", "right")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
@@ -56,7 +56,7 @@ def volunteers_table(summary: dict[str, Any], max_rows: int = MAX_ROWS) -> Table
 
 
 def experts_table(summary: dict[str, Any], max_rows: int = MAX_ROWS) -> Table:
-    table = Table(title="experts (served uids)", title_justify="left", expand=False, pad_edge=False)
+    table = Table(title="experts (served uids)", title_justify="left", expand=False)
     table.add_column("uid", no_wrap=True, max_width=24, overflow="ellipsis")
     table.add_column("n", justify="right", no_wrap=True)
     table.add_column("versions", no_wrap=True, max_width=16, overflow="ellipsis")
