@@ -74,7 +74,7 @@ def test_a_taken_port_is_a_one_line_start_error(tmp_path) -> None:  # type: igno
     finally:
         busy.close()
     text = str(err.value)
-    assert f"127.0.0.1:{port}" in text and "listen_port" in text and "\n" not in text
+    assert f"127.0.0.1:{port}" in text and "--listen-port N" in text and "\n" not in text
 
 
 def test_demo_manifest_network_is_a_new_swarm() -> None:
