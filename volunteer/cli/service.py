@@ -32,7 +32,10 @@ service_app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
 
 HOME_OPTION = typer.Option(None, "--home", envvar="VOLUNTEER_HOME", show_envvar=True,
                            help="Node home the service runs with (default: the user data directory).")
-NAME_HELP = "Service name: the unit is volunteer-NAME.service (default: the experiment's name)."
+NAME_HELP = ("Service name: the unit is volunteer-NAME.service (default: the experiment's name, "
+             "experiment.name in its manifest).")
+PICK_HELP = ("Service name, as installed: the unit volunteer-NAME.service (default: the only volunteer "
+             "service installed; needed when there are several).")
 
 
 def _experiment_arg(experiment: str) -> str:
@@ -104,6 +107,7 @@ def install(
         user_unit_dir,
     )
     from volunteer.daemon.settings import parse_assignments, resolve_settings
+    from volunteer.manifest import load_manifest
 
     join_args = [a for a in ctx.args if a != "--"]
     if any(a == "--home" or a.startswith("--home=") for a in join_args):
@@ -112,10 +116,12 @@ def install(
     exp = _experiment_arg(experiment)
     root = resolve_home(home)
     with domain_errors():
+        manifest = load_manifest(exp)  # validated now, not at the service's first start
         flags = parse_assignments(_set_flags(join_args))
         settings = resolve_settings(root / "config.yaml", os.environ, flags)
     try:
-        spec = UnitSpec(name=name or service_name(experiment), experiment=exp, home=root, python=sys.executable,
+        spec = UnitSpec(name=name or service_name(manifest.experiment.name), experiment=exp, home=root,
+                        python=sys.executable,
                         leave_timeout_s=float(settings.leave_timeout_s), join_args=tuple(join_args),
                         user=(user or getpass.getuser()) if print_only else None)
         text = render_unit(spec)
@@ -164,7 +170,7 @@ def _enable(unit: str, start: bool, home: Path) -> None:
 
 @service_app.command()
 def uninstall(
-    name: Optional[str] = typer.Option(None, "--name", help=NAME_HELP + " Needed when several are installed."),
+    name: Optional[str] = typer.Option(None, "--name", help=PICK_HELP),
 ) -> None:
     """Stop the service (a graceful leave), disable it and remove its unit file."""
     from volunteer.daemon.service_unit import (
@@ -203,7 +209,7 @@ def _unit_or_fail(name: str) -> str:
 
 @service_app.command()
 def status(
-    name: Optional[str] = typer.Option(None, "--name", help=NAME_HELP + " Needed when several are installed."),
+    name: Optional[str] = typer.Option(None, "--name", help=PICK_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the state as JSON."),
 ) -> None:
     """Show whether the service is installed, enabled and running (systemctl's state).

@@ -63,9 +63,9 @@ class UnitSpec:
 
 
 def service_name(experiment: str) -> str:
-    """A default service name for an experiment (a manifest path gives its file stem)."""
-    base = Path(experiment).stem if experiment.endswith((".yaml", ".yml")) else experiment
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or "node"
+    """The default service name for an experiment's name (``experiment.name`` in its manifest,
+    not the manifest file's name), with anything systemd would not take replaced by ``-``."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment).strip("-.") or "node"
     return name[:100]
 
 
