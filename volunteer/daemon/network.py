@@ -206,9 +206,15 @@ def start_network(
 
 
 def _network_config(network: NetworkSection | NetworkConfig, listen_host: str) -> NetworkConfig:
+    """The net layer's config; an ``EffectiveNetwork`` also hands down where each bootstrap
+    address came from (plain data: the net layer never imports the daemon)."""
     from volunteer.net.config import network_config
 
-    return network_config(network, listen_host=listen_host or None)
+    config = network_config(network, listen_host=listen_host or None)
+    origin_of = getattr(network, "origin_of", None)
+    if callable(origin_of) and config.bootstrap:
+        config = config.with_local(bootstrap_origins=tuple((a, origin_of(a)) for a in config.bootstrap))
+    return config
 
 
 def _start_service(home: Path, experiment: str, config: NetworkConfig, network: Any,

@@ -58,6 +58,8 @@ class NetworkConfig:
     enable_nat: bool = True
     dht_mode_interval: float = 5.0
     peer_limits: object | None = None  # volunteer.net.peer_limits.PeerLimits, for RpcServer
+    # (address, where it came from in words, e.g. "the --bootstrap flag"): named in errors
+    bootstrap_origins: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("bootstrap", "relays", "announce_addrs"):
@@ -69,6 +71,12 @@ class NetworkConfig:
                                                   for a in addrs):
                 raise ValueError(f"NetworkConfig.{name}: expected at most {MAX_ADDRS} multiaddr strings")
             object.__setattr__(self, name, addrs)
+        origins = tuple(tuple(pair) for pair in self.bootstrap_origins)
+        if len(origins) > MAX_ADDRS or not all(
+                len(p) == 2 and all(isinstance(x, str) and 0 < len(x) <= MAX_ADDR_CHARS for x in p)
+                for p in origins):
+            raise ValueError("NetworkConfig.bootstrap_origins: expected (address, origin) string pairs")
+        object.__setattr__(self, "bootstrap_origins", origins)
         port = self.listen_port
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"NetworkConfig.listen_port: expected an integer in [0, 65535], got {port!r}")
@@ -93,6 +101,11 @@ class NetworkConfig:
         costs a store at 5 DHT servers per key: at a third of the TTL, the re-announces of 64
         daemons were most of the DHT messages that saturated their machine."""
         return self.heartbeat_interval if self.heartbeat_interval is not None else self.ttl / 2
+
+    @property
+    def origins(self) -> dict[str, str]:
+        """Bootstrap address -> where it came from, in words (empty when not told)."""
+        return dict(self.bootstrap_origins)
 
     @property
     def new_swarm(self) -> bool:

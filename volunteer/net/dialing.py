@@ -170,14 +170,21 @@ def describe_dial_error(exc: BaseException, addrs: Sequence[str | multiaddr.Mult
                         timeout: float | None = None) -> str:
     """``dial_failure``'s plain words for a failed ``host.connect`` to a peer at ``addrs`` (the
     first TCP address names the place), e.g. for the bootstrap loop's ``last_error``."""
+    return classify_dial_error(exc, addrs, expected, timeout)[1]
+
+
+def classify_dial_error(exc: BaseException, addrs: Sequence[str | multiaddr.Multiaddr], expected: str,
+                        timeout: float | None = None) -> tuple[str, str]:
+    """``(kind, plain words)`` of ``describe_dial_error``; the kind tells a real failure from
+    ``RECENT`` (py-libp2p did not dial at all: the last failure, already known, stands)."""
     for addr in addrs:
         text = str(addr)
         try:
             host, port, _ = split_peer_addr(text if "/p2p/" in text else f"{text}/p2p/{expected}")
         except ValueError:
             continue
-        return dial_failure(exc, host, port, expected, timeout)[1]
-    return dial_failure(exc, "?", 0, expected, timeout)[1]
+        return dial_failure(exc, host, port, expected, timeout)[:2]
+    return dial_failure(exc, "?", 0, expected, timeout)[:2]
 
 
 async def aprobe_bootstrap(addr: str, timeout: float = 5.0) -> ProbeResult:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -36,7 +36,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from volunteer.net.dht_routing import closest_peers, sessions_of
 from volunteer.net.dht_store import make_dht
-from volunteer.net.dialing import describe_dial_error
+from volunteer.net.dialing import RECENT, classify_dial_error
 from volunteer.net.host import (
     DEFAULT_LISTEN,
     build_host,
@@ -56,6 +56,8 @@ class NodeConfig:
     listen_addrs: Sequence[str] = DEFAULT_LISTEN
     announce_addrs: Sequence[str] = ()
     bootstrap: Sequence[str] = ()
+    # where each bootstrap address came from, in words ("the --bootstrap flag"), for errors
+    bootstrap_origins: Mapping[str, str] = field(default_factory=dict)
     dht_server: bool = True
     connect_timeout: float = 10.0
     backoff_initial: float = 0.5
@@ -65,10 +67,15 @@ class NodeConfig:
 
 @dataclass
 class BootstrapState:
+    """The bootstrap loop's progress. ``errors``: per bootstrap address, the last real dial
+    failure with where the address came from; ``last_error`` joins them. A retry that
+    py-libp2p's dialer skipped (its negative cache: "failed moments ago") changes neither."""
+
     attempts: int = 0
     successes: int = 0
     last_error: str | None = None
     connected: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
 
 
 class SwarmNode:
@@ -82,10 +89,12 @@ class SwarmNode:
         self.dht = make_dht(self.host, server=config.dht_server)
         self.peer_id = self.host.get_id()
         self.bootstrap_peers: list[PeerInfo] = []
+        self._bootstrap_addr: dict[int, str] = {}  # id(PeerInfo) -> the address as configured
         for addr in config.bootstrap:
             info = parse_peer_addr(addr)
             if info.peer_id != self.peer_id:
                 self.bootstrap_peers.append(info)
+                self._bootstrap_addr[id(info)] = addr
         self.bootstrap_state = BootstrapState()
         self.nursery: trio.Nursery | None = None
 
@@ -109,11 +118,14 @@ class SwarmNode:
                 await trio.sleep_forever()
 
     async def bootstrap_once(self) -> int:
-        """Try every bootstrap peer concurrently; return how many answered."""
+        """Try every bootstrap peer concurrently; return how many answered.
+
+        A failure is kept per address with its origin (``BootstrapState.errors``); a retry
+        the dialer skipped because the last dial failed moments ago keeps the real failure."""
         st = self.bootstrap_state
         st.attempts += 1
         ok: list[str] = []
-        errors: list[str] = []
+        failed: dict[str, tuple[str, str]] = {}  # address -> (kind, words)
 
         async def one(info: PeerInfo) -> None:
             try:
@@ -122,8 +134,8 @@ class SwarmNode:
                     await self.dht.add_peer(info.peer_id)
                 ok.append(info.peer_id.to_base58())
             except Exception as e:
-                errors.append(describe_dial_error(e, info.addrs, info.peer_id.to_base58(),
-                                                  self.config.connect_timeout))
+                failed[self._bootstrap_addr.get(id(info), str(info.peer_id))] = classify_dial_error(
+                    e, info.addrs, info.peer_id.to_base58(), self.config.connect_timeout)
 
         async with trio.open_nursery() as nursery:
             for info in self.bootstrap_peers:
@@ -132,6 +144,7 @@ class SwarmNode:
             st.successes += 1
             st.connected = ok
             st.last_error = None
+            st.errors.clear()
             # Self-lookup (bounded, live peers only) fills the routing table.
             with trio.move_on_after(self.config.connect_timeout):
                 try:
@@ -139,9 +152,21 @@ class SwarmNode:
                 except Exception as e:
                     log.debug("self-lookup failed: %r", e)
         else:
-            st.last_error = "; ".join(errors)[:500] or "no bootstrap peer answered"
-            log.info("bootstrap failed: %s", st.last_error)
+            real = {addr: words for addr, (kind, words) in failed.items() if kind != RECENT}
+            for addr, words in real.items():
+                st.errors[addr] = f"{words} (address from {self._origin(addr)})"
+            recent = [words for kind, words in failed.values() if kind == RECENT]
+            st.last_error = ("; ".join(st.errors.values()) or "; ".join(recent)
+                             or "no bootstrap peer answered")[:500]
+            if real:
+                log.info("bootstrap failed: %s", "; ".join(st.errors[a] for a in real)[:500])
+            else:  # the dialer did not dial again yet: nothing new to say
+                log.debug("bootstrap retry skipped by the dialer: %s", "; ".join(recent)[:500])
         return len(ok)
+
+    def _origin(self, addr: str) -> str:
+        """Where a bootstrap address came from, in words (configured by the daemon)."""
+        return self.config.bootstrap_origins.get(addr) or "the node's bootstrap list"
 
     @property
     def dht_server(self) -> bool:

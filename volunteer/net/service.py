@@ -139,6 +139,7 @@ class NetworkService:
             listen_addrs=(f"/ip4/{self.listen_host}/tcp/{self.listen_port}",),
             announce_addrs=cfg.announce_addrs,
             bootstrap=cfg.bootstrap,
+            bootstrap_origins=cfg.origins,
             dht_server=self._initial_dht_server(),
         )
         # Owned by the trio thread (created there; read elsewhere only through the bridge).
@@ -418,7 +419,8 @@ class _SwarmNat(NatTraversal):
 def _make_nat(node: SwarmNode, config: NetworkConfig) -> NatTraversal:
     """NAT traversal (reachability, relays, hole punching), run as a trio service."""
     return _SwarmNat(node.host, list(config.relays), allow_hop=config.public != "no",
-                     bootstrap=list(config.bootstrap), assume_public=config.public == "yes")
+                     bootstrap=list(config.bootstrap), assume_public=config.public == "yes",
+                     bootstrap_origins=config.origins)
 
 
 def _rpc_server(host: IHost, submit: Callable[[list, Callable[[list], None]], None], limits: ServingLimits,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,8 +260,10 @@ def decide(answers: list[DialbackAnswer]) -> str:
 
 
 def explain(status: str, ports: list[int], observed_ip: str | None, relay_addrs: list[str],
-            relays_configured: int) -> str | None:
-    """A one-paragraph message for the user when the node is not publicly reachable."""
+            relays_configured: int, bootstrap_origins: Sequence[str] = ()) -> str | None:
+    """A one-paragraph message for the user when the node is not publicly reachable.
+    ``bootstrap_origins``: where each bootstrap address came from, in words ("the
+    --bootstrap flag"), so the advice names what to fix."""
     port_txt = ", ".join(str(p) for p in ports) or "<your listen port>"
     seen = f" (peers see you at {observed_ip})" if observed_ip else ""
     forward = (f"forward TCP port {port_txt} on your router to this machine and set "
@@ -268,8 +271,11 @@ def explain(status: str, ports: list[int], observed_ip: str | None, relay_addrs:
     if status == PUBLIC:
         return None
     if status == UNKNOWN:
+        origins = list(dict.fromkeys(bootstrap_origins))
+        peers = (f"the bootstrap peers (addresses from {' and '.join(origins)})" if origins
+                 else "the relays in the manifest's network.relays")
         return ("Reachability unknown: no bootstrap/relay peer answered the dial-back check. "
-                "Check that the manifest's bootstrap peers are up and that outbound TCP is allowed.")
+                f"Check that {peers} are up and that outbound TCP is allowed.")
     if relay_addrs:
         return (f"This node is behind a NAT{seen}: other volunteers cannot dial it directly. "
                 f"It is reachable through a relay ({relay_addrs[0]}) and upgrades to direct "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import trio
@@ -58,10 +59,12 @@ class NatTraversal:
         maintain_interval: float = 30.0,
         enable_holepunch: bool = True,
         assume_public: bool = False,
+        bootstrap_origins: Mapping[str, str] | None = None,
     ) -> None:
         self.host = host
         self.relays = list(relays)
         self.bootstrap = list(bootstrap or [])
+        self.bootstrap_origins = dict(bootstrap_origins or {})  # address -> where it came from
         self.allow_hop = allow_hop
         self.max_reservations = max_reservations
         self.check_timeout = check_timeout
@@ -100,8 +103,9 @@ class NatTraversal:
 
     def advice(self) -> str | None:
         """Why this node cannot be reached directly and what to do; None when public."""
+        origins = [self.bootstrap_origins.get(a, "the manifest's network.bootstrap") for a in self.bootstrap]
         return rb.explain(self.reachability, rb.listen_ports(self.host), self.observed_ip,
-                          self.relay_addrs, len(self.relays))
+                          self.relay_addrs, len(self.relays), bootstrap_origins=origins)
 
     def snapshot(self) -> dict:
         ledger = self.ledger or ConnectionLedger(punching=lambda _pid: False)
