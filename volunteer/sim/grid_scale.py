@@ -117,10 +117,11 @@ def discoverability(reg: SimRegistry, hosting: dict[str, list[str]], now: float)
 
 def _layout(writers: list[SimWriter], hosting: dict[str, list[str]], sharded: bool,
             p: GridPreset, seed: int, lookup_ms: float) -> dict[str, Any]:
-    reg = SimRegistry("sim", sharded=sharded, signed=True, seed=seed)
-    t0 = time.perf_counter()
     # Entries are read by DhtDirectory, which checks expiry against the wall clock: the
-    # simulated announces happen "now", one millisecond apart.
+    # simulated announces happen "now", one millisecond apart, with the longest TTL an
+    # experiment may set, so none expires while a big swarm is still being announced.
+    reg = SimRegistry("sim", sharded=sharded, signed=True, seed=seed, ttl=records.MAX_TTL)
+    t0 = time.perf_counter()
     base = time.time()
     for i, w in enumerate(writers):
         reg.announce(w, hosting[w.peer_id], now=base + i * 1e-3, free=0)
