@@ -39,3 +39,56 @@ def test_the_unit_is_named_after_the_experiment_not_the_file(tmp_path: Path) -> 
         assert "experiment's name" not in help_text(command), command
         assert "the only volunteer service installed" in help_text(command)
     assert "(default: the experiment's name, experiment.name in its manifest)" in help_text("install")
+
+
+def _other_account() -> tuple[str, str]:
+    import getpass
+    import pwd
+
+    me = getpass.getuser()
+    for entry in pwd.getpwall():
+        if entry.pw_name != me and entry.pw_dir not in ("", "/") and entry.pw_name.isidentifier():
+            return entry.pw_name, entry.pw_dir
+    pytest.skip("no second account on this machine")
+
+
+def test_a_system_unit_for_another_user_uses_their_home(tmp_path: Path) -> None:
+    env = _no_systemctl(tmp_path)
+    user, their_dir = _other_account()
+    out = cli(["service", "install", "demo", "--print", "--user", user], env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line and not line.startswith("#"))
+    assert lines["User"] == user
+    assert lines["WorkingDirectory"].startswith(their_dir.rstrip("/") + "/")
+    assert f"--home {lines['WorkingDirectory']}" in lines["ExecStart"]
+    assert lines["RestartPreventExitStatus"] == "2"
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--print", "--user", "no-such-user-f3"], "no such user on this machine"),
+    (["--print", "--user", "bad user"], "not a user name"),
+    (["--print", "--user", "-x"], "not a user name"),
+    (["--user", "root"], "--user needs --print"),
+    (["--", "--bogus-flag"], "No such option: --bogus-flag"),
+    (["--", "--num-experts", "x"], "--num-experts"),
+    (["--", "--set", "schedule=bogus"], "schedule: "),
+    (["--", "--public", "maybe"], "expected one of yes, no, auto"),
+    (["--", "--bootstrap", "/ip4/127.0.0.1/tcp/1"], "/p2p/<peer id>"),
+    (["--", "--help"], "not a join argument"),
+])
+def test_bad_users_and_join_arguments_are_refused_at_install(tmp_path: Path, args: list[str], words: str) -> None:
+    env = _no_systemctl(tmp_path)
+    home = [] if "no such" in words else ["--home", str(tmp_path / "h")]  # with --home it may be absent
+    out = cli(["service", "install", "demo", *home, *args], env, tmp_path)
+    assert out.returncode == 2, (args, out.stdout, out.stderr)
+    assert words in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert not (tmp_path / "config").exists() and not (tmp_path / "h").exists()
+
+
+def test_the_user_unit_never_restarts_on_bad_input(tmp_path: Path) -> None:
+    env = _no_systemctl(tmp_path)
+    out = cli(["service", "install", "demo", "--home", str(tmp_path / "h"), "--no-start"], env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    from volunteer.cli.console import EXIT_BAD_INPUT
+
+    assert f"RestartPreventExitStatus={EXIT_BAD_INPUT}\n" in unit_path(tmp_path).read_text()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -55,15 +54,67 @@ def _experiment_arg(experiment: str) -> str:
     return experiment
 
 
-def _set_flags(args: list[str]) -> list[str]:
-    """The ``NAME=VALUE`` of every ``--set`` among the join arguments."""
-    out = []
-    for i, arg in enumerate(args):
-        if arg == "--set" and i + 1 < len(args):
-            out.append(args[i + 1])
-        elif arg.startswith("--set="):
-            out.append(arg[len("--set="):])
-    return out
+def _join_command() -> Any:
+    """``volunteer join`` as the click command the CLI runs (its parser and conversions)."""
+    from volunteer.cli.join import join
+
+    app = typer.Typer(add_completion=False)
+    app.command()(join)
+    return typer.main.get_command(app)
+
+
+def _check_join_args(experiment: str, join_args: list[str], root: Path, manifest: Any) -> Any:
+    """Parse the arguments after ``--`` as ``volunteer join`` will, and resolve the settings
+    the service will start with (``root``'s config.yaml and these flags, not this shell's
+    VOLUNTEER_* variables) and its network section; the resolved ``Settings``.
+
+    A bad argument is refused here, at install time, in one line: under systemd it would be
+    exit code 2 at every start (``RestartPreventExitStatus`` keeps that from looping)."""
+    from typer.exceptions import TyperException
+
+    from volunteer.cli.join import _announce_flag, _public_flag
+    from volunteer.daemon.network import effective_network
+    from volunteer.daemon.settings import SettingsError, parse_assignments, resolve_settings
+
+    if any(a in ("--help", "-h") for a in join_args):
+        raise fail("--help is not a join argument for a service; see `volunteer join --help`", EXIT_BAD_INPUT)
+    try:
+        params = _join_command().make_context("volunteer join", [experiment, *join_args]).params
+    except (TyperException, typer.Exit) as e:
+        text = e.format_message() if hasattr(e, "format_message") else str(e)
+        raise fail(f"join arguments after `--`: {' '.join(text.split())}", EXIT_BAD_INPUT) from None
+    with domain_errors():
+        given = {"device": params["device"], "num_experts": params["num_experts"], "zmq_host": params["host"],
+                 "zmq_port": params["port"], "listen_host": params["listen_host"],
+                 "listen_port": params["listen_port"], "announce_addrs": _announce_flag(params["announce"]),
+                 "public": _public_flag(params["public"])}
+        flags = {**parse_assignments(params["set_"]), **{k: v for k, v in given.items() if v is not None}}
+        settings = resolve_settings(root / "config.yaml", {}, flags)
+        if (params["bootstrap"] or params["new_swarm"]) and not settings.network_enabled:
+            raise SettingsError("--bootstrap/--new-swarm need the peer network, but network_enabled is false")
+        effective_network(manifest.network, params["bootstrap"], params["new_swarm"], settings, manifest.source)
+    return settings
+
+
+def _system_home(user: str) -> Path:
+    """The default home of ``user`` (another account, for ``--print --user``): the same data
+    directory below their home directory as ours is below ours; one-line error when the
+    account does not exist."""
+    import pwd
+
+    from volunteer.daemon.home import default_home
+
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        raise fail(f"--user {user}: no such user on this machine; create the account first, or pass "
+                   "--home for the unit", EXIT_BAD_INPUT) from None
+    mine = default_home()
+    try:
+        relative = mine.relative_to(Path.home())
+    except ValueError:  # XDG_DATA_HOME points elsewhere: theirs is the plain default
+        relative = Path(".local", "share", "volunteer")
+    return Path(account.pw_dir) / relative
 
 
 def _pick(name: Optional[str], directory: Path) -> str:
@@ -91,7 +142,8 @@ def install(
     print_only: bool = typer.Option(False, "--print",
                                     help="Print a system-wide unit (with User=) instead of installing a user unit."),
     user: Optional[str] = typer.Option(None, "--user", help="With --print: the account the service runs as "
-                                                            "(default: you)."),
+                                                            "(default: you); without --home, the home is the "
+                                                            "default data directory in that account's home."),
     start: bool = typer.Option(True, "--start/--no-start", help="Start the service now (it is enabled either way)."),
 ) -> None:
     """Write a systemd user unit that runs `volunteer join EXPERIMENT` and enable it.
@@ -102,23 +154,30 @@ def install(
     from volunteer.daemon.service_unit import (
         ServiceError,
         UnitSpec,
+        check_user_name,
         render_unit,
         service_name,
         user_unit_dir,
     )
-    from volunteer.daemon.settings import parse_assignments, resolve_settings
     from volunteer.manifest import load_manifest
 
     join_args = [a for a in ctx.args if a != "--"]
     if any(a == "--home" or a.startswith("--home=") for a in join_args):
         raise fail("pass --home before `--` (it is the service's home), not among the join arguments",
                    EXIT_BAD_INPUT)
+    if user is not None and not print_only:
+        raise fail("--user needs --print: a user unit runs as you (print a system unit for another account)",
+                   EXIT_BAD_INPUT)
+    try:
+        if user is not None:
+            check_user_name(user)
+    except ServiceError as e:
+        raise fail(str(e), EXIT_BAD_INPUT) from None
     exp = _experiment_arg(experiment)
-    root = resolve_home(home)
+    root = resolve_home(home) if home is not None or user is None else _system_home(user)
     with domain_errors():
         manifest = load_manifest(exp)  # validated now, not at the service's first start
-        flags = parse_assignments(_set_flags(join_args))
-        settings = resolve_settings(root / "config.yaml", os.environ, flags)
+    settings = _check_join_args(exp, join_args, root, manifest)
     try:
         spec = UnitSpec(name=name or service_name(manifest.experiment.name), experiment=exp, home=root,
                         python=sys.executable,

@@ -3,7 +3,8 @@
 ``render_unit(spec)`` writes the unit text for a ``UnitSpec``: ``ExecStart`` runs this very
 interpreter (``sys.executable -m volunteer join EXPERIMENT --home HOME ...``), so the service
 uses the same installation (virtual environment included) as the command that installed it;
-``Restart=on-failure`` brings a crashed node back but not one that left; the stop is a
+``Restart=on-failure`` brings a crashed node back but not one that left, nor one that
+exits with code 2 (bad input: ``RestartPreventExitStatus``, it would fail again); the stop is a
 graceful leave: ``KillSignal=SIGTERM`` goes to the daemon alone (``KillMode=mixed``) and
 ``TimeoutStopSec`` is the leave deadline plus ``STOP_MARGIN_S`` (the checkpoint and the
 hand-offs that follow the drain), so systemd never kills a node that is still handing its
@@ -38,6 +39,10 @@ SYSTEMCTL_TIMEOUT_S = 600.0  # ``disable --now`` waits for the graceful leave
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 _SAFE = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# a POSIX portable user name (letters, digits, '.', '_', '-'; not starting with '-', '.' or
+# a digit: systemd reads an all-digit User= as a uid), at most 32 characters
+_USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+BAD_INPUT_EXIT = 2  # ``volunteer join``'s exit code for bad input (cli.console.EXIT_BAD_INPUT)
 
 
 class ServiceError(Exception):
@@ -74,6 +79,14 @@ def unit_file_name(name: str) -> str:
     if not _NAME.match(name):
         raise ServiceError(f"service name {name!r}: use 1-100 letters, digits, '_', '.' or '-'")
     return f"{UNIT_PREFIX}{name}.service"
+
+
+def check_user_name(user: str) -> str:
+    """``user`` when it is a valid login name for ``User=``, else ``ServiceError``."""
+    if not _USER.match(user):
+        raise ServiceError(f"--user {user[:40]!r}: not a user name (letters, digits, '_', '.' or '-', "
+                           "starting with a letter or '_', at most 32 characters)")
+    return user
 
 
 def exec_quote(arg: str) -> str:
@@ -128,15 +141,15 @@ def render_unit(spec: UnitSpec) -> str:
         *(_env_line(k, v) for k, v in sorted(spec.environment.items())),
         "Restart=on-failure",
         f"RestartSec={RESTART_SEC}",
+        "# bad input (manifest, settings, arguments) fails the same way at every start: no restart",
+        f"RestartPreventExitStatus={BAD_INPUT_EXIT}",
         "# a graceful leave: SIGTERM to the daemon only, and time to drain, checkpoint and hand off",
         "KillSignal=SIGTERM",
         "KillMode=mixed",
         f"TimeoutStopSec={stop_s}",
     ]
     if system:
-        if _CONTROL.search(spec.user or "") or not spec.user:
-            raise ServiceError("User= needs a login name")
-        lines.append(f"User={spec.user}")
+        lines.append(f"User={check_user_name(spec.user or '')}")
     lines += ["", "[Install]", f"WantedBy={'multi-user.target' if system else 'default.target'}", ""]
     return "\n".join(lines)
 
