@@ -6,8 +6,10 @@ prints and ``volunteer.status.swarm_table`` renders):
 - ``volunteers``: one row per peer (its freshest entry): reachability class, state, load,
   free slots, how many uids it lists, its first addresses;
 - ``reachability``: the mix, each volunteer counted once: ``public`` (its record says so),
-  ``relayed`` (not public, but announces a ``/p2p-circuit`` address: reachable through a
-  relay), ``private`` (not public, no relay: nobody can dial it), ``unknown``;
+  ``relayed`` (private, or not yet checked with only ``/p2p-circuit`` addresses: reachable
+  through a relay), ``private`` (private, no relay: nobody can dial it), ``unknown`` (not yet
+  checked; it announces direct addresses that may well be dialable, e.g. the founder of a
+  new swarm that also holds a relay slot);
 - ``uids``: every uid of the grid with its replicas (peer, version = updates applied, load,
   state), ``unserved``: the uids no serving replica lists;
 - ``totals`` and ``lookups`` (prefixes that did not answer, whether the grid was cut).
@@ -39,9 +41,11 @@ def reach_class(entry: ServerEntry) -> str:
     """public / relayed / private / unknown for one record (see module docstring)."""
     if entry.reachability == PUBLIC:
         return PUBLIC
-    if any("/p2p-circuit" in a for a in entry.addrs):
-        return RELAYED
-    return PRIVATE if entry.reachability == PRIVATE else UNKNOWN
+    relayed = any("/p2p-circuit" in a for a in entry.addrs)
+    if entry.reachability == PRIVATE:
+        return RELAYED if relayed else PRIVATE
+    direct = any("/p2p-circuit" not in a for a in entry.addrs)
+    return RELAYED if relayed and not direct else UNKNOWN
 
 
 def summarise(census: Census, experiment: str) -> dict[str, Any]:
