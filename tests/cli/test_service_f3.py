@@ -92,3 +92,46 @@ def test_the_user_unit_never_restarts_on_bad_input(tmp_path: Path) -> None:
     from volunteer.cli.console import EXIT_BAD_INPUT
 
     assert f"RestartPreventExitStatus={EXIT_BAD_INPUT}\n" in unit_path(tmp_path).read_text()
+
+
+def _systemctl(tmp_path: Path, body: str) -> tuple[dict[str, str], Path]:
+    """A systemctl stand-in on an otherwise empty PATH that records its calls and runs ``body``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / "calls"
+    script = bin_dir / "systemctl"
+    script.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n{body}\n')
+    script.chmod(0o755)
+    return environment(tmp_path, bin_dir), log
+
+
+NO_BUS = 'echo "Failed to connect to bus: No medium found" >&2; exit 1'
+
+
+def test_uninstall_without_a_reachable_manager_removes_the_unit(tmp_path: Path) -> None:
+    env, log = _systemctl(tmp_path, NO_BUS)
+    out = cli(["service", "install", "demo", "--home", str(tmp_path / "h")], env, tmp_path)
+    assert out.returncode == 1 and unit_path(tmp_path).exists()  # written; enabling needs a manager
+    wants = unit_path(tmp_path).parent / "default.target.wants"
+    wants.mkdir()
+    (wants / unit_path(tmp_path).name).symlink_to(unit_path(tmp_path))  # enabled once, elsewhere
+    out = cli(["service", "uninstall"], env, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not unit_path(tmp_path).exists() and not list(wants.iterdir())
+    assert "no user service manager is reachable here (Failed to connect to bus" in out.stdout
+    assert "systemctl --user stop volunteer-demo.service; systemctl --user daemon-reload" in out.stdout
+    assert log.read_text().splitlines()[-1] == "--user disable --now volunteer-demo.service"
+    out = cli(["service", "uninstall"], env, tmp_path)
+    assert out.returncode == 1 and "no volunteer service is installed" in out.stderr
+
+
+def test_another_systemctl_failure_keeps_the_unit_unless_forced(tmp_path: Path) -> None:
+    env, _ = _systemctl(tmp_path, 'case "$*" in *disable*) echo "Access denied" >&2; exit 1;; esac; exit 0')
+    out = cli(["service", "install", "demo", "--home", str(tmp_path / "h")], env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    out = cli(["service", "uninstall"], env, tmp_path)
+    assert out.returncode == 1 and unit_path(tmp_path).exists()
+    assert "systemctl failed: Access denied" in out.stderr and "--force" in out.stderr
+    out = cli(["service", "uninstall", "--force"], env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert not unit_path(tmp_path).exists() and "although systemctl failed (Access denied)" in out.stdout

@@ -230,10 +230,16 @@ def _enable(unit: str, start: bool, home: Path) -> None:
 @service_app.command()
 def uninstall(
     name: Optional[str] = typer.Option(None, "--name", help=PICK_HELP),
+    force: bool = typer.Option(False, "--force", help="Remove the unit file even when systemctl fails to stop "
+                                                      "and disable it (then stop it yourself)."),
 ) -> None:
-    """Stop the service (a graceful leave), disable it and remove its unit file."""
+    """Stop the service (a graceful leave), disable it and remove its unit file.
+
+    Where no user service manager is reachable (no systemctl, or "Failed to connect to bus": nothing can run under it here), the unit file is removed and the command to run where one exists is printed. When systemctl fails otherwise the unit is kept, unless --force.
+    """
     from volunteer.daemon.service_unit import (
         STOP_MARGIN_S,
+        manager_unreachable,
         run_systemctl,
         systemctl_error,
         user_unit_dir,
@@ -246,15 +252,37 @@ def uninstall(
         raise fail(f"no unit {path}; nothing to uninstall", EXIT_FAILED)
     print(f"stopping {unit} (a graceful leave: up to leave_timeout_s + {STOP_MARGIN_S:.0f}s)...", flush=True)
     proc = run_systemctl(["disable", "--now", unit])
-    if proc is not None and proc.returncode != 0:
-        raise fail(f"systemctl failed: {systemctl_error(proc)}; the unit {path} is kept: run "
-                   f"`systemctl --user disable --now {unit}`, then this again", EXIT_FAILED)
-    path.unlink()
+    later = f"`systemctl --user stop {unit}; systemctl --user daemon-reload`"
     if proc is None:
-        print(f"removed {path} (systemctl was not found: nothing to stop here)")
+        _remove(path)
+        print(f"removed {path} (systemctl was not found: nothing to stop here; where systemd manages this "
+              f"account, run {later})")
         raise typer.Exit(0)
+    if proc.returncode != 0:
+        error = systemctl_error(proc)
+        if manager_unreachable(proc):
+            _remove(path)
+            print(f"removed {path}; no user service manager is reachable here ({error}), so nothing ran "
+                  f"under it to stop. If this account has one elsewhere (a login session), run {later} there.")
+            raise typer.Exit(0)
+        if not force:
+            raise fail(f"systemctl failed: {error}; the unit {path} is kept: run `systemctl --user disable "
+                       f"--now {unit}`, then this again (or remove the unit anyway with --force)", EXIT_FAILED)
+        _remove(path)
+        print(f"removed {path} although systemctl failed ({error}); the service may still run: stop it with {later}")
+        raise typer.Exit(0)
+    path.unlink()
     run_systemctl(["daemon-reload"])
     print(f"stopped, disabled and removed {unit}")
+
+
+def _remove(path: Path) -> None:
+    """Remove the unit file and what ``systemctl enable`` linked to it (``*.wants/<unit>`` in
+    the same directory): what ``disable`` would have done, done by hand."""
+    for link in path.parent.glob(f"*.wants/{path.name}"):
+        if link.is_symlink():
+            link.unlink()
+    path.unlink()
 
 
 def _unit_or_fail(name: str) -> str:

@@ -18,7 +18,8 @@ control character in any value is refused (``ServiceError``), since it would end
 
 ``run_systemctl(args)`` runs ``systemctl --user ...`` (or system-wide), returning None when
 there is no systemctl on PATH (containers, other init systems): the caller then says what
-to run instead.
+to run instead; ``manager_unreachable(proc)`` tells a systemctl that found no manager to talk
+to ("Failed to connect to bus") from one that failed at its task.
 """
 
 from __future__ import annotations
@@ -183,6 +184,18 @@ def run_systemctl(args: Sequence[str], user: bool = True,
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         return subprocess.CompletedProcess(cmd, 1, "", f"{type(e).__name__}: {e}")
+
+
+_NO_MANAGER = ("failed to connect to bus", "failed to connect to user scope bus", "not been booted with systemd",
+               "xdg_runtime_dir not defined", "dbus_session_bus_address")
+
+
+def manager_unreachable(proc: subprocess.CompletedProcess) -> bool:
+    """True when systemctl failed because no (user) service manager answers here: no session
+    bus (a root shell, ssh without a login session, a container), or systemd is not the init
+    system. Nothing can be running under a manager that is not there."""
+    text = f"{proc.stderr or ''} {proc.stdout or ''}".lower()
+    return proc.returncode != 0 and any(marker in text for marker in _NO_MANAGER)
 
 
 def systemctl_error(proc: subprocess.CompletedProcess) -> str:
