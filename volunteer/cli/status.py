@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ def status(
 ) -> None:
     """Show the running node: state, device, each hosted expert's load, network, and why it is idle or degraded.
 
-    On a terminal this is a live dashboard (Ctrl-C to quit) laid out for the terminal's width; piped, it prints plain text once. The addresses other volunteers pass to --bootstrap are printed whole, each on a line of its own.
+    On a terminal this is a live dashboard (Ctrl-C to quit) laid out for the terminal's width; piped, it prints plain text once, fitted to COLUMNS or the terminal behind the pipe (long lines wrap, addresses stay whole). The addresses other volunteers pass to --bootstrap are printed whole, each on a line of its own.
     """
     from volunteer.daemon.control_client import call
     from volunteer.daemon.home import resolve_home
@@ -36,7 +37,7 @@ def status(
         if not sys.stdout.isatty():
             from volunteer.status.plain import render_plain
 
-            sys.stdout.write(render_plain(snap) + "\n")
+            sys.stdout.write(render_plain(snap, plain_width()) + "\n")
             return
         from volunteer.status.dashboard import print_dashboard
 
@@ -45,6 +46,21 @@ def status(
             print_dashboard(console, snap)
             return
         _live(root, console, snap, interval)
+
+
+def plain_width() -> int | None:
+    """The width to fit the plain text to: ``COLUMNS`` when set, else the terminal behind
+    stderr or stdin (``volunteer status | less`` in a terminal), else None (a file, cron: every
+    line stays whole)."""
+    cols = os.environ.get("COLUMNS", "").strip()
+    if cols.isdigit() and int(cols) > 0:
+        return int(cols)
+    for fd in (2, 0):
+        try:
+            return os.get_terminal_size(fd).columns or None
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _live(root: Path, console: Any, snap: dict, interval: float) -> None:

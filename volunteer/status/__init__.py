@@ -21,7 +21,9 @@ Files:
   weights came from, replicas, downloads with bars), and the live line's download text.
 - ``replicas_view.py``: ``replica_rows(snapshot)``, the replicas section (per hosted uid:
   other replicas, divergence before the last elastic pull, exchanges ok / failed).
-- ``plain.py``: ``render_plain(snapshot) -> str``, stable line-oriented text for pipes/logs.
+- ``plain.py``: ``render_plain(snapshot, width=None) -> str``, stable line-oriented text for
+  pipes/logs; ``plain_fit.py`` fits it to a width (wraps under the value column, leaves out
+  low-value table columns, never cuts an address).
 - ``dashboard.py``: ``render_dashboard(snapshot)``, a rich renderable for terminals that
   lays itself out for the width it is given (``NO_COLOR`` is honoured by rich's console),
   and ``print_dashboard(console, snapshot)``, which prints it and then the addresses.

@@ -1,6 +1,8 @@
 """Plain-text status: stable lines for pipes, logs and terminals without colour.
 
-Labelled lines and blocks, never cut to a width (a pipe has none). The addresses others pass
+Labelled lines and blocks; with a width (the terminal behind a pipe, or ``COLUMNS``) long lines
+wrap under their value column and the experts table leaves out low-value columns
+(``plain_fit``), without one every line stays whole. The addresses others pass
 to ``--bootstrap`` end the text, each whole on a line of its own under a heading, so that
 ``volunteer status | tail -n 1`` or a copy from a terminal yields one address intact. A
 paused node says why on its state line (``paused: on battery``); lifetime contribution has a
@@ -16,6 +18,7 @@ from volunteer.status.contribution_view import TITLE as CONTRIBUTION_TITLE
 from volunteer.status.contribution_view import contribution_lines
 from volunteer.status.network_view import COPY_HEADING, copy_addresses, network_rows
 from volunteer.status.pause_view import pause_text
+from volunteer.status.plain_fit import fit_lines, table_lines
 from volunteer.status.replicas_view import replica_rows
 from volunteer.status.shards_view import shard_rows
 from volunteer.status.transfer_view import LABEL as TRANSFER_LABEL
@@ -53,8 +56,10 @@ def _total_latency(lat: dict[str, Any], q: str) -> float | None:
     return (queue or 0.0) + (compute or 0.0)
 
 
-def render_plain(snapshot: dict[str, Any]) -> str:
-    """The whole status as text lines (see the module docstring)."""
+def render_plain(snapshot: dict[str, Any], width: int | None = None) -> str:
+    """The whole status as text lines (see the module docstring), fitted to ``width`` columns
+    when given (``volunteer.status.plain_fit``: columns left out, lines wrapped, never an
+    address cut); None leaves every line whole."""
     node, exp = fmt.section(snapshot, "node"), fmt.section(snapshot, "experiment")
     dev, system = fmt.section(snapshot, "device"), fmt.section(snapshot, "system")
     health, ckpt = fmt.section(snapshot, "health"), fmt.section(snapshot, "checkpoints")
@@ -79,11 +84,7 @@ def render_plain(snapshot: dict[str, Any]) -> str:
     lines.append("")
     rows = expert_rows(snapshot)
     if rows:
-        cols = list(rows[0])
-        widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
-        lines.append("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
-        for r in rows:
-            lines.append("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
+        lines += table_lines(rows, width)
     else:
         lines.append("experts     none hosted")
     lines.append("")
@@ -101,7 +102,7 @@ def render_plain(snapshot: dict[str, Any]) -> str:
     addresses = copy_addresses(snapshot)
     if addresses:
         lines += ["", COPY_HEADING, *addresses]
-    return "\n".join(lines)
+    return "\n".join(fit_lines(lines, width, keep=addresses))
 
 
 def _state_text(snapshot: dict[str, Any]) -> str:
