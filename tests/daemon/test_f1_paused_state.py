@@ -40,3 +40,17 @@ def test_live_line_says_paused_once() -> None:
             "health": {"level": level, "why": why}, "pause": {**PAUSE, "reason": "on battery"}}
     line = live_line_text(snap)
     assert line.startswith("paused: on battery | 1 experts") and line.count("paused") == 1
+
+
+def test_dashboard_health_line_names_the_pause() -> None:
+    import io
+
+    from rich.console import Console
+
+    from volunteer.status.dashboard import render_dashboard
+
+    state, level, why = paused_view("serving", "idle", None, PAUSE)
+    out = io.StringIO()
+    Console(file=out, width=100, no_color=True).print(
+        render_dashboard({"state": state, "health": {"level": level, "why": why}, "pause": PAUSE}))
+    assert "health: paused by you" in out.getvalue() and "paused  paused" not in out.getvalue()

@@ -91,8 +91,9 @@ def _build(snapshot: dict[str, Any], experts: Table) -> Group:
         parts.append(Panel(Text("not connected (network disabled)", style="dim"), title="network",
                            title_align="left"))
     level = str(health.get("level", "n/a"))
-    why = Text(f"health: {level}", style=LEVEL_STYLE.get(level, ""))
-    if health.get("why") and not fmt.says_level(level, health["why"]):
+    said = fmt.says_level(level, health.get("why"))  # "paused by you": the why names the level
+    why = Text(f"health: {health['why'] if said else level}", style=LEVEL_STYLE.get(level, ""))
+    if health.get("why") and not said:
         why.append(f"  {health['why']}")
     return Group(*parts, why)
 
