@@ -29,6 +29,7 @@ Everything is reproducible from ``seed``.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections import Counter
@@ -38,7 +39,7 @@ from typing import Any
 from volunteer.experts.assignment import choose_experts
 from volunteer.net import records
 from volunteer.sim.beam_cost import beam_cost
-from volunteer.sim.coverage import measure_coverage
+from volunteer.sim.coverage import CoverageResult, measure_coverage
 from volunteer.sim.sim_registry import SimRegistry, SimWriter
 
 UID_PREFIX = "sim.ffn"
@@ -66,7 +67,7 @@ class GridPreset:
 PRESETS = {
     "smoke": GridPreset(grid=(8, 8), beam_steps=2, batch=4, cover_grid=(4, 4), cover_peers=16),
     "default": GridPreset(grid=(32, 32), cover_grid=(16, 16), cover_peers=200),
-    "full": GridPreset(grid=(32, 32), beam_steps=5, cover_grid=(16, 32), cover_peers=400),
+    "full": GridPreset(grid=(32, 32), beam_steps=5, cover_grid=(16, 32), cover_peers=320),
 }
 
 
@@ -136,6 +137,13 @@ def _layout(writers: list[SimWriter], hosting: dict[str, list[str]], sharded: bo
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _coverage(volunteers: int, p: GridPreset, seed: int) -> CoverageResult:
+    """Coverage runs are the same for every swarm size above ``cover_peers``: run once."""
+    return measure_coverage(volunteers, grid_uids(p.cover_grid), seed, capacity=p.num_experts,
+                            replication=p.replication, rebalance_interval_s=p.rebalance_interval_s)
+
+
 def measure_grid(peers: int, seed: int, preset: str = "smoke", *, lookup_ms: float | None = None,
                  coverage: bool = True, old_layout: bool = True) -> dict[str, Any]:
     """Figures (a), (b), (c) of the module docstring for ``peers`` volunteers.
@@ -163,9 +171,7 @@ def measure_grid(peers: int, seed: int, preset: str = "smoke", *, lookup_ms: flo
         out["old_layout"] = _layout(writers, hosting, False, p, seed, lookup_ms)
     if coverage:
         n = min(peers, p.cover_peers)
-        cov = measure_coverage(n, grid_uids(p.cover_grid), seed, capacity=p.num_experts,
-                               replication=p.replication,
-                               rebalance_interval_s=p.rebalance_interval_s)
+        cov = _coverage(n, p, seed)
         out.update({
             "cover_peers": n, "cover_grid": "x".join(map(str, p.cover_grid)),
             "cover_empty_grid_min": cov.cover_empty_grid_min,
