@@ -147,6 +147,7 @@ class NetworkService:
         self.registry: ExpertRegistry | None = None
         self.rpc: RpcServer | None = None
         self.nat: NatTraversal | None = None
+        self._announced_reachability: str | None = None  # in the records last announced
         self.shard_server = shard_server
         self.shards: ShardNetwork | None = None
         self._thread = TrioThread(name="volunteer-net")
@@ -234,6 +235,8 @@ class NetworkService:
                      self.reachability)
 
     async def _dht_mode_watch(self) -> None:
+        """Re-apply the DHT mode rule when reachability changed, and announce the new
+        reachability at once (records with a stale one mislead trainers and `volunteer swarm`)."""
         while True:
             await trio.sleep(self.config.dht_mode_interval)
             if self.wants_dht_server() != self.dht_server:
@@ -241,6 +244,12 @@ class NetworkService:
                     await self._apply_dht_mode()
                 except Exception as e:  # keep serving in the current mode; retry later
                     log.warning("DHT mode switch failed: %r", e)
+            announced = self._announced_reachability
+            if self._uids and announced is not None and announced != self.reachability:
+                try:
+                    await self._announce_now()
+                except Exception as e:  # the heartbeat announces it later
+                    log.warning("announcing the new reachability failed: %r", e)
 
     def stop(self, withdraw_timeout: float = 3.0) -> None:
         """Withdraw this node's records (best effort, bounded) and stop the thread."""
@@ -340,10 +349,11 @@ class NetworkService:
         assert self.registry is not None and self.node is not None and self._announce_lock
         report = AnnounceReport()
         async with self._announce_lock:
+            self._announced_reachability = self.reachability
             with trio.move_on_after(ANNOUNCE_TIMEOUT):
                 await self.registry.announce(
                     self._uids, state=self._state, load=self._load, addrs=self._addrs(),
-                    zmq=self.zmq_endpoint, reachability=self.reachability, report=report,
+                    zmq=self.zmq_endpoint, reachability=self._announced_reachability, report=report,
                     shards=self._shards, free=self._free)
         self.last_announce = report
         return report

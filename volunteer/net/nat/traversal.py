@@ -13,6 +13,12 @@ Started by NetworkService with ``await nursery.start(nat.run)``. In order:
 5. ``task_status.started()``; then every ``maintain_interval`` s: re-reserve on relays
    that were lost (connection gone, e.g. the relay restarted) and, while reachability is
    still unknown, ask for a dial-back again. (HOP is decided once, at start.)
+6. while reachability is unknown (e.g. the founder of a new swarm: nobody to ask at start),
+   peers that connect directly are asked for a dial-back too (``check_connected_peers``):
+   at most ``MAX_PEER_CHECKS`` peers per round, one round per ``recheck_interval`` s, each
+   peer at most once per ``peer_recheck_s`` s. Their proof (a fresh connection that reached
+   us) makes the node public; their "could not reach you" alone does not make it private:
+   an unconfigured peer's word must not take a node out of DHT serving.
 
 ``snapshot()`` gives the dashboard its NAT section, ``connect()`` reaches a peer by its
 announced addresses (direct first, then through a relay; DCUtR upgrades it later),
@@ -41,6 +47,8 @@ from volunteer.net.nat.relay import RelayError, RelayNode, RelaySettings, is_cir
 
 logger = logging.getLogger(__name__)
 
+MAX_PEER_CHECKS = 3  # connected peers asked for a dial-back per round while unknown
+
 
 class NatTraversal:
     """Reachability, relay reservations and hole punching for one libp2p host."""
@@ -60,6 +68,9 @@ class NatTraversal:
         enable_holepunch: bool = True,
         assume_public: bool = False,
         bootstrap_origins: Mapping[str, str] | None = None,
+        recheck_poll: float = 1.0,
+        recheck_interval: float = 10.0,
+        peer_recheck_s: float = 300.0,
     ) -> None:
         self.host = host
         self.relays = list(relays)
@@ -82,6 +93,11 @@ class NatTraversal:
         self.reservation_errors: dict[str, str] = {}
         self.started_at = time.monotonic()
         self.ready_after_s: float | None = None
+        self.recheck_poll = recheck_poll
+        self.recheck_interval = recheck_interval
+        self.peer_recheck_s = peer_recheck_s
+        self._asked: dict[ID, float] = {}  # connected peer -> when it was last asked (monotonic)
+        self._last_peer_check = float("-inf")
 
     # ------------------------------------------------------------ public view
     @property
@@ -146,12 +162,71 @@ class NatTraversal:
                 advice = self.advice()
                 if advice:
                     logger.warning("%s", advice)
-                while True:
-                    await trio.sleep(self.maintain_interval)
-                    if self.reachability == rb.UNKNOWN:  # nobody answered yet: ask again
-                        await self.check_reachability()
-                    if self.reachability != rb.PUBLIC:
-                        await self.ensure_reservations()
+                await self._maintain()
+
+    async def _maintain(self) -> None:
+        """Steps 5 and 6 of the module docstring, in one task (no two checks at once)."""
+        next_round = time.monotonic() + self.maintain_interval
+        while True:
+            unknown = self.reachability == rb.UNKNOWN and not self.assume_public
+            await trio.sleep(self.recheck_poll if unknown else max(0.0, next_round - time.monotonic()))
+            now = time.monotonic()
+            if unknown and now - self._last_peer_check >= self.recheck_interval \
+                    and self._fresh_direct_peers():
+                self._last_peer_check = now
+                await self.check_connected_peers()
+            if time.monotonic() < next_round:
+                continue
+            next_round = time.monotonic() + self.maintain_interval
+            if self.reachability == rb.UNKNOWN:  # nobody answered yet: ask again
+                await self.check_reachability()
+            if self.reachability != rb.PUBLIC:
+                await self.ensure_reservations()
+
+    def _fresh_direct_peers(self) -> list[ID]:
+        """Peers connected directly (not through a relay: the server would see the relay's
+        IP) that were not asked in the last ``peer_recheck_s`` s, at most MAX_PEER_CHECKS."""
+        now, me = time.monotonic(), self.host.get_id()
+        network = self.host.get_network()
+        fresh: list[ID] = []
+        for pid in list(network.connections):
+            if pid == me or now - self._asked.get(pid, float("-inf")) < self.peer_recheck_s:
+                continue
+            with contextlib.suppress(Exception):
+                if any(not c.is_closed and self.connection_kind(c) != RELAYED
+                       for c in network.get_connections(pid)):
+                    fresh.append(pid)
+            if len(fresh) >= MAX_PEER_CHECKS:
+                break
+        return fresh
+
+    async def check_connected_peers(self) -> str:
+        """Ask directly connected peers not asked lately for a dial-back (step 6 of the
+        module docstring); only a proof that one reached us changes ``reachability``."""
+        peers, ports = self._fresh_direct_peers(), rb.listen_ports(self.host)
+        if not peers or not ports:
+            return self.reachability
+        answers: list[rb.DialbackAnswer] = []
+        async with trio.open_nursery() as nursery:
+            for pid in peers:
+                self._asked[pid] = time.monotonic()
+
+                async def ask(pid: ID = pid) -> None:
+                    answers.append(await rb.ask_dialback(self.host, pid, ports, timeout=self.check_timeout))
+                nursery.start_soon(ask)
+        if len(self._asked) > 4096:  # bounded: forget the oldest
+            for pid in sorted(self._asked, key=self._asked.__getitem__)[:len(self._asked) - 4096]:
+                del self._asked[pid]
+        if self.reachability != rb.UNKNOWN or rb.decide(answers) != rb.PUBLIC:
+            return self.reachability
+        self.answers = answers
+        self.reachability = rb.PUBLIC
+        observed = [a.observed_ip for a in answers if a.observed_ip and a.reachable]
+        self.observed_ip = observed[0] if observed else None
+        self.public_addrs = sorted({addr for a in answers for addr in a.reachable})
+        logger.info("reachability: public (a connected peer dialled this node back at %s)",
+                    ", ".join(self.public_addrs) or "its address")
+        return self.reachability
 
     async def check_reachability(self) -> str:
         """Ask the relays / bootstrap peers for a dial-back; sets ``reachability``.
