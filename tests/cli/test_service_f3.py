@@ -62,6 +62,9 @@ def test_a_system_unit_for_another_user_uses_their_home(tmp_path: Path) -> None:
     assert lines["WorkingDirectory"].startswith(their_dir.rstrip("/") + "/")
     assert f"--home {lines['WorkingDirectory']}" in lines["ExecStart"]
     assert lines["RestartPreventExitStatus"] == "2"
+    help_text = " ".join(cli(["service", "install", "--help"], {**env, "COLUMNS": "300"}, tmp_path).stdout
+                         .replace("\u2502", " ").split())
+    assert "with --print --user NAME, that account's" in help_text
 
 
 @pytest.mark.parametrize(("args", "words"), [

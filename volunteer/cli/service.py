@@ -30,7 +30,8 @@ service_app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
                           context_settings={"help_option_names": ["-h", "--help"]})
 
 HOME_OPTION = typer.Option(None, "--home", envvar="VOLUNTEER_HOME", show_envvar=True,
-                           help="Node home the service runs with (default: the user data directory).")
+                           help="Node home the service runs with (default: the user data directory; "
+                                "with --print --user NAME, that account's).")
 NAME_HELP = ("Service name: the unit is volunteer-NAME.service (default: the experiment's name, "
              "experiment.name in its manifest).")
 PICK_HELP = ("Service name, as installed: the unit volunteer-NAME.service (default: the only volunteer "
