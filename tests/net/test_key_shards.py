@@ -140,3 +140,41 @@ def test_lookup_of_a_prefix_below_the_cap_reads_one_key(kp, monkeypatch):
     reg, reads = _registry_over(monkeypatch, kp, held, 8)
     assert len(trio.run(reg.lookup, "g.0.")) == 3
     assert reads == [base]
+
+
+def test_write_keys_follow_what_the_writers_last_read_of_the_base_key_showed():
+    base, shard = "base", "shard"
+    now = 1000.0
+    assert key_shards.write_keys(base, shard, None, now) == (base, shard)  # never read: both
+    assert key_shards.write_keys(base, shard, (False, True, now), now) == (base,)  # small swarm: as before
+    assert key_shards.write_keys(base, shard, (True, True, now), now) == (base, shard)  # listed in a full key
+    assert key_shards.write_keys(base, shard, (True, False, now), now) == (shard,)  # refused there: shard only
+    stale = now - key_shards.WRITE_STATE_TTL_S - 1
+    assert key_shards.write_keys(base, shard, (True, False, stale), now) == (base, shard)
+
+
+def test_announce_after_a_read_writes_only_the_keys_that_list_this_node(kp, monkeypatch):
+    """A prefix below the cap costs one write again; a full prefix whose base key refused this
+    node costs its shard key alone (the base key takes the writes of the nodes it lists)."""
+    me = pid_of(kp)
+    cap = 8
+    others = [f"12D3KooWpeer{i:03d}" for i in range(cap)]
+    full, small = records.dht_key("exp", "g.0."), records.dht_key("exp", "g.2.")
+    held = {full: [entry(p) for p in others], small: [entry(me, "g.2.")]}
+    reg, _reads = _registry_over(monkeypatch, kp, held, cap)
+    trio.run(reg.lookup, "g.0.")
+    trio.run(reg.lookup, "g.2.")
+    keys: list[str] = []
+
+    async def publish(dht, key, value):
+        keys.append(key)
+        return 1
+
+    monkeypatch.setattr(dht_store, "publish_value", publish)
+    trio.run(lambda: reg.announce(["g.0.1", "g.2.3"]))
+    root = records.dht_key("exp", "g.")
+    assert sorted(keys) == sorted([
+        root, key_shards.writer_shard_key("exp", "g.", me),  # never read here: both
+        key_shards.writer_shard_key("exp", "g.0.", me),  # full, this node not listed: its shard only
+        small,  # below the cap: the base key alone
+    ])

@@ -108,3 +108,28 @@ def combine(base: Mapping[str, V], shard_reads: Sequence[Mapping[str, V]] | None
     if not shard_reads or not is_full(len(base), max_entries):
         return dict(base)
     return union([base, *shard_reads], fresher)
+
+
+WRITE_STATE_TTL_S = 300.0
+"""How long what this node last read of a prefix's base key steers its writes (``write_keys``)."""
+
+
+def write_keys(base_key: str, shard: str, seen: tuple[bool, bool, float] | None, now: float) -> tuple[str, ...]:
+    """The keys a writer files its entry under, from what its own last read of the base key
+    showed (``seen`` = (full, listed there, when), or None: never read, or longer ago than
+    ``WRITE_STATE_TTL_S``):
+
+    - not full: the base key alone (a small swarm writes exactly what it did before sharding);
+    - full and this node listed there: both (it stays listed for readers of the base key, and
+      its shard lists it for readers that read a full prefix's shards alone);
+    - full and this node not listed: its shard key alone (the base key would refuse it);
+    - unknown: both (safe either way).
+
+    So a hot prefix's base key takes the writes of the ~``max_entries`` nodes it lists, not of
+    every server of the prefix (``scripts/simulate_swarm.py`` counts the PUTs)."""
+    if seen is None or now - seen[2] > WRITE_STATE_TTL_S:
+        return (base_key, shard)
+    full, listed, _when = seen
+    if not full:
+        return (base_key,)
+    return (base_key, shard) if listed else (shard,)

@@ -101,6 +101,8 @@ class ExpertRegistry:
         self.records_announced = 0
         self.shards_left_out: dict[str, int] = {}  # prefix -> shards that did not fit its entry
         self._sharded: set[str] = set()  # prefixes whose base key was full at the last lookup
+        # prefix -> (base key full, this node listed there, when): steers announces' keys
+        self._base_seen: dict[str, tuple[bool, bool, float]] = {}
 
     def _next_seq(self) -> int:
         self._seq = max(self._seq + 1, time.time_ns())
@@ -189,8 +191,10 @@ class ExpertRegistry:
             for prefix, blob in jobs:
                 # The base key (what readers of every version read) and this node's shard key
                 # of the prefix (what lists it once the base key is full: see ``key_shards``).
-                for key in (records.dht_key(self.experiment, prefix),
-                            key_shards.writer_shard_key(self.experiment, prefix, self.peer_id)):
+                for key in key_shards.write_keys(
+                        records.dht_key(self.experiment, prefix),
+                        key_shards.writer_shard_key(self.experiment, prefix, self.peer_id),
+                        self._base_seen.get(prefix), time.monotonic()):
                     nursery.start_soon(publish, prefix, key, blob)
         self._announced = set(groups)
         self.records_announced += len(jobs)
@@ -215,12 +219,20 @@ class ExpertRegistry:
             self._sharded.discard(prefix)  # the swarm shrank: the base key lists everyone
         base_key = records.dht_key(self.experiment, prefix)
         base = (await self._lookup_keys([base_key], admit))[base_key]
+        self._note_base(prefix, key_shards.is_full(len(base), cap), self.peer_id in base)
         reads: list[dict[str, tuple[ServerEntry, bytes]]] = []
         if key_shards.is_full(len(base), cap):
             reads = list((await self._lookup_keys(shards, admit)).values())
             if len(self._sharded) < MAX_SHARDED_PREFIXES:
                 self._sharded.add(prefix)
         return _listed(key_shards.combine(base, reads, cap, fresher=_fresher), prefix)
+
+    def _note_base(self, prefix: str, full: bool, listed: bool) -> None:
+        """Remember what a read of ``prefix``'s base key showed (bounded: oldest dropped)."""
+        self._base_seen.pop(prefix, None)
+        if len(self._base_seen) >= MAX_SHARDED_PREFIXES:
+            del self._base_seen[next(iter(self._base_seen))]
+        self._base_seen[prefix] = (full, listed, time.monotonic())
 
     async def _lookup_keys(self, keys: Sequence[str], admit: records.Admit | None,
                            ) -> dict[str, dict[str, tuple[ServerEntry, bytes]]]:

@@ -91,12 +91,20 @@ class SimRegistry:
 
     # -------------------------------------------------------------- writing
 
-    def keys_for(self, prefix: str, peer_id: str) -> list[str]:
-        """The keys a writer of this layout files its entry for ``prefix`` under."""
+    def keys_for(self, prefix: str, peer_id: str, read: bool = False, now: float = 0.0) -> list[str]:
+        """The keys a writer of this layout files its entry for ``prefix`` under
+        (``key_shards.write_keys``). ``read``: the writer has read the prefix's base key (a
+        daemon reads the parent prefix of every grid uid, never the grid's root), so what the
+        store holds there steers its writes; otherwise it writes both keys."""
         base = records.dht_key(self.experiment, prefix)
         if not self.sharded:
             return [base]
-        return [base, key_shards.writer_shard_key(self.experiment, prefix, peer_id)]
+        shard = key_shards.writer_shard_key(self.experiment, prefix, peer_id)
+        seen = None
+        if read:
+            held = self.store.get(base, {})
+            seen = (key_shards.is_full(len(held), self.max_entries), peer_id in held, now)
+        return list(key_shards.write_keys(base, shard, seen, now))
 
     def announce(self, writer: SimWriter, uids: Sequence[str], now: float, *,
                  state: str = "serving", load: float = 0.0,
@@ -105,6 +113,7 @@ class SimRegistry:
         (key, entry) PUTs were stored (the others were refused, counted in ``stats``)."""
         stored = 0
         groups = group_children(uids)
+        parents = {records.parent_pair(u)[0] for u in uids}  # what the writer's daemon reads
         # prefixes no longer served get a withdrawal (no children), as ExpertRegistry sends
         jobs = list(groups.items()) + [(p, []) for p in sorted(writer.announced - set(groups))]
         writer.announced = set(groups)
@@ -124,7 +133,7 @@ class SimRegistry:
                 assert writer.key_pair is not None
                 blob = records.sign_entry(entry, writer.key_pair.private_key)
                 self.signatures += 1
-            for key in self.keys_for(prefix, writer.peer_id):
+            for key in self.keys_for(prefix, writer.peer_id, read=prefix in parents, now=now):
                 stored += self.put(key, entry, blob, now)
         return stored
 

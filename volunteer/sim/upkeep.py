@@ -37,9 +37,13 @@ from volunteer.net.registry import DEFAULT_TTL, group_children
 
 
 def example_keys(rng: random.Random, experts: int, grid: tuple[int, int]) -> int:
-    """DHT keys one volunteer announces when it serves ``experts`` random uids of ``grid``."""
+    """DHT keys one volunteer writes each heartbeat when it serves ``experts`` random uids of
+    ``grid``: one per prefix it announces, plus the grid root's shard key
+    (``key_shards.write_keys``: a daemon never reads the root's base key, so it writes both
+    keys there; the row prefixes it reads cost one key each, two for the few nodes a full
+    row's base key lists, which this count leaves out)."""
     uids = {f"ffn.{rng.randrange(grid[0])}.{rng.randrange(grid[1])}" for _ in range(experts)}
-    return len(group_children(sorted(uids)))
+    return len(group_children(sorted(uids))) + 1
 
 
 def constants() -> dict[str, float]:
