@@ -101,6 +101,14 @@ def test_a_small_grid_is_covered_at_once_and_nobody_moves_after():
     assert res.rereplicate_after_leave_min is not None
 
 
+def test_a_grid_larger_than_the_volunteers_slots_stops_at_the_horizon_uncovered():
+    """100 volunteers x 4 slots cannot cover 512 uids (the full preset at N=100): the run ends
+    at its virtual horizon with the marks it never reached as None (it used to run for ever)."""
+    res = measure_coverage(3, grid_uids((4, 4)), seed=2, capacity=2, replication=1, horizon_s=3600.0)
+    assert res.cover_empty_grid_min is None and res.recover_after_leave_min is None
+    assert res.rebalance_moves == 0
+
+
 def test_dropped_uids_are_withdrawn_so_views_match_what_is_hosted():
     reg = SimRegistry("sim", sharded=True, signed=False, seed=1)
     w = SimWriter.make(random.Random(1), signed=False)

@@ -68,8 +68,12 @@ def measure_coverage(volunteers: int, grid: Sequence[str], seed: int, *, capacit
                      join_per_min: float | None = None, acquire_s: float = 30.0,
                      leave_fraction: float = 0.2, settle_s: float = 600.0,
                      after_s: float = 1800.0, tick_s: float = 5.0,
-                     sharded: bool = True) -> CoverageResult:
-    """Run the timeline of the module docstring (virtual time; reproducible from ``seed``)."""
+                     sharded: bool = True, horizon_s: float = 6 * 3600.0) -> CoverageResult:
+    """Run the timeline of the module docstring (virtual time; reproducible from ``seed``).
+
+    ``horizon_s``: virtual time after the last join at which the run stops whatever it
+    reached (a grid with more uids than the volunteers' slots is never covered: its marks
+    stay None instead of the run going on for ever)."""
     if volunteers < 1 or capacity < 1 or not grid:
         raise ValueError("need at least one volunteer, one slot each and a grid")
     rng = random.Random(seed)
@@ -137,6 +141,9 @@ def measure_coverage(volunteers: int, grid: Sequence[str], seed: int, *, capacit
                 reg.kill(vols[j].writer.peer_id, t)
         if "kill" in marks and t >= marks["kill"] + after_s:
             marks["end"] = t
+            break
+        if t >= last_join + horizon_s:  # never covered (too few slots): stop, marks stay None
+            marks.setdefault("end", t)
             break
         v = vols[i]
         if v.alive:
