@@ -115,8 +115,16 @@ def run(preset: str, seed: int, peers: tuple[int, ...],
         row.update({k: v for k, v in extra.items() if k not in row})
         rows.append(row)
         print(_line(row), flush=True)
-    return {"preset": preset, "seed": seed, "level_two": level_two,
-            "assumptions": assumptions(preset), "rows": rows}
+    report = {"preset": preset, "seed": seed, "level_two": level_two,
+              "assumptions": assumptions(preset), "rows": rows}
+    if measure_grid is not None:  # beam search vs grid size, at the preset's largest N up to 1,000
+        from volunteer.sim.grid_scale import beam_by_grid
+
+        n = min(max(peers), 1000)
+        report["beam_by_grid"] = beam_by_grid(n, seed, preset)
+        for b in report["beam_by_grid"]:
+            print("  ".join(f"{k}={_fmt(v)}" for k, v in b.items()), flush=True)
+    return report
 
 
 def _fmt(v: Any) -> str:
@@ -155,6 +163,14 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
                                ["lookup_success", "lookup_success_churn", "lookup_recall",
                                 "lookup_recall_churn"]),
     }
+    for r in rows:  # the registry level's old layout, side by side with the current one
+        old = r.get("old_layout") or {}
+        r["discoverable_old_layout"] = old.get("discoverable_servers_fraction")
+        r["hot_uid_listed_old_layout"] = old.get("hot_uid_servers_listed_fraction")
+    figures["registry_discoverable.png"] = (
+        "fraction of servers listed (current vs old layout)",
+        ["discoverable_servers_fraction", "discoverable_old_layout",
+         "hot_uid_servers_listed_fraction", "hot_uid_listed_old_layout"])
     written = []
     for name, (ylabel, keys) in figures.items():
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -173,6 +189,26 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
         written.append(out / name)
+    beams = report.get("beam_by_grid") or []
+    if beams:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [b["grid_uids"] for b in beams]
+        ax.plot(xs, [b.get("beam_lookups_per_step") for b in beams], marker="o", label="lookups per step")
+        ax2 = ax.twinx()
+        ax2.plot(xs, [b.get("beam_ms_per_step") for b in beams], marker="s", color="tab:red",
+                 label="ms per step")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"grid size (uids), {beams[0]['peers']} volunteers")
+        ax.set_ylabel("DHT lookups per cold beam-search step")
+        ax2.set_ylabel("ms per cold step")
+        ax.set_title(f"beam search vs grid size (seed {report['seed']}, preset {report['preset']})",
+                     fontsize=10)
+        ax.grid(True, alpha=0.3)
+        fig.legend(fontsize=8, loc="upper left")
+        fig.tight_layout()
+        fig.savefig(out / "beam_by_grid.png", dpi=100)
+        plt.close(fig)
+        written.append(out / "beam_by_grid.png")
     return written
 
 

@@ -34,7 +34,11 @@ def test_smoke_preset_writes_rows_and_plots(tmp_path):
         assert all(k in row for k in REQUIRED), sorted(set(REQUIRED) - set(row))
         assert row["lookup_hops_p50"] >= 1 and row["lookup_ms_p50"] > 0
         assert row["dht_msgs_per_volunteer_per_min"] > 0
-    for name in ("lookup_hops.png", "lookup_latency.png", "lookup_success.png"):
+    beams = report["beam_by_grid"]  # beam search vs grid size: more uids, more lookups per step
+    assert [b["grid"] for b in beams] == ["4x4", "8x8"] and all(b["peers"] == 100 for b in beams)
+    assert beams[0]["beam_lookups_per_step"] < beams[1]["beam_lookups_per_step"]
+    for name in ("lookup_hops.png", "lookup_latency.png", "lookup_success.png",
+                 "registry_discoverable.png", "beam_by_grid.png"):
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

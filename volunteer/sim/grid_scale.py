@@ -29,6 +29,7 @@ Everything is reproducible from ``seed``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 import time
@@ -183,4 +184,32 @@ def measure_grid(peers: int, seed: int, preset: str = "smoke", *, lookup_ms: flo
             "moves_after_recover": cov.moves_after_recover,
         })
     out["cpu_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+BEAM_GRIDS = {"smoke": ((4, 4), (8, 8)), "default": ((8, 8), (16, 16), (32, 32)),
+              "full": ((8, 8), (16, 16), (32, 32), (64, 64))}
+"""The grids ``beam_by_grid`` sweeps per preset."""
+
+
+def beam_by_grid(peers: int, seed: int, preset: str = "smoke", *,
+                 lookup_ms: float | None = None) -> list[dict[str, Any]]:
+    """A trainer's cold beam-search step against ``peers`` volunteers (current layout) for
+    each grid of ``BEAM_GRIDS[preset]``: lookups, rounds, ms and KiB per step, and how many
+    of the servers stay discoverable. The same volunteers (seeded) host ``num_experts`` each."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    lookup_ms = LOOKUP_MS if lookup_ms is None else float(lookup_ms)
+    out = []
+    for grid in BEAM_GRIDS[preset]:
+        rng = random.Random(seed)
+        writers = [SimWriter.make(rng, signed=True) for _ in range(peers)]
+        uids = grid_uids(grid)
+        hosting = {w.peer_id: sorted(choose_experts(uids, p.num_experts, w.peer_id)) for w in writers}
+        fig = _layout(writers, hosting, True, dataclasses.replace(p, grid=grid), seed, lookup_ms)
+        out.append({"grid": "x".join(map(str, grid)), "grid_uids": len(uids), "peers": peers,
+                    **{k: fig[k] for k in ("beam_lookups_per_step", "beam_rounds_per_step",
+                                           "beam_ms_per_step", "beam_kib_per_step",
+                                           "discoverable_servers_fraction") if k in fig}})
     return out
