@@ -173,6 +173,8 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
          "hot_uid_servers_listed_fraction", "hot_uid_listed_old_layout"])
     written = []
     for name, (ylabel, keys) in figures.items():
+        if not any(r.get(k) is not None for r in rows for k in keys):
+            continue  # a level that did not run (--levels): no empty plot
         fig, ax = plt.subplots(figsize=(6, 4))
         for k in keys:
             ys = [r.get(k) for r in rows]
@@ -204,7 +206,8 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title(f"beam search vs grid size (seed {report['seed']}, preset {report['preset']})",
                      fontsize=10)
         ax.grid(True, alpha=0.3)
-        fig.legend(fontsize=8, loc="upper left")
+        lines = ax.get_lines() + ax2.get_lines()
+        ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="best")
         fig.tight_layout()
         fig.savefig(out / "beam_by_grid.png", dpi=100)
         plt.close(fig)
