@@ -158,7 +158,9 @@ def test_a_taken_libp2p_port_fails_the_join_in_one_line(tmp_path: Path, voluntee
         daemon = volunteer_daemon.spawn(tmp_path / "h", "--num-experts", "1", experiment=str(manifest), network=True)
         assert daemon.wait_exit(90) == 1
     errors = [line for line in daemon.output().splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and f"cannot start: cannot listen on 127.0.0.1:{port} for the peer network" in errors[0]
+    # refused by the probe before torch loads: who holds the port, where it was set, the fix
+    assert len(errors) == 1 and f"cannot start: the libp2p port 127.0.0.1:{port} is in use by pid" in errors[0]
+    assert "network.listen_port" in errors[0] and "pick another with --listen-port N" in errors[0], errors[0]
     assert not (tmp_path / "h" / "control.json").exists()
 
 
