@@ -61,13 +61,8 @@ class SwarmView:
         return out
 
     def peers(self) -> dict[str, PeerSlots]:
-        latest: dict[str, ServerEntry] = {}
-        for uid in self.entries:
-            for e in self.others(uid):
-                old = latest.get(e.peer_id)
-                if old is None or e.freshness() > old.freshness():
-                    latest[e.peer_id] = e
-        return {pid: PeerSlots(free=e.free, load=e.load) for pid, e in latest.items() if e.state == "serving"}
+        latest = freshest_per_peer(e for uid in self.entries for e in self.others(uid))
+        return {e.peer_id: PeerSlots(free=e.free, load=e.load) for e in latest if e.state == "serving"}
 
     def addrs(self, peer_id: str) -> tuple[str, ...]:
         for uid in self.entries:

@@ -50,7 +50,7 @@ def reach_class(entry: ServerEntry) -> str:
 
 def summarise(census: Census, experiment: str) -> dict[str, Any]:
     """The JSON-ready view of ``census`` (see module docstring)."""
-    latest: dict[str, ServerEntry] = {}
+    seen: list[ServerEntry] = []
     listed: dict[str, int] = {}
     uids: list[dict[str, Any]] = []
     unserved: list[str] = []
@@ -62,15 +62,13 @@ def summarise(census: Census, experiment: str) -> dict[str, Any]:
             rows.append({"peer_id": e.peer_id, "version": info.version if info else None,
                          "load": e.load, "state": e.state})
             listed[e.peer_id] = listed.get(e.peer_id, 0) + 1
-            old = latest.get(e.peer_id)
-            if old is None or e.freshness() > old.freshness():
-                latest[e.peer_id] = e
+            seen.append(e)
         uids.append({"uid": uid, "replicas": rows})
         if not any(r["state"] == "serving" for r in rows):
             unserved.append(uid)
     volunteers = [{"peer_id": pid, "reachability": reach_class(e), "state": e.state, "load": e.load,
                    "free": e.free, "uids": listed[pid], "addrs": list(e.addrs[:SHOWN_ADDRS])}
-                  for pid, e in sorted(latest.items())]
+                  for pid, e in sorted((e.peer_id, e) for e in freshest_per_peer(seen))]
     mix = {c: sum(1 for v in volunteers if v["reachability"] == c) for c in CLASSES}
     replicas = sum(len(u["replicas"]) for u in uids)
     return {
