@@ -87,10 +87,21 @@ def join(
     Settings: flags > VOLUNTEER_* environment > <home>/config.yaml > defaults (`volunteer settings` lists them all). The network settings listen_port, announce_addrs and public are per machine: left at auto they take the manifest's network section; the libp2p port is kept in the home, so the --bootstrap address printed at the first start stays valid after a restart.
     """
     with domain_errors():
-        code = _join(experiment, home, set_, bootstrap, new_swarm, device=device, num_experts=num_experts,
-                     zmq_host=host, zmq_port=port, listen_host=listen_host, listen_port=listen_port,
-                     announce_addrs=_announce_flag(announce), public=_public_flag(public))
+        code = _join(experiment, home, set_, bootstrap, new_swarm,
+                     **flag_settings(device=device, num_experts=num_experts, host=host, port=port,
+                                     listen_host=listen_host, listen_port=listen_port, announce=announce,
+                                     public=public))
     raise typer.Exit(code)
+
+
+def flag_settings(*, device: Optional[str], num_experts: Optional[int], host: Optional[str],
+                  port: Optional[int], listen_host: Optional[str], listen_port: Optional[int],
+                  announce: list[str], public: Optional[str]) -> dict[str, Any]:
+    """``join``'s dedicated flags as setting names and values (None: not given), checked; the
+    one mapping ``join`` and ``volunteer service install`` (which checks join arguments) use."""
+    return {"device": device, "num_experts": num_experts, "zmq_host": host, "zmq_port": port,
+            "listen_host": listen_host, "listen_port": listen_port,
+            "announce_addrs": _announce_flag(announce), "public": _public_flag(public)}
 
 
 def _announce_flag(values: list[str]) -> str | None:

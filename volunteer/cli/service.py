@@ -73,7 +73,7 @@ def _check_join_args(experiment: str, join_args: list[str], root: Path, manifest
     exit code 2 at every start (``RestartPreventExitStatus`` keeps that from looping)."""
     from typer.exceptions import TyperException
 
-    from volunteer.cli.join import _announce_flag, _public_flag
+    from volunteer.cli.join import flag_settings
     from volunteer.daemon.network import effective_network
     from volunteer.daemon.settings import SettingsError, parse_assignments, resolve_settings
 
@@ -85,10 +85,8 @@ def _check_join_args(experiment: str, join_args: list[str], root: Path, manifest
         text = e.format_message() if hasattr(e, "format_message") else str(e)
         raise fail(f"join arguments after `--`: {' '.join(text.split())}", EXIT_BAD_INPUT) from None
     with domain_errors():
-        given = {"device": params["device"], "num_experts": params["num_experts"], "zmq_host": params["host"],
-                 "zmq_port": params["port"], "listen_host": params["listen_host"],
-                 "listen_port": params["listen_port"], "announce_addrs": _announce_flag(params["announce"]),
-                 "public": _public_flag(params["public"])}
+        given = flag_settings(**{k: params[k] for k in ("device", "num_experts", "host", "port", "listen_host",
+                                                        "listen_port", "announce", "public")})
         flags = {**parse_assignments(params["set_"]), **{k: v for k, v in given.items() if v is not None}}
         settings = resolve_settings(root / "config.yaml", {}, flags)
         if (params["bootstrap"] or params["new_swarm"]) and not settings.network_enabled:
